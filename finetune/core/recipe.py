@@ -1,0 +1,197 @@
+"""Recipes: layered raw tables (profile < file < flags) decoded through one path into a `Recipe`."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+from returns.result import Failure, Result, Success
+
+from finetune.core.config import Recipe
+
+Raw = Mapping[str, Any]
+Layer = tuple[str, Raw]  # (source label, raw table), e.g. ("recipes/sql.toml", {...})
+
+# Defaults a profile brings; anything the recipe or the flags say wins.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "none": {},
+    "chat": {
+        "data": {"format": "chat", "template": "auto", "supervise": "assistant"},
+        "lora": {"rank": 16, "scale": 20.0},
+        "train": {"learning_rate": 1e-4, "max_seq_length": 2048, "warmup": 20},
+    },
+    "instruction": {
+        "data": {"template": "alpaca", "supervise": "assistant"},
+        "lora": {"rank": 8, "scale": 20.0},
+        "train": {"learning_rate": 2e-4, "max_seq_length": 1024, "warmup": 10},
+    },
+    "code": {
+        "data": {"template": "auto", "supervise": "last-turn-only"},
+        "lora": {"rank": 16, "scale": 10.0},
+        "train": {"learning_rate": 5e-5, "max_seq_length": 4096, "warmup": 20},
+    },
+}
+
+# Command-line flag -> recipe field. The same names reach the same Struct fields.
+FLAG_PATHS: dict[str, tuple[str, ...]] = {
+    "model": ("model", "path"),
+    "data": ("data", "path"),
+    "template": ("data", "template"),
+    "format": ("data", "format"),
+    "packing": ("data", "packing"),
+    "epochs": ("train", "epochs"),
+    "iters": ("train", "iters"),
+    "batch_size": ("train", "batch_size"),
+    "grad_accumulation": ("train", "grad_accumulation"),
+    "learning_rate": ("train", "learning_rate"),
+    "max_seq_length": ("train", "max_seq_length"),
+    "seed": ("train", "seed"),
+    "lora_rank": ("lora", "rank"),
+    "lora_scale": ("lora", "scale"),
+    "lora_alpha": ("lora", "alpha"),
+    "lora_layers": ("lora", "num_layers"),
+    "profile": ("profile",),
+    "output": ("output",),
+}
+
+# Pairs where saying one in a higher layer withdraws the other from the layers below.
+_EXCLUSIVE = {("train", "iters"): ("train", "epochs"), ("lora", "alpha"): ("lora", "scale")}
+_EXCLUSIVE.update({b: a for a, b in list(_EXCLUSIVE.items())})
+
+
+def flags_layer(flags: Mapping[str, Any]) -> Raw:
+    """Turn `{flag: value}` (None = not given) into a nested raw table."""
+    out: dict[str, Any] = {}
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        *parents, leaf = FLAG_PATHS[flag]
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def merge(lower: Raw, upper: Raw) -> dict[str, Any]:
+    """Deep-merge `upper` over `lower` (new dicts; inputs untouched)."""
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in lower.items()}
+    for key, value in upper.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            section = dict(out[key])
+            for leaf in value:
+                other = _EXCLUSIVE.get((key, leaf))
+                if other and other[1] not in value:
+                    section.pop(other[1], None)
+            out[key] = merge(section, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _derive(raw: dict[str, Any]) -> dict[str, Any]:
+    """Fill fields implied by others: scale from alpha, iters withdrawn when epochs is given."""
+    out = dict(raw)
+    lora = out.get("lora")
+    if isinstance(lora, Mapping) and "alpha" in lora and "scale" not in lora:
+        alpha, rank = lora["alpha"], lora.get("rank", 8)
+        if _is_number(alpha) and _is_number(rank) and alpha > 0 and rank > 0:
+            out["lora"] = {**lora, "scale": alpha / rank}
+    train = out.get("train")
+    if isinstance(train, Mapping) and train.get("epochs") and "iters" not in train:
+        out["train"] = {**train, "iters": 0}
+    return out
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def resolve(layers: Sequence[Layer]) -> Result[Recipe, str]:
+    """Merge layers (lowest first) over the chosen profile's defaults and decode them."""
+    merged: dict[str, Any] = {}
+    for _, raw in layers:
+        if not isinstance(raw, Mapping):
+            return Failure(f"{_}: expected a table of settings, got {type(raw).__name__}")
+        merged = merge(merged, raw)
+    profile = merged.get("profile", "none")
+    if isinstance(profile, str) and profile in PROFILES:
+        merged = merge(PROFILES[profile], merged)
+    return decode(_derive(merged), layers)
+
+
+def decode(raw: Raw, layers: Sequence[Layer] = ()) -> Result[Recipe, str]:
+    """`msgspec.convert` with an error that names the field, its value, and who set it."""
+    try:
+        return Success(msgspec.convert(raw, Recipe))
+    except msgspec.ValidationError as err:
+        return Failure(explain(str(err), raw, layers))
+
+
+def explain(message: str, raw: Raw, layers: Sequence[Layer] = ()) -> str:
+    """Rewrite msgspec's `Expected ... - at `$.a.b`` as `SOURCE: $.a.b: expected ..., got X`."""
+    m = re.match(r"^(.*?)(?: - at `(\$[^`]*)`)?$", message, re.S)
+    what, path = (m.group(1), m.group(2) or "$") if m else (message, "$")
+    what = what.replace("`", "")
+    unknown = re.match(r"Object contains unknown field (\S+)", what)
+    if unknown:
+        field = unknown.group(1)
+        path = f"{path}.{field}"
+        what = f"unknown field{_suggest(field, path)}"
+    else:
+        what = what[:1].lower() + what[1:]
+        found, value = _lookup(raw, path)
+        if found and "got" not in what:
+            what += f", got {value!r}"
+    source = _source(path, layers)
+    return f"{source}{path}: {what}"
+
+
+def _suggest(field: str, path: str) -> str:
+    parent = path.rsplit(".", 1)[0]
+    struct: Any = Recipe
+    for part in parent.split(".")[1:]:
+        struct = next((f.type for f in msgspec.structs.fields(struct) if f.name == part), None)
+        if struct is None or not isinstance(struct, type):
+            return ""
+    names = [f.name for f in msgspec.structs.fields(struct)]
+    close = difflib.get_close_matches(field, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f" ({hint}expected one of: {', '.join(names)})"
+
+
+def _lookup(raw: Raw, path: str) -> tuple[bool, Any]:
+    node: Any = raw
+    for part in path.split(".")[1:]:
+        m = re.match(r"^(\w+)\[(\d+)\]$", part)
+        key, index = (m.group(1), int(m.group(2))) if m else (part, None)
+        if not isinstance(node, Mapping) or key not in node:
+            return False, None
+        node = node[key]
+        if index is not None:
+            if not isinstance(node, list | tuple) or index >= len(node):
+                return False, None
+            node = node[index]
+    return True, node
+
+
+def _source(path: str, layers: Sequence[Layer]) -> str:
+    """The highest layer that set `path` (or its section), as a `label: ` prefix."""
+    for label, raw in reversed(layers):
+        found, _ = _lookup(raw, path)
+        if found:
+            return f"{label}: "
+    section = ".".join(path.split(".")[:2])
+    for label, raw in reversed(layers):
+        found, _ = _lookup(raw, section)
+        if found and section != "$":
+            return f"{label}: "
+    return f"{layers[-1][0]}: " if layers else ""
+
+
+def to_builtins(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain tables (tuples become lists), ready for TOML."""
+    return msgspec.to_builtins(recipe)

@@ -1,0 +1,1 @@
+"""MLX modules, one file per HuggingFace model_type, HF attribute names, no I/O."""

@@ -1,0 +1,1 @@
+"""Effects: files, tokenizers, hub, console, the train loop."""
