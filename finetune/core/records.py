@@ -13,7 +13,7 @@ FORMATS: tuple[Format, ...] = ("chat", "text", "completions", "instruction")
 ROLES = ("system", "user", "assistant")
 
 # Error classes a row can fail with; reports group by these.
-ErrorKind = Literal["json", "encoding", "shape", "type", "empty", "role"]
+ErrorKind = Literal["json", "encoding", "shape", "type", "empty", "role", "template"]
 
 
 class Message(Struct, frozen=True):

@@ -1,0 +1,55 @@
+"""The `ft` command line: parse -> validate (core) -> unwrap Result -> shell -> exit code.
+
+Exit codes: 0 success, 2 bad input (one line, no traceback), 1 internal error.
+Commands are registered by import path so `ft --help` imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from cyclopts import App, CycloptsError
+
+from finetune import __version__
+
+app = App(
+    name="ft",
+    help="Fine-tune HuggingFace language models with LoRA on MLX.",
+    version=__version__,
+    result_action="return_value",
+)
+train = App(name="train", help="Train LoRA adapters; check recipes and data before training.")
+app.command(train)
+train.command("finetune.cli.train:validate", name="validate")
+train.command("finetune.cli.train:list_data", name="list-data")
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `ft`; returns (and as a script exits with) the exit code."""
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = app(tokens, exit_on_error=False, print_error=True, help_on_error=False)
+    except CycloptsError:
+        return 2  # cyclopts already printed a one-line reason
+    except UserError as err:
+        print(f"ft: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ft: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # an internal error: short by default, the traceback on request
+        if os.environ.get("FT_DEBUG"):
+            raise
+        print(f"ft: internal error: {type(err).__name__}: {err} (set FT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+def _entry() -> None:
+    sys.exit(main())

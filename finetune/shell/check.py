@@ -1,0 +1,141 @@
+"""`ft train validate`: read the recipe's data and model, run the pure checks, gather a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from msgspec import Struct
+from returns.result import Failure, Result, Success
+
+from finetune.core import memory, modelinfo, prepare, templates, validate
+from finetune.core.config import Recipe
+from finetune.core.records import RowError
+from finetune.shell import datasets, resolve
+
+
+class FileError(Struct, frozen=True):
+    file: str
+    error: RowError
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.error.line}: {self.error.kind}: {self.error.message}"
+
+
+class Report(Struct, frozen=True, kw_only=True):
+    recipe: Recipe
+    files: dict[str, str]  # split -> path
+    splits: dict[str, prepare.SplitStats]
+    row_errors: list[FileError]
+    findings: list[validate.Finding]
+    templates: dict[str, str]  # format -> template used
+    model: str = ""
+    facts: modelinfo.ModelFacts | None = None
+    estimate: memory.MemoryEstimate | None = None
+    seq_len: int = 0  # the padded batch length the estimate assumes
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.level == "error" for f in self.findings)
+
+
+class Tokenizing(Struct, frozen=True):
+    tokenizer: Any
+    chat_template: str
+
+
+def run(recipe: Recipe, available_gb: float = 0.0) -> Result[Report, str]:
+    """Everything `validate` says; Failure only when the data cannot be found at all."""
+    located = datasets.locate(recipe.data.path)
+    if isinstance(located, Failure):
+        return located
+    files = located.unwrap()
+    model_findings: list[validate.Finding] = []
+    facts, tok = None, None
+    match _model(recipe):
+        case Success((facts_, tok_)):
+            facts, tok = facts_, tok_
+        case Failure(message):
+            model_findings.append(validate.Finding("error", "$.model.path", message))
+    chosen: dict[str, str] = {}
+    splits: dict[str, prepare.SplitStats] = {}
+    row_errors: list[FileError] = []
+    for split, path in files.items():
+        rows, read_errors = datasets.read_rows(path)
+        samples, shape_errors = prepare.normalise_rows(rows, recipe.data.format)
+        encoded, template_errors = _encode(recipe, samples, tok, chosen)
+        errors = [*read_errors, *shape_errors, *template_errors]
+        row_errors += [FileError(str(path), e) for e in sorted(errors, key=lambda e: e.line)]
+        total = len(rows) + len(read_errors)
+        splits[split] = (
+            prepare.summarise(total, encoded, errors, recipe.train.max_seq_length)
+            if tok else prepare.summarise_untokenized(total, samples, errors)
+        )
+    longest = max((s.length_max for s in splits.values()), default=0)
+    seq_len = min(recipe.train.max_seq_length, -(-longest // 32) * 32) if longest else 0
+    estimate = memory.estimate(facts, recipe, seq_len) if facts else None
+    findings = model_findings + validate.check(recipe, splits, facts, estimate, available_gb)
+    return Success(Report(
+        recipe=recipe, files={k: str(v) for k, v in files.items()}, splits=splits,
+        row_errors=row_errors, findings=findings, templates=chosen,
+        model=recipe.model.path, facts=facts, estimate=estimate, seq_len=seq_len,
+    ))
+
+
+def _model(recipe: Recipe) -> Result[tuple[modelinfo.ModelFacts, Tokenizing], str]:
+    from finetune.shell.tokenizer import load_tokenizer
+
+    def load(directory: Path) -> Result[tuple[modelinfo.ModelFacts, Tokenizing], str]:
+        facts = resolve.read_config(directory).bind(modelinfo.facts)
+        try:
+            tok = load_tokenizer(directory)
+        except Exception as err:  # transformers raises OSError/ValueError/... for broken files
+            return Failure(f"{directory}: cannot load the tokenizer ({type(err).__name__}: {err})")
+        return facts.map(lambda f: (f, Tokenizing(tok, tok.chat_template or "")))
+
+    return resolve.model_dir(recipe.model.path, recipe.model.revision).bind(load)
+
+
+def template_for(recipe: Recipe, fmt: str, chat_template: str) -> Result[templates.Template, str]:
+    """The recipe's template for rows of `fmt` (a file path is read as Jinja)."""
+    name = recipe.data.template
+    if fmt == "text":
+        return Success("plain")  # text rows are trained as they are
+    if "{" not in name and Path(name).is_file():
+        try:
+            return templates.resolve(name, fmt, chat_template, Path(name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            return Failure(f"$.data.template: cannot read template file {name} ({err})")
+    if name.endswith((".jinja", ".j2")):
+        return Failure(f"$.data.template: template file {name} not found")
+    return templates.resolve(name, fmt, chat_template)
+
+
+def _encode(recipe: Recipe, samples, tok: Tokenizing | None, chosen: dict[str, str]):
+    if tok is None:
+        return [], []
+    from finetune.shell.tokenizer import encoder, specials
+
+    sp, enc = specials(tok.tokenizer), encoder(tok.tokenizer)
+    picked: dict[str, templates.Template] = {}
+    errors: list[RowError] = []
+    for fmt in sorted({s.format for _, s in samples}):
+        match template_for(recipe, fmt, tok.chat_template):
+            case Success(t):
+                picked[fmt] = t
+                chosen[fmt] = _describe(t, fmt, tok.chat_template)
+            case Failure(message):
+                errors += [RowError(line, "template", message) for line, s in samples if s.format == fmt]
+    usable = [(line, s) for line, s in samples if s.format in picked]
+    encoded, render_errors = prepare.encode_samples(
+        usable, picked, sp, enc, recipe.data.supervise, recipe.train.max_seq_length
+    )
+    return encoded, errors + render_errors
+
+
+def _describe(t: templates.Template, fmt: str, chat_template: str) -> str:
+    if fmt == "text":
+        return "none (trained as-is)"
+    if isinstance(t, str):
+        return t
+    return "tokenizer (the model's own)" if t.source == chat_template else "custom Jinja"

@@ -1,0 +1,66 @@
+"""Recipe files (TOML or YAML) -> raw tables; resolved recipes -> TOML on disk."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from returns.result import Failure, Result, Success
+
+from finetune.core import recipe as core_recipe
+from finetune.core import tomlout
+from finetune.core.config import Recipe
+from finetune.shell.paths import write_text
+
+SUFFIXES = (".toml", ".yaml", ".yml")
+
+
+def read_raw(path: str | Path) -> Result[dict[str, Any], str]:
+    """Parse a recipe file; syntax errors name the file and line."""
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
+        return Failure(f"{path}: a recipe must be .toml, .yaml or .yml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Failure(f"{path}: no such recipe file")
+    except (OSError, UnicodeDecodeError) as err:
+        return Failure(f"{path}: cannot read ({err})")
+    if path.suffix == ".toml":
+        try:
+            return Success(tomllib.loads(text))
+        except tomllib.TOMLDecodeError as err:
+            return Failure(f"{path}: invalid TOML: {err}")
+    import yaml
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        return Failure(f"{path}: invalid YAML: {where}{getattr(err, 'problem', None) or err}")
+    if raw is None:
+        return Success({})
+    if not isinstance(raw, dict):
+        return Failure(f"{path}: a recipe must be a table of settings, got {type(raw).__name__}")
+    return Success(raw)
+
+
+def load(path: str | Path | None, flags: dict[str, Any] | None = None) -> Result[Recipe, str]:
+    """Recipe file (optional) with flag overrides on top, through one validation path."""
+    layers: list[core_recipe.Layer] = []
+    if path is not None:
+        match read_raw(path):
+            case Success(raw):
+                layers.append((str(path), raw))
+            case Failure(message):
+                return Failure(message)
+    if flags:
+        layers.append(("command line", core_recipe.flags_layer(flags)))
+    return core_recipe.resolve(layers)
+
+
+def save(recipe: Recipe, path: str | Path) -> Path:
+    """Write the resolved recipe as TOML (atomically); loading it gives the same Recipe."""
+    return write_text(path, tomlout.dumps(core_recipe.to_builtins(recipe)))
