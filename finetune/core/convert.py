@@ -129,12 +129,24 @@ class _Arch(NamedTuple):
 
 
 _LLAMA = _Arch(
-    _llama_dims, _LLAMA_TOP, "model.layers.{}.", _LLAMA_LAYER, "model.embed_tokens.weight",
-    "model.", _llama_buffer, frozenset(),
+    _llama_dims,
+    _LLAMA_TOP,
+    "model.layers.{}.",
+    _LLAMA_LAYER,
+    "model.embed_tokens.weight",
+    "model.",
+    _llama_buffer,
+    frozenset(),
 )
 _GPT2 = _Arch(
-    _gpt2_dims, _GPT2_TOP, "transformer.h.{}.", _GPT2_LAYER, "transformer.wte.weight",
-    "transformer.", _gpt2_buffer, _GPT2_CONV1D,
+    _gpt2_dims,
+    _GPT2_TOP,
+    "transformer.h.{}.",
+    _GPT2_LAYER,
+    "transformer.wte.weight",
+    "transformer.",
+    _gpt2_buffer,
+    _GPT2_CONV1D,
 )
 _ARCHS = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gpt2": _GPT2}
 
@@ -151,7 +163,9 @@ def _arch(model_type: str) -> _Arch:
 
 def _shapes(arch: _Arch, dims: Mapping[str, int]) -> dict[str, Shape]:
     def keep(entries: tuple[Entry, ...]) -> list[tuple[str, Shape]]:
-        return [(n, tuple(dims[s] for s in sym)) for n, sym, flag in entries if not flag or dims[flag]]
+        return [
+            (n, tuple(dims[s] for s in sym)) for n, sym, flag in entries if not flag or dims[flag]
+        ]
 
     layer = keep(arch.layer)
     out = dict(keep(arch.top))
@@ -173,7 +187,9 @@ def expected_keys(model_type: str, config: Mapping) -> frozenset[str]:
 
 def _is_conv1d(arch: _Arch, key: str) -> bool:
     parts = key.split(".")  # transformer.h.{i}.attn.c_attn.weight
-    return len(parts) == 6 and parts[:2] == ["transformer", "h"] and ".".join(parts[3:]) in arch.conv1d
+    return (
+        len(parts) == 6 and parts[:2] == ["transformer", "h"] and ".".join(parts[3:]) in arch.conv1d
+    )
 
 
 def _canonical(arch: _Arch, key: str, roots: frozenset[str]) -> str:
@@ -213,23 +229,34 @@ def hf_to_mlx(
     if not dims["untied"] and "lm_head.weight" in renamed and arch.embed in renamed:
         head, embed = renamed.pop("lm_head.weight"), renamed[arch.embed]
         if head.shape != embed.shape or not mx.array_equal(head, embed).item():
-            return Failure(f"config ties word embeddings but lm_head.weight differs from {arch.embed}")
+            return Failure(
+                f"config ties word embeddings but lm_head.weight differs from {arch.embed}"
+            )
 
     unknown, missing = renamed.keys() - shapes.keys(), shapes.keys() - renamed.keys()
     if unknown or missing:
-        parts = [_listing("unknown keys", unknown) if unknown else "",
-                 _listing("missing keys", missing) if missing else ""]
-        return Failure(f"{model_type} checkpoint does not match its config: " + "; ".join(p for p in parts if p))
+        parts = [
+            _listing("unknown keys", unknown) if unknown else "",
+            _listing("missing keys", missing) if missing else "",
+        ]
+        return Failure(
+            f"{model_type} checkpoint does not match its config: "
+            + "; ".join(p for p in parts if p)
+        )
 
     for name, shape in shapes.items():  # compared in the checkpoint's own layout
         want = shape[::-1] if _is_conv1d(arch, name) else shape
         if tuple(renamed[name].shape) != want:
-            return Failure(f"shape mismatch for {name}: expected {want}, got {tuple(renamed[name].shape)}")
+            return Failure(
+                f"shape mismatch for {name}: expected {want}, got {tuple(renamed[name].shape)}"
+            )
 
     return Success({k: v.T if _is_conv1d(arch, k) else v for k, v in renamed.items()})
 
 
-def mlx_to_hf(model_type: str, config: Mapping, weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+def mlx_to_hf(
+    model_type: str, config: Mapping, weights: Mapping[str, mx.array]
+) -> dict[str, mx.array]:
     """Our weights -> HF checkpoint tensors (inverse of `hf_to_mlx` on canonical checkpoints)."""
     arch = _arch(model_type)
     return {k: v.T if _is_conv1d(arch, k) else v for k, v in weights.items()}

@@ -22,6 +22,8 @@ def build(config: Mapping) -> nn.Module:
     """A randomly initialised model for a HF config.json mapping (load weights afterwards)."""
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(ARCHITECTURES)}")
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(ARCHITECTURES)}"
+        )
     args_from_config, model_class = ARCHITECTURES[model_type]
     return model_class(args_from_config(config))

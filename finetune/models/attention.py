@@ -52,6 +52,6 @@ def attention_mask(
         allowed = allowed & (q - k < window)
     if padding is not None:
         keep = padding.astype(mx.bool_)[:, None, None, :]  # (B, 1, 1, S)
-        # A pad query still sees itself, so no row is empty (no NaN leaks into real tokens).
+        # A pad query still sees itself: no fully masked row, which some kernels turn into NaN.
         allowed = allowed & (keep | (k == q))  # (B, 1, T, S)
     return allowed

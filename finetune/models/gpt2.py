@@ -41,7 +41,9 @@ def args_from_config(config: Mapping) -> GPT2Args:
     """GPT2Args from a HF config.json mapping; ValueError for what we do not implement."""
     act = config.get("activation_function", "gelu_new")
     if act not in ACTIVATIONS:
-        raise ValueError(f"GPT-2 activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+        raise ValueError(
+            f"GPT-2 activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
+        )
     if config.get("scale_attn_by_inverse_layer_idx", False):
         raise ValueError("GPT-2 scale_attn_by_inverse_layer_idx is not supported")
     if config.get("add_cross_attention", False):
@@ -77,7 +79,9 @@ class Attention(nn.Module):
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, H, T, hd)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, H, S, hd)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # (B, H, T, hd)
+        out = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=self.scale, mask=mask
+        )  # (B, H, T, hd)
         return self.c_proj(out.transpose(0, 2, 1, 3).reshape(b, t, -1))  # (B, T, D)
 
 
@@ -123,7 +127,9 @@ class GPT2Model(nn.Module):
     def __call__(self, ids: mx.array, mask=None, cache: list[KVCache] | None = None) -> mx.array:
         t, offset = ids.shape[1], cache_offset(cache)
         if offset + t > self._n_positions:
-            raise ValueError(f"sequence of {offset + t} tokens exceeds n_positions={self._n_positions}")
+            raise ValueError(
+                f"sequence of {offset + t} tokens exceeds n_positions={self._n_positions}"
+            )
         # Positions count from the start of the row, pads included, as HF's forward does.
         h = self.wte(ids) + self.wpe(mx.arange(offset, offset + t))  # (B, T, D)
         attn_mask = attention_mask(t, offset, mask)
@@ -142,7 +148,9 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.n_embd, args.vocab_size, bias=False)
 
-    def __call__(self, ids: mx.array, mask: mx.array | None = None, cache: list[KVCache] | None = None) -> mx.array:
+    def __call__(
+        self, ids: mx.array, mask: mx.array | None = None, cache: list[KVCache] | None = None
+    ) -> mx.array:
         h = self.transformer(ids, mask, cache)  # (B, T, D)
         if self.args.tie_word_embeddings:
             return self.transformer.wte.as_linear(h)

@@ -60,7 +60,9 @@ def _rope_fields(config: Mapping) -> dict:
         fields |= {
             "rope_low_freq_factor": float(params["low_freq_factor"]),
             "rope_high_freq_factor": float(params["high_freq_factor"]),
-            "rope_original_max_position_embeddings": int(params["original_max_position_embeddings"]),
+            "rope_original_max_position_embeddings": int(
+                params["original_max_position_embeddings"]
+            ),
         }
     return fields
 
@@ -128,7 +130,11 @@ class Attention(nn.Module):
     def __init__(self, args: LlamaArgs):
         super().__init__()
         d, hd = args.hidden_size, args.head_dim
-        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, hd
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            args.num_attention_heads,
+            args.num_key_value_heads,
+            hd,
+        )
         self.scale = hd**-0.5
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=args.qkv_bias)
         self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=args.qkv_bias)
@@ -138,19 +144,31 @@ class Attention(nn.Module):
 
     def _rope(self, x: mx.array, offset: int) -> mx.array:
         return mx.fast.rope(
-            x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._periods
+            x,
+            self.head_dim,
+            traditional=False,
+            base=None,
+            scale=1.0,
+            offset=offset,
+            freqs=self._periods,
         )
 
     def __call__(self, x: mx.array, mask, cache: KVCache | None = None) -> mx.array:
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, T, hd)
-        k = self.k_proj(x).reshape(b, t, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, KV, T, hd)
-        v = self.v_proj(x).reshape(b, t, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, KV, T, hd)
+        k = (
+            self.k_proj(x).reshape(b, t, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        )  # (B, KV, T, hd)
+        v = (
+            self.v_proj(x).reshape(b, t, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        )  # (B, KV, T, hd)
         offset = cache.offset if cache is not None else 0
         q, k = self._rope(q, offset), self._rope(k, offset)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, KV, S, hd)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # (B, H, T, hd)
+        out = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=self.scale, mask=mask
+        )  # (B, H, T, hd)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, t, -1))  # (B, T, D)
 
 
@@ -212,7 +230,9 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, ids: mx.array, mask: mx.array | None = None, cache: list[KVCache] | None = None) -> mx.array:
+    def __call__(
+        self, ids: mx.array, mask: mx.array | None = None, cache: list[KVCache] | None = None
+    ) -> mx.array:
         h = self.model(ids, mask, cache)  # (B, T, D)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)

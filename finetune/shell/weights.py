@@ -30,5 +30,7 @@ def read_safetensors_dir(path: str | Path) -> dict[str, mx.array]:
         case Success(merged):
             pass
     if listed_missing := weight_map.keys() - merged.keys():
-        raise ValueError(f"{path / INDEX} lists tensors no shard holds: {sorted(listed_missing)[:5]}")
+        raise ValueError(
+            f"{path / INDEX} lists tensors no shard holds: {sorted(listed_missing)[:5]}"
+        )
     return merged
