@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from cyclopts import App, CycloptsError
 
 from finetune import __version__
+from finetune.errors import UserError
 
 app = App(
     name="ft",
@@ -24,10 +25,6 @@ train = App(name="train", help="Train LoRA adapters; check recipes and data befo
 app.command(train)
 train.command("finetune.cli.train:validate", name="validate")
 train.command("finetune.cli.train:list_data", name="list-data")
-
-
-class UserError(Exception):
-    """Bad input: printed as one line, exit code 2."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

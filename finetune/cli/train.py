@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from cyclopts import Parameter
 from returns.result import Failure, Success
 
-from finetune.cli import UserError
+from finetune.errors import UserError
 
 FormatFlag = Literal["auto", "chat", "text", "completions", "instruction"]
 

@@ -1,0 +1,5 @@
+"""Exceptions that cross the shell/CLI boundary."""
+
+
+class UserError(Exception):
+    """Bad input (a file, a field, a flag): shown as one line, exit code 2, no traceback."""
