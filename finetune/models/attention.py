@@ -55,3 +55,19 @@ def attention_mask(
         # A pad query still sees itself: no fully masked row, which some kernels turn into NaN.
         allowed = allowed & (keep | (k == q))  # (B, 1, T, S)
     return allowed
+
+
+def packed_mask(segments: mx.array, window: int = 0) -> mx.array:
+    """Per-document causal mask for packed rows: a query sees earlier keys of its own segment.
+
+    segments: (B, T) document ids, one per token (padding gets its own id).
+    Returns a boolean (B, 1, T, T) array.
+    """
+    t = segments.shape[1]
+    q = mx.arange(t)[:, None]  # (T, 1)
+    k = mx.arange(t)[None]  # (1, T)
+    allowed = k <= q
+    if window:
+        allowed = allowed & (q - k < window)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    return (allowed & same)[:, None]  # (B, 1, T, T)

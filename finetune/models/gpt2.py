@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from msgspec import Struct
 
-from finetune.models.attention import KVCache, attention_mask, cache_offset
+from finetune.models.attention import KVCache, attention_mask, cache_offset, packed_mask
 
 # gelu_new / gelu_pytorch_tanh are exactly 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))) = gelu_approx.
 ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
@@ -124,15 +124,25 @@ class GPT2Model(nn.Module):
         self.ln_f = nn.LayerNorm(args.n_embd, eps=args.layer_norm_epsilon)
         self._n_positions = args.n_positions
 
-    def __call__(self, ids: mx.array, mask=None, cache: list[KVCache] | None = None) -> mx.array:
+    def __call__(
+        self,
+        ids: mx.array,
+        mask=None,
+        cache: list[KVCache] | None = None,
+        segments: mx.array | None = None,
+        positions: mx.array | None = None,
+    ) -> mx.array:
         t, offset = ids.shape[1], cache_offset(cache)
         if offset + t > self._n_positions:
             raise ValueError(
                 f"sequence of {offset + t} tokens exceeds n_positions={self._n_positions}"
             )
-        # Positions count from the start of the row, pads included, as HF's forward does.
-        h = self.wte(ids) + self.wpe(mx.arange(offset, offset + t))  # (B, T, D)
-        attn_mask = attention_mask(t, offset, mask)
+        # Positions count from the start of the row, pads included, as HF's forward does;
+        # packed rows bring their own (restarting at each document).
+        if positions is None:
+            positions = mx.arange(offset, offset + t)
+        h = self.wte(ids) + self.wpe(positions)  # (B, T, D)
+        attn_mask = packed_mask(segments) if segments is not None else attention_mask(t, offset, mask)
         for i, block in enumerate(self.h):
             h = block(h, attn_mask, cache[i] if cache else None)
         return self.ln_f(h)
@@ -151,10 +161,19 @@ class Model(nn.Module):
     def __call__(
         self, ids: mx.array, mask: mx.array | None = None, cache: list[KVCache] | None = None
     ) -> mx.array:
-        h = self.transformer(ids, mask, cache)  # (B, T, D)
+        return self.head(self.transformer(ids, mask, cache))  # (B, T, vocab)
+
+    def hidden(
+        self, ids: mx.array, segments: mx.array | None = None, positions: mx.array | None = None
+    ) -> mx.array:
+        """Final hidden states (B, T, D); packed rows pass per-token `segments` and `positions`."""
+        return self.transformer(ids, segments=segments, positions=positions)
+
+    def head(self, h: mx.array) -> mx.array:
+        """Hidden states (..., D) -> logits (..., vocab)."""
         if self.args.tie_word_embeddings:
             return self.transformer.wte.as_linear(h)
-        return self.lm_head(h)  # (B, T, vocab)
+        return self.lm_head(h)
 
     @property
     def layers(self) -> list[Block]:

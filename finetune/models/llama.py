@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from msgspec import Struct
 
-from finetune.models.attention import KVCache, attention_mask, cache_offset
+from finetune.models.attention import KVCache, attention_mask, cache_offset, packed_mask
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -142,7 +142,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=args.o_bias)
         self._periods = 1.0 / rope_inv_freq(args)  # mx.fast.rope's `freqs` are 1 / inv_freq
 
-    def _rope(self, x: mx.array, offset: int) -> mx.array:
+    def _rope(self, x: mx.array, offset: int, positions: mx.array | None = None) -> mx.array:
+        if positions is not None:
+            # Per-token positions (packed rows): one query per "row", each with its own offset,
+            # so the fused kernel computes exactly what it computes for ordinary positions.
+            b, h, t, hd = x.shape
+            flat = x.transpose(0, 2, 1, 3).reshape(b * t, h, 1, hd)  # (B*T, H, 1, hd)
+            out = mx.fast.rope(
+                flat, self.head_dim, traditional=False, base=None, scale=1.0,
+                offset=positions.reshape(-1), freqs=self._periods,
+            )
+            return out.reshape(b, t, h, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
         return mx.fast.rope(
             x,
             self.head_dim,
@@ -153,7 +163,9 @@ class Attention(nn.Module):
             freqs=self._periods,
         )
 
-    def __call__(self, x: mx.array, mask, cache: KVCache | None = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask, cache: KVCache | None = None, positions: mx.array | None = None
+    ) -> mx.array:
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, T, hd)
         k = (
@@ -163,7 +175,7 @@ class Attention(nn.Module):
             self.v_proj(x).reshape(b, t, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         )  # (B, KV, T, hd)
         offset = cache.offset if cache is not None else 0
-        q, k = self._rope(q, offset), self._rope(k, offset)
+        q, k = self._rope(q, offset, positions), self._rope(k, offset, positions)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, KV, S, hd)
         out = mx.fast.scaled_dot_product_attention(
@@ -196,8 +208,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask, cache: KVCache | None = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(
+        self, x: mx.array, mask, cache: KVCache | None = None, positions: mx.array | None = None
+    ) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, positions)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -211,12 +225,22 @@ class LlamaModel(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self._windows = args.layer_windows
 
-    def __call__(self, ids: mx.array, mask=None, cache: list[KVCache] | None = None) -> mx.array:
+    def __call__(
+        self,
+        ids: mx.array,
+        mask=None,
+        cache: list[KVCache] | None = None,
+        segments: mx.array | None = None,
+        positions: mx.array | None = None,
+    ) -> mx.array:
         t, offset = ids.shape[1], cache_offset(cache)
-        masks = {w: attention_mask(t, offset, mask, w) for w in set(self._windows)}
+        if segments is not None:  # packed rows: attention stays within each document
+            masks = {w: packed_mask(segments, w) for w in set(self._windows)}
+        else:
+            masks = {w: attention_mask(t, offset, mask, w) for w in set(self._windows)}
         h = self.embed_tokens(ids)  # (B, T, D)
         for i, layer in enumerate(self.layers):
-            h = layer(h, masks[self._windows[i]], cache[i] if cache else None)
+            h = layer(h, masks[self._windows[i]], cache[i] if cache else None, positions)
         return self.norm(h)
 
 
@@ -233,10 +257,19 @@ class Model(nn.Module):
     def __call__(
         self, ids: mx.array, mask: mx.array | None = None, cache: list[KVCache] | None = None
     ) -> mx.array:
-        h = self.model(ids, mask, cache)  # (B, T, D)
+        return self.head(self.model(ids, mask, cache))  # (B, T, vocab)
+
+    def hidden(
+        self, ids: mx.array, segments: mx.array | None = None, positions: mx.array | None = None
+    ) -> mx.array:
+        """Final hidden states (B, T, D); packed rows pass per-token `segments` and `positions`."""
+        return self.model(ids, segments=segments, positions=positions)
+
+    def head(self, h: mx.array) -> mx.array:
+        """Hidden states (..., D) -> logits (..., vocab)."""
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)  # (B, T, vocab)
+        return self.lm_head(h)
 
     @property
     def layers(self) -> list[DecoderLayer]:

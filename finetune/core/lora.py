@@ -1,0 +1,82 @@
+"""LoRA as parameter trees and pure functions (mlx-lm's layout and convention).
+
+`lora_a` is (in, r) drawn uniform in ±1/√in, `lora_b` is (r, out) zeros, and a targeted linear
+computes `y = W x + scale · (x A) B`; fusing gives `W' = W + scale · (A B)ᵀ` in (out, in) layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import mlx.core as mx
+
+from finetune.core.config import ALL_LINEAR
+
+Shapes = Mapping[str, tuple[int, int]]  # module path -> (in_features, out_features)
+
+
+def select_layers(total: int, num_layers: int) -> range:
+    """The last `num_layers` block indices (-1 = all)."""
+    n = total if num_layers < 0 else min(num_layers, total)
+    return range(total - n, total)
+
+
+def resolve_keys(keys: Sequence[str], block_linears: Sequence[str]) -> tuple[str, ...]:
+    """Expand `all-linear` into the block's linear key paths, in the block's order."""
+    if ALL_LINEAR in keys:
+        return tuple(block_linears)
+    return tuple(keys)
+
+
+def targets(prefix: str, layers: range, keys: Sequence[str]) -> tuple[str, ...]:
+    """Full module paths: `{prefix}.{i}.{key}` for every adapted block and key."""
+    return tuple(f"{prefix}.{i}.{k}" for i in layers for k in keys)
+
+
+def init(key: mx.array, shapes: Shapes, rank: int) -> dict[str, mx.array]:
+    """Fresh adapters from an explicit key: one sub-key per module path, in sorted order."""
+    paths = sorted(shapes)
+    keys = mx.random.split(key, len(paths)) if paths else []
+    out: dict[str, mx.array] = {}
+    for path, k in zip(paths, keys, strict=True):
+        fan_in, fan_out = shapes[path]
+        bound = 1.0 / math.sqrt(fan_in)
+        out[f"{path}.lora_a"] = mx.random.uniform(-bound, bound, (fan_in, rank), key=k)
+        out[f"{path}.lora_b"] = mx.zeros((rank, fan_out))
+    return out
+
+
+def delta(a: mx.array, b: mx.array, scale: float) -> mx.array:
+    """The (out, in) weight update a LoRA pair stands for."""
+    return scale * (a @ b).T
+
+
+def fuse(weight: mx.array, a: mx.array, b: mx.array, scale: float) -> mx.array:
+    """`W + scale · (A B)ᵀ`, in the weight's dtype."""
+    return (weight + delta(a, b, scale)).astype(weight.dtype)
+
+
+def unfuse(weight: mx.array, a: mx.array, b: mx.array, scale: float) -> mx.array:
+    """The inverse of `fuse` (exact where the arithmetic is)."""
+    return (weight - delta(a, b, scale)).astype(weight.dtype)
+
+
+def apply(x: mx.array, weight: mx.array, a: mx.array, b: mx.array, scale: float) -> mx.array:
+    """The unfused forward `x Wᵀ + scale · (x A) B` (no bias)."""
+    return x @ weight.T + scale * ((x @ a) @ b)
+
+
+def count(shapes: Shapes, rank: int) -> int:
+    """Trainable parameters: Σ r·(in + out)."""
+    return sum(rank * (i + o) for i, o in shapes.values())
+
+
+def pairs(params: Mapping[str, mx.array]) -> dict[str, tuple[mx.array, mx.array]]:
+    """`{module path: (lora_a, lora_b)}` from a flat adapter dict."""
+    out = {}
+    for name in params:
+        if name.endswith(".lora_a"):
+            path = name[: -len(".lora_a")]
+            out[path] = (params[name], params[f"{path}.lora_b"])
+    return out

@@ -1,0 +1,214 @@
+"""The compiled LoRA train step and the loop around it: reports, validation, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+from msgspec import Struct
+
+from finetune.core import batching
+from finetune.core.config import TrainingConfig
+from finetune.core.losses import supervised_ce
+from finetune.core.tokenize import Tokens
+
+
+class Cursor(Struct, kw_only=True):
+    """Where a run is: optimizer steps done and micro-batches consumed (for exact resume)."""
+
+    step: int = 0
+    batch_index: int = 0
+    trained_tokens: int = 0
+
+
+class Data(Struct, frozen=True):
+    examples: list[Tokens]
+    plan: list[list[list[int]]]  # batches -> rows -> example indices
+
+
+class Report(Struct, frozen=True, kw_only=True):
+    step: int
+    epoch: float
+    train_loss: float
+    learning_rate: float
+    tokens_per_second: float  # supervised tokens
+    processed_tokens_per_second: float
+    iterations_per_second: float
+    trained_tokens: int
+    peak_memory_gb: float
+    padding_efficiency: float
+    val_loss: float | None = None
+
+
+def batch_arrays(data: Data, index: int, max_length: int) -> tuple[batching.Batch, tuple[mx.array, ...]]:
+    """The plan's batch `index` as numpy (for counts) and as MLX arrays (for the step)."""
+    rows = [[data.examples[i] for i in row] for row in data.plan[index]]
+    b = batching.make_batch(rows, max_length)
+    arrays = (b.inputs, b.select, b.targets, b.weights)
+    if b.segments is not None:
+        arrays += (b.segments, b.positions)
+    return b, tuple(mx.array(a) for a in arrays)
+
+
+def evaluate(model: nn.Module, data: Data, max_length: int, num_batches: int) -> float:
+    """Token-weighted mean loss over the first `num_batches` batches (-1 = all), in plan order."""
+    model.eval()
+    total, count = mx.array(0.0), mx.array(0.0)
+    n = len(data.plan) if num_batches < 0 else min(num_batches, len(data.plan))
+    for i in range(n):
+        _, arrays = batch_arrays(data, i, max_length)
+        loss, tokens = supervised_ce(model, *arrays)
+        total, count = total + loss, count + tokens
+        mx.eval(total, count)
+    model.train()
+    return (total / mx.maximum(count, 1.0)).item()
+
+
+class Interrupted(Exception):
+    """Ctrl-C arrived; the loop stopped at a step boundary."""
+
+
+def train(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    train_data: Data,
+    valid_data: Data | None,
+    cfg: TrainingConfig,
+    total_steps: int,
+    cursor: Cursor,
+    on_report: Callable[[Report], None],
+    on_save: Callable[[Cursor], None],
+    on_step: Callable[[Cursor], None] = lambda c: None,
+    on_log: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> Cursor:
+    """Run optimizer steps `cursor.step + 1 .. total_steps`; returns the final cursor.
+
+    One compiled function per step (gradient, accumulation, clipping, update) with explicit
+    state, one `mx.eval` per micro-batch. Batches come from `(seed, batch_index)` alone, so a
+    resumed run sees exactly the batches the uninterrupted run would have.
+    """
+    state = [model.state, optimizer.state, mx.random.state]
+    loss_and_grad = nn.value_and_grad(model, supervised_ce)
+    accum, clip = cfg.grad_accumulation, cfg.grad_clip
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(arrays: Sequence[mx.array], acc_grad, acc_tokens, do_update: bool):
+        (loss, tokens), grad = loss_and_grad(model, *arrays)
+        if acc_grad is not None:
+            grad = tree_map(lambda a, b: a + b, grad, acc_grad)
+            tokens_total = tokens + acc_tokens
+        else:
+            tokens_total = tokens
+        if not do_update:
+            return loss, tokens, grad, tokens_total
+        grad = tree_map(lambda g: g / mx.maximum(tokens_total, 1.0), grad)  # token-weighted mean
+        if clip > 0:
+            grad, _ = optim.clip_grad_norm(grad, clip)
+        optimizer.update(model, grad)
+        return loss, tokens, None, None
+
+    plan_size = len(train_data.plan)
+    window = _Window()
+    stop = _StopFlag()
+    model.train()
+    with stop:
+        if valid_data and cursor.step == 0 and cfg.eval_every:
+            tic = time.perf_counter()
+            val = evaluate(model, valid_data, cfg.max_seq_length, cfg.val_batches)
+            on_log(f"Iter 0: Val loss {val:.3f}, Val took {time.perf_counter() - tic:.3f}s")
+        while cursor.step < total_steps:
+            tic = time.perf_counter()
+            acc_grad = acc_tokens = None
+            for micro in range(accum):
+                index = batching.batch_at(plan_size, cfg.seed, cursor.batch_index)
+                numbers, arrays = batch_arrays(train_data, index, cfg.max_seq_length)
+                loss, tokens, acc_grad, acc_tokens = step(arrays, acc_grad, acc_tokens, micro == accum - 1)
+                mx.eval(state, loss, tokens, acc_grad, acc_tokens)
+                cursor.batch_index += 1
+                cursor.trained_tokens += numbers.supervised
+                window.add(loss.item(), tokens.item(), numbers)
+            cursor.step += 1
+            window.steps += 1
+            window.seconds += time.perf_counter() - tic
+            on_step(cursor)
+            last = cursor.step == total_steps
+            val = None
+            if valid_data and ((cfg.eval_every and cursor.step % cfg.eval_every == 0) or last):
+                val = evaluate(model, valid_data, cfg.max_seq_length, cfg.val_batches)
+            if cursor.step % cfg.report_every == 0 or last or val is not None:
+                lr = float(optimizer.learning_rate.item())
+                on_report(window.report(cursor, plan_size, lr, val))
+                window = _Window()
+            if (cfg.save_every and cursor.step % cfg.save_every == 0) or last:
+                on_save(cursor)
+            if stop.requested and not last:
+                on_save(cursor)
+                raise Interrupted(cursor.step)
+    return cursor
+
+
+class _Window:
+    """Sums between two reports."""
+
+    def __init__(self) -> None:
+        self.loss = self.tokens = self.seconds = 0.0
+        self.supervised = self.processed = self.slots = self.steps = 0
+
+    def add(self, loss: float, tokens: float, batch: batching.Batch) -> None:
+        self.loss += loss
+        self.tokens += tokens
+        self.supervised += batch.supervised
+        self.processed += batch.tokens
+        self.slots += batch.inputs.size
+
+    def report(self, cursor: Cursor, plan_size: int, lr: float, val: float | None) -> Report:
+        seconds = max(self.seconds, 1e-9)
+        return Report(
+            step=cursor.step,
+            epoch=cursor.batch_index / plan_size,
+            train_loss=self.loss / self.tokens if self.tokens else math.nan,
+            learning_rate=lr,
+            tokens_per_second=self.supervised / seconds,
+            processed_tokens_per_second=self.processed / seconds,
+            iterations_per_second=self.steps / seconds,
+            trained_tokens=cursor.trained_tokens,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            padding_efficiency=self.processed / self.slots if self.slots else 0.0,
+            val_loss=val,
+        )
+
+
+class _StopFlag:
+    """Turns the first Ctrl-C into a request to stop at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopFlag:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nStopping after this step and saving a checkpoint (Ctrl-C again to abort).", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def flat_trainable(model: nn.Module) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.trainable_parameters()))
