@@ -25,6 +25,10 @@ train = App(name="train", help="Train LoRA adapters; check recipes and data befo
 app.command(train)
 train.command("finetune.cli.train:validate", name="validate")
 train.command("finetune.cli.train:list_data", name="list-data")
+models = App(name="models", help="Models on this machine: built-in tiny, converted cache, HF cache.")
+app.command(models)
+models.command("finetune.cli.models:list_models", name="list")
+models.command("finetune.cli.models:info", name="info")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

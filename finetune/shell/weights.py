@@ -1,36 +1,165 @@
-"""Reading HF safetensors checkpoints (single file or index + shards) into MLX arrays."""
+"""Reading HF checkpoints into MLX arrays: safetensors (single or index + shards) first, else
+`pytorch_model.bin` (single or sharded), read without executing pickled code."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlx.core as mx
-from returns.result import Failure, Success
+from returns.result import Failure, Result, Success
 
 from finetune.core.convert import merge_shards
+from finetune.shell.torchbin import read_torch_bin
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# safetensors dtype tags -> MLX dtype names
+DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def checkpoint_files(directory: str | Path) -> Result[list[Path], str]:
+    """The weight files a load would read, in HF's order of preference; missing shards fail."""
+    directory = Path(directory)
+    for single, index in ((SINGLE, INDEX), (BIN_SINGLE, BIN_INDEX)):
+        if (directory / single).is_file():
+            return Success([directory / single])
+        if (directory / index).is_file():
+            return _index_files(directory / index).map(lambda names: [directory / n for n in names])
+    return Failure(
+        f"{directory}: no weights found (expected {SINGLE}, {INDEX}, {BIN_SINGLE} or {BIN_INDEX})"
+    )
+
+
+def _weight_map(index: Path) -> Result[dict[str, str], str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        return Failure(f"{index}: unreadable shard index ({type(err).__name__}: {err})")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
+        for v in weight_map.values()
+    ):
+        return Failure(
+            f"{index}: weight_map must map tensor names to file names in the same directory"
+        )
+    return Success(weight_map)
+
+
+def _index_files(index: Path) -> Result[list[str], str]:
+    def present(weight_map: dict[str, str]) -> Result[list[str], str]:
+        names = sorted(set(weight_map.values()))
+        if missing := [n for n in names if not (index.parent / n).is_file()]:
+            return Failure(f"{index} names {missing[0]}, which is missing from {index.parent}")
+        return Success(names)
+
+    return _weight_map(index).bind(present)
+
+
+def safetensors_header(path: str | Path) -> Result[dict, str]:
+    """The JSON header of a safetensors file, after checking the file is long enough for it."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            raw = f.read(n) if 8 + n <= size and n <= _MAX_HEADER else b""
+    except OSError as err:
+        return Failure(f"{path}: cannot read ({err.strerror or err})")
+    if size < 8 or 8 + n > size or n > _MAX_HEADER:
+        return Failure(f"{path}: not a safetensors file, or truncated ({size} bytes)")
+    try:
+        header = json.loads(raw)
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, AttributeError, KeyError, TypeError, IndexError):  # bad JSON included
+        return Failure(f"{path}: corrupt safetensors header")
+    if 8 + n + max(ends, default=0) > size:
+        return Failure(f"{path}: truncated ({size} bytes, the header needs {8 + n + max(ends)})")
+    return Success(header)
+
+
+def read_safetensors(path: str | Path) -> Result[dict[str, mx.array], str]:
+    """All tensors of one safetensors file (read lazily by MLX), its header checked first."""
+
+    def load(_header: dict) -> Result[dict[str, mx.array], str]:
+        try:
+            return Success(dict(mx.load(str(path), format="safetensors")))
+        except Exception as err:  # MLX raises RuntimeError/ValueError for damaged files
+            return Failure(f"{path}: cannot read safetensors ({err})")
+
+    return safetensors_header(path).bind(load)
+
+
+def _read_file(path: Path) -> Result[dict[str, mx.array], str]:
+    return read_torch_bin(path) if path.suffix == ".bin" else read_safetensors(path)
+
+
+def read_checkpoint(directory: str | Path) -> Result[dict[str, mx.array], str]:
+    """Every tensor of a HF model directory, shards merged; a tensor the index lists must exist."""
+    directory = Path(directory)
+
+    def read_all(files: list[Path]) -> Result[dict[str, mx.array], str]:
+        shards: list[dict[str, mx.array]] = []
+        for f in files:
+            match _read_file(f):
+                case Success(tensors):
+                    shards.append(tensors)
+                case failure:
+                    return failure
+        return merge_shards(shards).alt(lambda m: f"{directory}: {m}").bind(check_index)
+
+    def check_index(merged: dict[str, mx.array]) -> Result[dict[str, mx.array], str]:
+        index = next((directory / i for i in (INDEX, BIN_INDEX) if (directory / i).is_file()), None)
+        single = (directory / SINGLE).is_file() or (directory / BIN_SINGLE).is_file()
+        if index is None or single:
+            return Success(merged)
+        listed = _weight_map(index).value_or({})
+        if missing := sorted(listed.keys() - merged.keys()):
+            return Failure(f"{index} lists tensors no shard holds: {', '.join(missing[:5])}")
+        return Success(merged)
+
+    return checkpoint_files(directory).bind(read_all)
+
+
+def _header_entries(directory: str | Path) -> list[tuple[str, int]] | None:
+    """(dtype tag, element count) of every safetensors tensor; None when the weights are .bin."""
+    entries: list[tuple[str, int]] = []
+    for f in checkpoint_files(directory).value_or([]):
+        if f.suffix != ".safetensors":
+            return None
+        for k, v in safetensors_header(f).value_or({}).items():
+            if k != "__metadata__":
+                entries.append((v.get("dtype", ""), math.prod(v.get("shape", ()))))
+    return entries
+
+
+def checkpoint_dtype(directory: str | Path) -> str | None:
+    """The floating dtype holding most weights, from the safetensors headers only."""
+    counts: dict[str, int] = {}
+    for tag, n in _header_entries(directory) or []:
+        if tag in DTYPES:
+            counts[DTYPES[tag]] = counts.get(DTYPES[tag], 0) + n
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
+def parameter_count(directory: str | Path) -> int | None:
+    """Number of stored weights from the safetensors headers (None for .bin checkpoints)."""
+    entries = _header_entries(directory)
+    return sum(n for _, n in entries) if entries else None
 
 
 def read_safetensors_dir(path: str | Path) -> dict[str, mx.array]:
-    """All tensors of `path/model.safetensors`, or of the shards its index names (HF's order of preference)."""
+    """All tensors of `path/model.safetensors` or of its shards; raises instead of a Result."""
     path = Path(path)
-    if (path / SINGLE).is_file():
-        return dict(mx.load(str(path / SINGLE)))
-    if not (path / INDEX).is_file():
+    if not (path / SINGLE).is_file() and not (path / INDEX).is_file():
         raise FileNotFoundError(f"{path} has neither {SINGLE} nor {INDEX}")
-    weight_map: dict[str, str] = json.loads((path / INDEX).read_text())["weight_map"]
-    files = sorted(set(weight_map.values()))
-    shards = [dict(mx.load(str(path / name))) for name in files]
-    match merge_shards(shards):
+    match read_checkpoint(path):
+        case Success(tensors):
+            return tensors
         case Failure(message):
-            raise ValueError(f"{path}: {message}")
-        case Success(merged):
-            pass
-    if listed_missing := weight_map.keys() - merged.keys():
-        raise ValueError(
-            f"{path / INDEX} lists tensors no shard holds: {sorted(listed_missing)[:5]}"
-        )
-    return merged
+            raise ValueError(message)
+    raise AssertionError("unreachable")

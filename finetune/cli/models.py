@@ -1,0 +1,130 @@
+"""`ft models ...` commands."""
+
+from __future__ import annotations
+
+from returns.result import Failure, Success
+
+from finetune.errors import UserError
+
+
+def _size(n: int) -> str:
+    if n <= 0:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def list_models(*, json: bool = False) -> int:
+    """List the built-in tiny model, converted-cache entries and supported models in the HF cache.
+
+    Parameters
+    ----------
+    json
+        Print the rows as JSON instead of a table.
+    """
+    from rich.table import Table
+
+    from finetune.shell import inventory, report
+
+    rows = inventory.list_models()
+    if json:
+        import msgspec
+
+        print(msgspec.json.format(msgspec.json.encode(rows)).decode())
+        return 0
+    table = Table(title="Models", title_justify="left")
+    for column in ("name", "architecture", "parameters", "dtype", "size", "kind"):
+        justify = "right" if column in ("parameters", "size") else "left"
+        table.add_column(column, justify=justify, no_wrap=True)
+    table.add_column("where", overflow="fold")
+    for r in rows:
+        cells = (r.name, r.architecture, _count(r.parameters), r.dtype, _size(r.size), r.kind)
+        table.add_row(*cells, r.where)
+    out = report.console()
+    out.print(table)
+    for r in rows:
+        if r.note:
+            out.print(f"{r.name} ({r.kind}): {r.note}")
+    return 0
+
+
+def info(model: str, /, *, revision: str = "main", load: bool = False, json: bool = False) -> int:
+    """Describe a model: architecture, sizes, dtype, chat template and a LoRA memory estimate.
+
+    Parameters
+    ----------
+    model
+        Local HF-format directory, hub id (local cache first), or tiny.
+    revision
+        Hub branch, tag or commit.
+    load
+        Also load the weights (reads every file, fills the converted cache) and time it.
+    json
+        Print the description as JSON instead of text.
+    """
+    import time
+
+    from rich.markup import escape
+
+    from finetune.shell import inventory, report
+
+    match inventory.info(model, revision):
+        case Success(found):
+            pass
+        case Failure(message):
+            raise UserError(message)
+    loaded = ""
+    if load:
+        from finetune.shell.load import load_model
+
+        start = time.perf_counter()
+        match load_model(model, revision=revision):
+            case Failure(message):
+                raise UserError(message)
+        loaded = f"loaded in {time.perf_counter() - start:.2f} s"
+    if json:
+        import msgspec
+
+        print(msgspec.json.format(msgspec.json.encode(found)).decode())
+        return 0
+    f, m = found.facts, found.memory
+    lines = [
+        ("model", found.name + (f"  [{found.note}]" if found.note else "")),
+        ("directory", found.directory),
+        ("architecture", f.model_type),
+        ("layers", str(f.num_layers)),
+        ("hidden size", str(f.hidden_size)),
+        ("attention heads", f"{f.num_heads} (kv heads {f.num_kv_heads}, head dim {f.head_dim})"),
+        ("intermediate size", str(f.intermediate_size)),
+        ("vocabulary", f"{f.vocab_size:,}"),
+        ("context length", f"{f.context_length:,}"),
+        ("tied embeddings", "yes" if f.tied_embeddings else "no"),
+        ("parameters", f"{found.parameters:,} ({_count(found.parameters)})"),
+        ("dtype", f"{found.dtype} (loads as {found.load_dtype} here)"),
+        ("size on disk", _size(found.size)),
+        ("chat template", "yes" if found.chat_template else "no"),
+        (
+            "LoRA memory",
+            f"{m.total_gb:.2f} GB at the default recipe (weights {m.weights_gb:.2f}, "
+            f"adapters+optimizer {m.lora_gb:.2f}, activations {m.activations_gb:.2f}; "
+            f"{m.trainable:,} trainable)",
+        ),
+        ("converted cache", ", ".join(found.converted) or "none yet"),
+    ]
+    if loaded:
+        lines.append(("load", loaded))
+    out = report.console()
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        out.print(f"[bold]{key:<{width}}[/bold]  {escape(value)}")
+    return 0

@@ -1,0 +1,191 @@
+"""What models this machine has (`ft models list`) and what one of them is (`ft models info`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from msgspec import Struct
+from returns.result import Failure, Result, Success
+
+from finetune.core import memory, modelinfo
+from finetune.core.config import Recipe
+from finetune.shell import manager, resolve, tiny, weights
+
+DEMO_NOTE = "pipeline demo: random weights from a fixed seed, not a useful language model"
+
+
+class Row(Struct, frozen=True, kw_only=True):
+    name: str
+    architecture: str
+    parameters: int
+    dtype: str
+    size: int  # bytes on disk, 0 when not on disk yet
+    kind: str  # "built-in", "converted" or "hf-cache"
+    where: str  # the directory
+    note: str = ""
+
+
+class Info(Struct, frozen=True, kw_only=True):
+    name: str
+    directory: str
+    facts: modelinfo.ModelFacts
+    parameters: int
+    dtype: str  # as stored in the checkpoint
+    load_dtype: str  # what `load(..., dtype="auto")` gives on this machine
+    size: int
+    chat_template: bool
+    memory: memory.MemoryEstimate
+    converted: tuple[str, ...]  # cache entries of this source
+    note: str = ""
+
+
+def dir_size(directory: Path) -> int:
+    """Bytes of every file below `directory` (symlinks into the HF blob store followed)."""
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+def _config(directory: Path) -> dict | None:
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def stored_dtype(directory: Path, config: dict) -> str:
+    return str(
+        weights.checkpoint_dtype(directory)
+        or config.get("torch_dtype")
+        or config.get("dtype")
+        or "float32"
+    )
+
+
+def parameters(directory: Path, facts: modelinfo.ModelFacts) -> int:
+    """Exact count from safetensors headers, else the estimate from the config."""
+    return weights.parameter_count(directory) or facts.parameters
+
+
+def _row(name: str, directory: Path, kind: str, note: str = "") -> Row | None:
+    config = _config(directory)
+    if config is None or "auto_map" in config:
+        return None
+    match modelinfo.facts(config):
+        case Success(facts):
+            return Row(
+                name=name,
+                architecture=facts.model_type,
+                parameters=parameters(directory, facts),
+                dtype=stored_dtype(directory, config),
+                size=dir_size(directory),
+                kind=kind,
+                where=str(directory),
+                note=note,
+            )
+    return None
+
+
+def _hub_rows() -> list[Row]:
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        repos = scan_cache_dir(resolve.hub_cache_dir()).repos
+    except Exception:  # no cache directory yet, or one huggingface_hub cannot read
+        return []
+    rows = []
+    for repo in sorted(repos, key=lambda r: r.repo_id):
+        revisions = [r for r in repo.revisions if repo.repo_type == "model"]
+        if not revisions:
+            continue
+        main = [r for r in revisions if "main" in r.refs]
+        rev = main[0] if main else max(revisions, key=lambda r: r.last_modified)
+        name = repo.repo_id if main else f"{repo.repo_id}@{rev.commit_hash[:8]}"
+        if row := _row(name, Path(rev.snapshot_path), "hf-cache"):
+            rows.append(row)
+    return rows
+
+
+def list_models() -> list[Row]:
+    """`tiny`, converted-cache entries, and supported models in the local HF cache."""
+    rows = []
+    if (tiny.tiny_dir() / "config.json").is_file():
+        rows.append(_row("tiny", tiny.tiny_dir(), "built-in", DEMO_NOTE))
+    else:
+        facts = modelinfo.facts(tiny.CONFIG).unwrap()
+        rows.append(
+            Row(
+                name="tiny",
+                architecture="llama",
+                parameters=facts.parameters,
+                dtype="float32",
+                size=0,
+                kind="built-in",
+                where="(built on first use)",
+                note=DEMO_NOTE,
+            )
+        )
+    for entry, m in manager.entries():
+        stale = "" if manager.is_fresh(m) else "stale: source changed or gone"
+        rows.append(
+            Row(
+                name=m.source,
+                architecture=m.model_type,
+                parameters=m.parameters,
+                dtype=m.dtype,
+                size=dir_size(entry),
+                kind="converted",
+                where=str(entry),
+                note=stale,
+            )
+        )
+    return [r for r in rows if r is not None] + _hub_rows()
+
+
+def has_chat_template(directory: Path) -> bool:
+    if any((directory / n).is_file() for n in ("chat_template.jinja", "chat_template.json")):
+        return True
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("chat_template"))
+
+
+def info(spec: str, revision: str = "main") -> Result[Info, str]:
+    """Config summary, sizes and a LoRA memory estimate at the default recipe, without weights."""
+    from finetune.shell.load import check_config, on_gpu, resolve_dtype
+
+    match resolve.model_dir(spec, revision):
+        case Success(directory):
+            pass
+        case failure:
+            return failure
+    match resolve.read_config(directory).bind(lambda c: check_config(c, spec)):
+        case Success(config):
+            pass
+        case failure:
+            return failure
+    match modelinfo.facts(config):
+        case Success(facts):
+            pass
+        case Failure(message):
+            return Failure(f"{spec}: {message}")
+    stored = stored_dtype(directory, config)
+    load_dtype = resolve_dtype("auto", stored, on_gpu())
+    source = str(directory.resolve())
+    return Success(
+        Info(
+            name=spec,
+            directory=str(directory),
+            facts=facts,
+            parameters=parameters(directory, facts),
+            dtype=stored,
+            load_dtype=load_dtype,
+            size=dir_size(directory),
+            chat_template=has_chat_template(directory),
+            memory=memory.estimate(facts, Recipe(), dtype=load_dtype),
+            converted=tuple(str(e) for e, m in manager.entries() if m.directory == source),
+            note=DEMO_NOTE if directory.resolve() == tiny.tiny_dir().resolve() else "",
+        )
+    )

@@ -1,0 +1,137 @@
+"""Loading a MODEL (local dir, hub id, or `tiny`) into our MLX modules plus its tokenizer.
+
+resolve -> config checks -> weights (converted-model cache, else safetensors/.bin -> `hf_to_mlx`
+-> dtype cast) -> `build(config)` -> strict `load_weights` -> eval mode -> optional adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from returns.result import Failure, Result, Success
+
+from finetune.core.convert import SUPPORTED
+from finetune.errors import UserError
+from finetune.shell import resolve, weights
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def on_gpu() -> bool:
+    return mx.default_device().type == mx.gpu
+
+
+def resolve_dtype(dtype: str, checkpoint: str | None, gpu: bool) -> str:
+    """`auto`: float32 on CPU (MLX's CPU half precision is slow), the checkpoint's dtype on GPU."""
+    if dtype != "auto":
+        return dtype
+    if not gpu or checkpoint not in ("float16", "bfloat16"):
+        return "float32"
+    return checkpoint
+
+
+def check_config(config: Mapping[str, Any], where: str) -> Result[Mapping[str, Any], str]:
+    """Refuse custom-code models and architectures we have no module for."""
+    if "auto_map" in config:
+        return Failure(
+            f"{where}: config.json has auto_map (custom model code); FineTune never runs "
+            "remote code (trust_remote_code is not supported)"
+        )
+    kind = config.get("model_type")
+    if kind not in SUPPORTED:
+        return Failure(
+            f"{where}: unsupported architecture {kind!r}; supported: {', '.join(SUPPORTED)}"
+        )
+    return Success(config)
+
+
+def _checkpoint_dtype(directory: Path, config: Mapping[str, Any]) -> str | None:
+    return weights.checkpoint_dtype(directory) or config.get("torch_dtype") or config.get("dtype")
+
+
+def load_model(
+    spec: str,
+    *,
+    revision: str = "main",
+    dtype: str = "auto",
+    adapter: str | None = None,
+    cache: bool = True,
+) -> Result[tuple[nn.Module, Any], str]:
+    """`(model, tokenizer)` for a MODEL spec, or a one-line reason; `model(ids)` gives logits.
+
+    `cache`: serve converted weights from (and save them to) the converted-model cache.
+    """
+    if dtype not in DTYPES:
+        return Failure(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    match resolve.model_dir(spec, revision):
+        case Success(directory):
+            pass
+        case failure:
+            return failure
+    loaded = resolve.read_config(directory).bind(lambda c: check_config(c, spec))
+    loaded = loaded.bind(lambda config: _load_dir(spec, revision, directory, config, dtype, cache))
+    if adapter is None:
+        return loaded
+
+    def attach_adapter(pair: tuple[nn.Module, Any]) -> Result[tuple[nn.Module, Any], str]:
+        from finetune.shell.adapters import attach
+
+        return attach(pair[0], adapter).map(lambda m: (m, pair[1]))
+
+    return loaded.bind(attach_adapter)
+
+
+def _load_dir(
+    spec: str,
+    revision: str,
+    directory: Path,
+    config: Mapping[str, Any],
+    dtype: str,
+    cache: bool,
+) -> Result[tuple[nn.Module, Any], str]:
+    from finetune.models import build
+    from finetune.shell import manager
+    from finetune.shell.tokenizer import load_tokenizer
+
+    target = resolve_dtype(dtype, _checkpoint_dtype(directory, config), on_gpu())
+    try:
+        model = build(config)
+    except (ValueError, KeyError, TypeError) as err:  # what our modules do not implement
+        return Failure(f"{spec}: {err}")
+    if cache:
+        converted = manager.converted(spec, revision, directory, config, target)
+    else:
+        converted = manager.convert(directory, config, target)
+    match converted:
+        case Success(tensors):
+            pass
+        case failure:
+            return failure
+    try:
+        model.load_weights(list(tensors.items()), strict=True)
+        mx.eval(model.parameters())
+    except (ValueError, RuntimeError) as err:  # damage that only shows when tensors are read
+        return Failure(f"{spec}: cannot load weights from {directory} ({err})")
+    model.eval()
+    try:
+        tokenizer = load_tokenizer(directory)
+    except Exception as err:  # transformers raises OSError/ValueError/... for missing files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return Failure(f"{spec}: cannot load the tokenizer from {directory} ({first})")
+    return Success((model, tokenizer))
+
+
+def load(
+    model: str, adapter: str | None = None, dtype: str = "auto", revision: str = "main"
+) -> tuple[nn.Module, Any]:
+    """`finetune.load`: `(model, tokenizer)`; raises `UserError` with a one-line reason."""
+    match load_model(model, revision=revision, dtype=dtype, adapter=adapter):
+        case Success(pair):
+            return pair
+        case Failure(message):
+            raise UserError(message)
+    raise AssertionError("unreachable")
