@@ -1,6 +1,8 @@
 """`tiny`: a small Llama built deterministically, with a BPE tokenizer trained on bundled data.
 
 A pipeline demo that makes every command work offline on a fresh machine; not a useful model.
+Written once to the cache in genuine HF layout (config.json, model.safetensors, tokenizer files),
+so transformers can load it too. The same VERSION and SEED give bit-identical files.
 """
 
 from __future__ import annotations
@@ -8,10 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlx.core as mx
+
 from finetune.shell.datasets import bundled_names, bundled_root
 from finetune.shell.paths import build_dir, cache_root
 
-VERSION = 1
+VERSION = 2
 SEED = 1234
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -31,7 +35,8 @@ CONFIG = {
     "eos_token_id": 1,
     "pad_token_id": 2,
     "torch_dtype": "float32",
-    "_finetune_note": "FineTune's built-in 'tiny' demo model: random weights from a fixed seed.",
+    "_finetune_note": "FineTune's built-in 'tiny' pipeline demo: random weights from a fixed "
+    "seed, not a useful language model.",
 }
 
 
@@ -67,8 +72,41 @@ def _strings(value) -> list[str]:
     return []
 
 
+def init_weights(seed: int = SEED) -> dict[str, mx.array]:
+    """Every parameter of `build(CONFIG)` from one explicit key, split per name in sorted order.
+
+    Matrices and embeddings: normal with std 0.02; norm weights: ones; biases: zeros.
+    """
+    from mlx.utils import tree_flatten
+
+    from finetune.models import build
+
+    params = dict(tree_flatten(build(CONFIG).parameters()))
+    names = sorted(params)
+    keys = mx.random.split(mx.random.key(seed), len(names))
+    weights = {}
+    for i, name in enumerate(names):
+        shape, dtype = params[name].shape, mx.float32
+        if name.endswith("norm.weight"):
+            weights[name] = mx.ones(shape, dtype)
+        elif params[name].ndim == 1:
+            weights[name] = mx.zeros(shape, dtype)
+        else:
+            weights[name] = 0.02 * mx.random.normal(shape, dtype, key=keys[i])
+    mx.eval(weights)
+    return weights
+
+
 def _build(out: Path) -> None:
+    from finetune.core.convert import mlx_to_hf
     from finetune.shell.tokenizer import train_bpe
 
-    train_bpe(corpus(), out, vocab_size=CONFIG["vocab_size"], model_max_length=CONFIG["max_position_embeddings"])
+    train_bpe(
+        corpus(),
+        out,
+        vocab_size=CONFIG["vocab_size"],
+        model_max_length=CONFIG["max_position_embeddings"],
+    )
+    hf = mlx_to_hf(CONFIG["model_type"], CONFIG, init_weights())
+    mx.save_safetensors(str(out / "model.safetensors"), hf, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
