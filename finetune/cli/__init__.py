@@ -23,8 +23,11 @@ app = App(
 )
 train = App(name="train", help="Train LoRA adapters; check recipes and data before training.")
 app.command(train)
+train.command("finetune.cli.train:quick", name="quick")
+train.command("finetune.cli.train:start", name="start")
 train.command("finetune.cli.train:validate", name="validate")
 train.command("finetune.cli.train:list_data", name="list-data")
+app.command("finetune.cli.generate:generate", name="generate")
 models = App(name="models", help="Models on this machine: built-in tiny, converted cache, HF cache.")
 app.command(models)
 models.command("finetune.cli.models:list_models", name="list")
@@ -53,4 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _entry() -> None:
+    from finetune.shell.blas import reexec_with_blas
+
+    reexec_with_blas(sys.argv[1:])  # before anything imports mlx: LD_PRELOAD acts at exec only
     sys.exit(main())

@@ -99,3 +99,168 @@ def _available_gb() -> float:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     except (ValueError, OSError):
         return 0.0
+
+
+def start(
+    model: str | None = None,
+    data: str | None = None,
+    /,
+    *,
+    recipe: str | None = None,
+    template: str | None = None,
+    format: FormatFlag | None = None,
+    epochs: int | None = None,
+    iters: int | None = None,
+    batch_size: int | None = None,
+    grad_accumulation: int | None = None,
+    lora_rank: int | None = None,
+    lora_scale: float | None = None,
+    lora_alpha: float | None = None,
+    lora_layers: int | None = None,
+    learning_rate: float | None = None,
+    max_seq_length: int | None = None,
+    packing: bool | None = None,
+    profile: Literal["none", "chat", "instruction", "code"] | None = None,
+    seed: int | None = None,
+    output: str | None = None,
+    resume: bool = False,
+    test: bool = False,
+) -> int:
+    """Train LoRA adapters.
+
+    Writes OUTPUT/adapters.safetensors and adapter_config.json (mlx-lm's format), recipe.toml,
+    metrics.jsonl and checkpoints/. Flags override the recipe; positionals override its model/data.
+
+    Parameters
+    ----------
+    model
+        Local HF dir, hub id (local HF cache) or tiny.
+    data
+        Bundled dataset name, .jsonl/.json file, or directory with train/valid/test.jsonl.
+    recipe
+        TOML or YAML recipe to start from.
+    template
+        auto, plain, alpaca, chatml, llama2, llama3, tokenizer, a Jinja string or a file.
+    format
+        Force one row format instead of detecting each row's.
+    epochs
+        Passes over the training rows (instead of --iters).
+    iters
+        Optimizer steps (instead of --epochs).
+    batch_size
+        Rows per micro-batch.
+    grad_accumulation
+        Micro-batches per optimizer step (token-weighted).
+    lora_rank
+        Rank of the adapters.
+    lora_scale
+        Multiplier of the low-rank update (mlx-lm's scale).
+    lora_alpha
+        Alternative to --lora-scale: scale = alpha / rank.
+    lora_layers
+        Adapt the last N blocks (-1 = all).
+    learning_rate
+        Peak learning rate.
+    max_seq_length
+        Longest sequence in tokens; longer rows are truncated.
+    packing
+        Pack several rows per sequence with per-document attention.
+    profile
+        Defaults for chat, instruction or code data.
+    seed
+        Seed for LoRA init, batch order and dropout.
+    output
+        Run directory.
+    resume
+        Continue the run in OUTPUT from its latest checkpoint.
+    test
+        Report loss and perplexity on the test split at the end.
+    """
+    from finetune.shell import recipes
+
+    flags = dict(
+        model=model, data=data, template=template, format=format, epochs=epochs, iters=iters,
+        batch_size=batch_size, grad_accumulation=grad_accumulation, lora_rank=lora_rank,
+        lora_scale=lora_scale, lora_alpha=lora_alpha, lora_layers=lora_layers,
+        learning_rate=learning_rate, max_seq_length=max_seq_length, packing=packing,
+        profile=profile, seed=seed, output=output,
+    )
+    loaded = recipes.load(recipe, flags)
+    if isinstance(loaded, Failure):
+        raise UserError(loaded.failure())
+    r = loaded.unwrap()
+    outcome = _train(r, Path(r.output), resume, test)
+    print(f"Adapters in {outcome.run_dir}: adapters.safetensors, adapter_config.json, recipe.toml, metrics.jsonl")
+    return 0
+
+
+def quick(model: str | None = None, data: str | None = None, /, *, iters: int | None = None, output: str | None = None) -> int:
+    """A short LoRA run with sensible defaults, then a sample before and after.
+
+    No MODEL: the built-in tiny model (random weights, a pipeline demo). No DATA: the bundled
+    SQL set. Each run gets a fresh directory under runs/.
+
+    Parameters
+    ----------
+    model
+        Local HF dir, hub id (local HF cache) or tiny.
+    data
+        Bundled dataset name, .jsonl/.json file, or directory with train/valid/test.jsonl.
+    iters
+        Optimizer steps (default: the quick recipe's).
+    output
+        Run directory (default: runs/quick, runs/quick-2, ...).
+    """
+    from finetune.shell import recipes
+
+    loaded = recipes.load(recipes.bundled("quick"), dict(model=model, data=data, iters=iters, output=output))
+    if isinstance(loaded, Failure):
+        raise UserError(loaded.failure())
+    r = loaded.unwrap()
+    run_dir = Path(r.output) if output else _fresh(Path(r.output))
+    from finetune.shell import samples
+
+    prepared = _prepare(r)
+    before = samples.show(prepared, "Before training")
+    outcome = _train(r, run_dir, False, False, prepared)
+    samples.show(prepared, "After training", before)
+    print(f"Adapters in {outcome.run_dir}. Try: ft generate {r.model.path} --adapter {outcome.run_dir} --prompt '...'")
+    return 0
+
+
+def _fresh(base: Path) -> Path:
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def _prepare(recipe):
+    from finetune.shell import run
+
+    match run.prepare_run(recipe, _log):
+        case Success(prepared):
+            return prepared
+        case Failure(message):
+            raise UserError(message)
+    raise AssertionError("unreachable")
+
+
+def _train(recipe, run_dir: Path, resume: bool, test: bool, prepared=None):
+    from finetune.shell import run
+
+    checked = run.check_output(run_dir, resume)
+    if isinstance(checked, Failure):
+        raise UserError(checked.failure())
+    prepared = prepared or _prepare(recipe)
+    match run.train(prepared, run_dir, resume, _log, evaluate_test=test):
+        case Success(outcome):
+            return outcome
+        case Failure(message):
+            raise UserError(message)
+    raise AssertionError("unreachable")
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)

@@ -63,7 +63,7 @@ def run(recipe: Recipe, available_gb: float = 0.0) -> Result[Report, str]:
     for split, path in files.items():
         rows, read_errors = datasets.read_rows(path)
         samples, shape_errors = prepare.normalise_rows(rows, recipe.data.format)
-        encoded, template_errors = _encode(recipe, samples, tok, chosen)
+        encoded, template_errors = encode_split(recipe, samples, tok, chosen)
         errors = [*read_errors, *shape_errors, *template_errors]
         row_errors += [FileError(str(path), e) for e in sorted(errors, key=lambda e: e.line)]
         total = len(rows) + len(read_errors)
@@ -111,7 +111,8 @@ def template_for(recipe: Recipe, fmt: str, chat_template: str) -> Result[templat
     return templates.resolve(name, fmt, chat_template)
 
 
-def _encode(recipe: Recipe, samples, tok: Tokenizing | None, chosen: dict[str, str]):
+def encode_split(recipe: Recipe, samples, tok: Tokenizing | None, chosen: dict[str, str]):
+    """Render and tokenize one split's samples with the recipe's templates; records the choices."""
     if tok is None:
         return [], []
     from finetune.shell.tokenizer import encoder, specials

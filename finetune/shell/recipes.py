@@ -64,3 +64,12 @@ def load(path: str | Path | None, flags: dict[str, Any] | None = None) -> Result
 def save(recipe: Recipe, path: str | Path) -> Path:
     """Write the resolved recipe as TOML (atomically); loading it gives the same Recipe."""
     return write_text(path, tomlout.dumps(core_recipe.to_builtins(recipe)))
+
+
+def bundled(name: str) -> Path:
+    """A recipe shipped with FineTune (`recipes/NAME.toml` in a checkout, or inside the wheel)."""
+    here = Path(__file__).resolve().parent.parent
+    for root in (here.parent / "recipes", here / "recipes"):
+        if (root / f"{name}.toml").is_file():
+            return root / f"{name}.toml"
+    return here.parent / "recipes" / f"{name}.toml"

@@ -1,0 +1,254 @@
+"""`ft train start|quick`: a recipe in, a run directory out (adapters, recipe, metrics, checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import msgspec
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from msgspec import Struct
+from returns.result import Failure, Result, Success
+
+from finetune.core import batching, lora, prepare, schedule
+from finetune.core import recipe as core_recipe
+from finetune.core.adapters import AdapterSpec
+from finetune.core.config import Recipe
+from finetune.core.tokenize import Tokens
+from finetune.models import lora as lora_modules
+from finetune.shell import adapters, check, checkpoints, datasets, recipes, trainer
+from finetune.shell.paths import write_text
+
+Log = Callable[[str], None]
+# Recipe fields that may change between a checkpoint and its resumption.
+_CADENCE = ("report_every", "eval_every", "val_batches", "save_every", "keep_checkpoints")
+
+
+class Prepared(Struct):
+    """A model with fresh (or restored) adapters, its data, and the settings to train it."""
+
+    recipe: Recipe
+    model: Any
+    tokenizer: Any
+    splits: dict[str, list[Tokens]]
+    spec: AdapterSpec
+    kind: str
+
+
+class Outcome(Struct, frozen=True, kw_only=True):
+    run_dir: str
+    steps: int
+    train_loss: float
+    val_loss: float | None
+    test_loss: float | None = None
+    trainable: int = 0
+
+
+def prepare_run(recipe: Recipe, log: Log) -> Result[Prepared, str]:
+    """Load the model and tokenizer, read and tokenize every split, add fresh LoRA layers."""
+    from finetune.shell.load import load_model
+
+    log(f"Loading {recipe.model.path} ...")
+    match load_model(recipe.model.path, revision=recipe.model.revision, dtype=recipe.model.dtype):
+        case Success((model, tok)):
+            pass
+        case Failure(message):
+            return Failure(message)
+    match read_splits(recipe, tok):
+        case Success(splits):
+            pass
+        case Failure(message):
+            return Failure(message)
+    block = lora_modules.block_linears(model)
+    keys = lora.resolve_keys(recipe.lora.keys, block)
+    unknown = [k for k in keys if k not in block]
+    if unknown:
+        return Failure(f"$.lora.keys: {', '.join(unknown)} not in this model's blocks; choose from all-linear, {', '.join(block)}")
+    if recipe.lora.num_layers > len(model.layers):
+        return Failure(f"$.lora.num_layers: {recipe.lora.num_layers} exceeds the model's {len(model.layers)} layers")
+    layers = lora.select_layers(len(model.layers), recipe.lora.num_layers)
+    shapes = lora_modules.linear_shapes(model, lora.targets(lora_modules.layers_prefix(model), layers, keys))
+    params = lora.init(mx.random.key(recipe.train.seed), shapes, recipe.lora.rank)
+    lora_modules.attach(model, params, recipe.lora.scale, recipe.lora.dropout)
+    spec = AdapterSpec(
+        rank=recipe.lora.rank, scale=recipe.lora.scale, dropout=recipe.lora.dropout, keys=keys,
+        num_layers=recipe.lora.num_layers, model=recipe.model.path,
+    )
+    return Success(Prepared(recipe, model, tok, splits, spec, adapters.model_kind(model)))
+
+
+def read_splits(recipe: Recipe, tok: Any) -> Result[dict[str, list[Tokens]], str]:
+    """Every split as token sequences; any bad row stops here with its file and line."""
+    match datasets.locate(recipe.data.path):
+        case Success(files):
+            pass
+        case Failure(message):
+            return Failure(message)
+    tokenizing = check.Tokenizing(tok, tok.chat_template or "")
+    out: dict[str, list[Tokens]] = {}
+    for split, path in files.items():
+        rows, read_errors = datasets.read_rows(path)
+        samples, shape_errors = prepare.normalise_rows(rows, recipe.data.format)
+        encoded, template_errors = check.encode_split(recipe, samples, tokenizing, {})
+        errors = sorted([*read_errors, *shape_errors, *template_errors], key=lambda e: e.line)
+        if errors:
+            e = errors[0]
+            more = f" (and {len(errors) - 1} more bad rows; `ft train validate` lists them all)" if len(errors) > 1 else ""
+            return Failure(f"{path}:{e.line}: {e.kind}: {e.message}{more}")
+        out[split] = [e.tokens for e in encoded if e.tokens.supervised]
+    if not out.get("train"):
+        return Failure(f"{files['train']}: no training row has a supervised token")
+    if len(out["train"]) < recipe.train.batch_size:
+        return Failure(f"$.train.batch_size: {recipe.train.batch_size} is more than the {len(out['train'])} training rows; lower it")
+    return Success(out)
+
+
+def plan(examples: list[Tokens], recipe: Recipe) -> list[list[list[int]]]:
+    lengths = [len(t.ids) for t in examples]
+    if recipe.data.packing:
+        return batching.packed(lengths, recipe.train.batch_size, recipe.train.max_seq_length)
+    return batching.length_sorted(lengths, recipe.train.batch_size)
+
+
+def total_steps(recipe: Recipe, plan_size: int) -> int:
+    t = recipe.train
+    return t.iters or math.ceil(plan_size * t.epochs / t.grad_accumulation)
+
+
+def fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """What must not change between a checkpoint and its resumption."""
+    raw = core_recipe.to_builtins(recipe)
+    raw.pop("name"), raw.pop("output")
+    for key in _CADENCE:
+        raw["train"].pop(key)
+    return raw
+
+
+def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test: bool = False) -> Result[Outcome, str]:
+    """Train (or continue) in `run_dir`; every file lands atomically."""
+    recipe, model = prepared.recipe, prepared.model
+    cfg = recipe.train
+    train_data = trainer.Data(prepared.splits["train"], plan(prepared.splits["train"], recipe))
+    valid = prepared.splits.get("valid")
+    valid_data = trainer.Data(valid, plan(valid, recipe)) if valid else None
+    steps = total_steps(recipe, len(train_data.plan))
+    optimizer = _optimizer(recipe, steps)
+    optimizer.init(model.trainable_parameters())
+    mx.random.seed(cfg.seed)
+    cursor = trainer.Cursor()
+    metrics: list[dict[str, Any]] = []
+    if resume:
+        match _restore(prepared, run_dir, optimizer):
+            case Success((cursor, metrics)):
+                log(f"Resuming at step {cursor.step} of {steps} from {run_dir}")
+            case Failure(message):
+                return Failure(message)
+    recipes.save(recipe, run_dir / "recipe.toml")
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    log(f"Training {trainable:,} LoRA parameters ({trainable / total:.3%} of {total:,}) for {steps} steps "
+        f"on {len(train_data.examples):,} rows in {len(train_data.plan):,} batches")
+
+    def on_report(r: trainer.Report) -> None:
+        row = msgspec.to_builtins(r)
+        metrics.append(row)
+        write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+        log(f"Iter {r.step}: Train loss {r.train_loss:.3f}, Learning Rate {r.learning_rate:.3e}, "
+            f"It/sec {r.iterations_per_second:.3f}, Tokens/sec {r.tokens_per_second:.3f}, "
+            f"Trained Tokens {r.trained_tokens}, Peak mem {r.peak_memory_gb:.3f} GB")
+        if r.val_loss is not None:
+            log(f"Iter {r.step}: Val loss {r.val_loss:.3f}")
+
+    def on_save(c: trainer.Cursor) -> None:
+        params = trainer.flat_trainable(model)
+        adapters.save(run_dir, params, prepared.spec, prepared.kind)
+        state = {
+            **msgspec.to_builtins(c),
+            "total_steps": steps,
+            "rng": np.array(mx.random.state[0]).tolist(),
+            "recipe": fingerprint(recipe),
+            "metrics": len(metrics),
+        }
+        opt = dict(tree_flatten(optimizer.state))
+        checkpoints.save(run_dir, c.step, params, opt, state, cfg.keep_checkpoints)
+
+    try:
+        cursor = trainer.train(model, optimizer, train_data, valid_data, cfg, steps, cursor, on_report, on_save, on_log=log)
+    except trainer.Interrupted as stop:
+        return Failure(f"interrupted at step {stop.args[0]}: checkpoint saved; continue with --resume")
+    last = metrics[-1] if metrics else {}
+    test_loss = None
+    if evaluate_test and prepared.splits.get("test"):
+        test = prepared.splits["test"]
+        test_loss = trainer.evaluate(model, trainer.Data(test, plan(test, recipe)), cfg.max_seq_length, -1)
+        log(f"Test loss {test_loss:.3f}, Test ppl {math.exp(test_loss):.3f}")
+    return Success(Outcome(
+        run_dir=str(run_dir), steps=cursor.step, train_loss=last.get("train_loss", math.nan),
+        val_loss=last.get("val_loss"), test_loss=test_loss, trainable=trainable,
+    ))
+
+
+def _optimizer(recipe: Recipe, steps: int) -> optim.Optimizer:
+    lr = schedule.build(recipe.train, steps)
+    if recipe.train.optimizer == "adam":
+        return optim.Adam(learning_rate=lr)
+    return optim.AdamW(learning_rate=lr, weight_decay=recipe.train.weight_decay)
+
+
+def _restore(prepared: Prepared, run_dir: Path, optimizer: optim.Optimizer) -> Result[tuple[trainer.Cursor, list[dict]], str]:
+    """Adapters, optimizer, RNG and data cursor from the newest complete checkpoint."""
+    found = checkpoints.complete(run_dir)
+    if not found:
+        return Failure(f"{run_dir}: no checkpoint to resume from (checkpoints/ is empty or missing)")
+    match checkpoints.load(found[-1]):
+        case Success((state, params, opt)):
+            pass
+        case Failure(message):
+            return Failure(message)
+    source = found[-1]
+    now = fingerprint(prepared.recipe)
+    if state.get("recipe") != now:
+        diff = _first_difference(state.get("recipe", {}), now)
+        return Failure(f"{source}: made with a different recipe ({diff}); resume with the same settings or start a new --output")
+    model = prepared.model
+    current = trainer.flat_trainable(model)
+    for name, value in params.items():
+        if name not in current or current[name].shape != value.shape:
+            return Failure(f"{source}/adapters.safetensors: {name} does not fit this model")
+    if set(current) != set(params):
+        return Failure(f"{source}/adapters.safetensors: holds {len(params)} tensors, the model needs {len(current)}")
+    model.load_weights(list(params.items()), strict=False)
+    optimizer.state = tree_unflatten(list(opt.items()))
+    optimizer.init(model.trainable_parameters())
+    mx.random.state[0] = mx.array(np.array(state["rng"], dtype=np.uint32))
+    mx.eval(model.parameters(), optimizer.state, mx.random.state)
+    cursor = trainer.Cursor(step=state["step"], batch_index=state["batch_index"], trained_tokens=state["trained_tokens"])
+    metrics_path = run_dir / "metrics.jsonl"
+    rows = []
+    if metrics_path.is_file():
+        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    return Success((cursor, [r for r in rows if r.get("step", 0) <= cursor.step]))
+
+
+def _first_difference(old: Any, new: Any, path: str = "$") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{path}.{key}")
+    return f"{path} was {old!r}, now {new!r}"
+
+
+def check_output(run_dir: Path, resume: bool) -> Result[None, str]:
+    """Refuse to overwrite a finished or started run unless resuming it."""
+    started = (run_dir / "adapters.safetensors").exists() or bool(checkpoints.complete(run_dir))
+    if resume and not checkpoints.complete(run_dir):
+        return Failure(f"{run_dir}: no checkpoint to resume from")
+    if started and not resume:
+        return Failure(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output")
+    return Success(None)
