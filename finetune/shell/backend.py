@@ -1,0 +1,97 @@
+"""Where MLX computes: Metal GPU, then CUDA GPU (mlx[cuda]), then CPU; and what that means."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import mlx.core as mx
+from msgspec import Struct
+
+from finetune.errors import UserError
+from finetune.shell import blas
+
+
+class BackendInfo(Struct, frozen=True, kw_only=True):
+    """The device MLX runs on now, its memory, the BLAS behind CPU matmuls, the compute dtype."""
+
+    device: str  # "gpu" | "cpu"
+    api: str  # "metal" | "cuda" | "cpu"
+    name: str  # e.g. "Apple M2 Max", "NVIDIA H100", "AMD EPYC"
+    memory_gb: float  # device memory (system memory for the CPU); 0 when unknown
+    blas: str  # what float32 matmuls run on: OpenBLAS, BLIS, MKL, Accelerate, cuBLAS, ...
+    blas_path: str  # the preloaded library's file, when there is one
+    fast_blas: bool  # False: MLX's bundled reference BLAS, slow
+    dtype: str  # what dtype="auto" loads: "float32" on the CPU, "checkpoint" (its own) on a GPU
+
+
+def gpu_api() -> str | None:
+    """'metal' or 'cuda' when this MLX build can use a GPU here, else None."""
+    if mx.metal.is_available():
+        return "metal"
+    try:
+        if mx.cuda.is_available():
+            return "cuda"
+    except AttributeError:  # MLX builds from before the CUDA backend have no mx.cuda
+        pass
+    return None
+
+
+def select(device: str | None = None) -> BackendInfo:
+    """Make `device` ("cpu", "gpu", None = the best available) MLX's default and describe it."""
+    assert device in (None, "cpu", "gpu"), device
+    api = gpu_api()
+    if device == "gpu" and api is None:
+        raise UserError(
+            "--device gpu: this MLX build sees no GPU (no Metal, no CUDA); "
+            "on an NVIDIA machine install mlx[cuda], or use --device cpu"
+        )
+    use_gpu = api is not None and device != "cpu"
+    mx.set_default_device(mx.gpu if use_gpu else mx.cpu)
+    info = mx.device_info(mx.gpu if use_gpu else mx.cpu)
+    name = str(info.get("device_name", "") or info.get("architecture", "") or "unknown")
+    if use_gpu:
+        memory = int(info.get("memory_size", 0) or info.get("total_memory", 0) or 0)
+        kernels = "Metal kernels" if api == "metal" else "cuBLAS"
+        return BackendInfo(device="gpu", api=str(api), name=name, memory_gb=memory / 1e9,
+                           blas=kernels, blas_path="", fast_blas=True, dtype="checkpoint")
+    library, path = _cpu_blas()
+    return BackendInfo(device="cpu", api="cpu", name=name, memory_gb=_system_memory() / 1e9,
+                       blas=library, blas_path=path, fast_blas=library != BUNDLED,
+                       dtype="float32")
+
+
+BUNDLED = "MLX's bundled reference BLAS"
+
+
+def _cpu_blas() -> tuple[str, str]:
+    if sys.platform == "darwin":
+        return "Accelerate", ""
+    used = blas.active()
+    return (BUNDLED, "") if used is None else (blas.label(used), used)
+
+
+def _system_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # sysconf names missing on this platform
+        return 0
+
+
+def describe(info: BackendInfo) -> str:
+    """One line for stderr: device, memory, BLAS, compute dtype, and a hint when it is slow."""
+    if info.device == "gpu":
+        return f"backend: {info.api} GPU ({info.name}, {info.memory_gb:.1f} GB), {info.blas}"
+    cores = os.cpu_count() or 1
+    line = (
+        f"backend: cpu ({info.name}, {cores} cores, {info.memory_gb:.1f} GB), BLAS {info.blas}, "
+        "float32 compute (bf16/fp16 matmuls are not BLAS-backed on the CPU)"
+    )
+    if info.fast_blas or sys.platform != "linux":
+        return line
+    if os.environ.get("FT_BLAS") == "bundled":
+        return f"{line} [FT_BLAS=bundled]"
+    found = blas.find()
+    if found:  # installed, but this process was not started by `ft`
+        return f"{line}\nhint: start through `ft`, or set LD_PRELOAD={found[0][1]}, for ~20x faster matmuls"
+    return f"{line}\nhint: {blas.HINT}"
