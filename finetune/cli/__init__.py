@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from cyclopts import App, CycloptsError
 
 from finetune import __version__
-from finetune.errors import UserError
+from finetune.errors import Interrupted, UserError
 
 app = App(
     name="ft",
@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = app(tokens, exit_on_error=False, print_error=True, help_on_error=False)
     except CycloptsError:
         return 2  # cyclopts already printed a one-line reason
+    except Interrupted as err:
+        print(f"ft: {err}", file=sys.stderr)
+        return 130
     except UserError as err:
         print(f"ft: error: {err}", file=sys.stderr)
         return 2

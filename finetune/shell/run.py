@@ -21,6 +21,7 @@ from finetune.core import recipe as core_recipe
 from finetune.core.adapters import AdapterSpec
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
+from finetune.errors import Interrupted
 from finetune.models import lora as lora_modules
 from finetune.shell import adapters, check, checkpoints, datasets, recipes, trainer
 from finetune.shell.paths import write_text
@@ -181,7 +182,7 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
     try:
         cursor = trainer.train(model, optimizer, train_data, valid_data, cfg, steps, cursor, on_report, on_save, on_log=log)
     except trainer.Interrupted as stop:
-        return Failure(f"interrupted at step {stop.args[0]}: checkpoint saved; continue with --resume")
+        raise Interrupted(f"interrupted at step {stop.args[0]}: checkpoint saved in {run_dir}; continue with --resume") from None
     last = metrics[-1] if metrics else {}
     test_loss = None
     if evaluate_test and prepared.splits.get("test"):
