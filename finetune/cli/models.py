@@ -43,18 +43,19 @@ def list_models(*, json: bool = False) -> int:
         print(msgspec.json.format(msgspec.json.encode(rows)).decode())
         return 0
     table = Table(title="Models", title_justify="left")
-    for column in ("name", "architecture", "parameters", "dtype", "size", "kind"):
+    table.add_column("name", overflow="fold")
+    for column in ("architecture", "parameters", "dtype", "size", "where"):
         justify = "right" if column in ("parameters", "size") else "left"
         table.add_column(column, justify=justify, no_wrap=True)
-    table.add_column("where", overflow="fold")
     for r in rows:
         cells = (r.name, r.architecture, _count(r.parameters), r.dtype, _size(r.size), r.kind)
-        table.add_row(*cells, r.where)
+        table.add_row(*cells)
     out = report.console()
     out.print(table)
-    for r in rows:
-        if r.note:
-            out.print(f"{r.name} ({r.kind}): {r.note}")
+    for r in rows:  # full paths below the table, where no terminal width cuts them
+        out.print(
+            f"{r.name} ({r.kind}): {r.where}" + (f"  [{r.note}]" if r.note else ""), markup=False
+        )
     return 0
 
 
@@ -78,13 +79,8 @@ def info(model: str, /, *, revision: str = "main", load: bool = False, json: boo
 
     from finetune.shell import inventory, report
 
-    match inventory.info(model, revision):
-        case Success(found):
-            pass
-        case Failure(message):
-            raise UserError(message)
     loaded = ""
-    if load:
+    if load:  # first, so that the description below lists the cache entry it fills
         from finetune.shell.load import load_model
 
         start = time.perf_counter()
@@ -92,6 +88,11 @@ def info(model: str, /, *, revision: str = "main", load: bool = False, json: boo
             case Failure(message):
                 raise UserError(message)
         loaded = f"loaded in {time.perf_counter() - start:.2f} s"
+    match inventory.info(model, revision):
+        case Success(found):
+            pass
+        case Failure(message):
+            raise UserError(message)
     if json:
         import msgspec
 

@@ -56,10 +56,13 @@ def _is_local(spec: str) -> bool:
     return Path(os.path.expanduser(spec)).is_dir()
 
 
+SOURCE_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+SOURCE_PATTERNS += ("pytorch_model.bin.index.json",)
+
+
 def source_files(directory: Path) -> dict[str, tuple[int, int]]:
-    """(size, mtime_ns) of config.json, the weight files and their index (symlinks followed)."""
-    names = ["config.json", *(f.name for f in weights.checkpoint_files(directory).value_or([]))]
-    names += [i for i in (weights.INDEX, weights.BIN_INDEX) if (directory / i).is_file()]
+    """(size, mtime_ns) of config.json and every weight or index file (symlinks followed)."""
+    names = sorted({f.name for p in SOURCE_PATTERNS for f in directory.glob(p) if f.is_file()})
     out = {}
     for name in names:
         st = (directory / name).stat()
