@@ -1,0 +1,293 @@
+"""Generation: parity with transformers' greedy decoding, the KV cache, sampling, stops, streaming, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+import torch
+from hf_models import build_hf, save_hf
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from finetune.cli import main
+from finetune.core.convert import hf_to_mlx
+from finetune.core.records import Message
+from finetune.core.sampling import sample
+from finetune.core.templates import render
+from finetune.core.tokenize import tokenize
+from finetune.models import build
+from finetune.shell import backend
+from finetune.shell import generate as gen
+from finetune.shell.generate import TextStream, build_prompt, decoder, generate
+from finetune.shell.tokenizer import encoder, load_tokenizer, specials, train_bpe
+from finetune.shell.weights import read_safetensors_dir
+
+VARIANTS = ("llama", "qwen2", "gpt2")
+PROMPT = [5, 17, 33, 99, 120, 7]
+CORPUS = [
+    "SELECT name FROM users WHERE age > 30",
+    "hello world, how are you today?",
+    "### Instruction:\nsay hi\n\n### Response:\nhi there",
+    "the answer is 42 and the city is Paris",
+] * 20
+MULTIBYTE = "naïve café — 日本語 🙂 ok"
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    """variant -> (HF model, our model with the same weights), built once per module."""
+    cache: dict[str, tuple] = {}
+
+    def get(variant: str):
+        if variant not in cache:
+            hf = build_hf(variant)
+            directory = save_hf(hf, tmp_path_factory.mktemp(variant))
+            config = json.loads((directory / "config.json").read_text())
+            weights = hf_to_mlx(config["model_type"], config, read_safetensors_dir(directory))
+            ours = build(config).load_weights(list(weights.unwrap().items()), strict=True)
+            cache[variant] = (hf, ours)
+        return cache[variant]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """A real byte-level BPE (BOS added, chatml template) trained on ASCII text."""
+    return load_tokenizer(train_bpe(CORPUS, tmp_path_factory.mktemp("tok") / "bpe", vocab_size=300))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama in HF layout beside that tokenizer: a complete local MODEL."""
+    directory = tmp_path_factory.mktemp("model") / "tiny-llama"
+    tokenizer.save_pretrained(directory)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).float().save_pretrained(directory)
+    return directory
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    hf.generation_config.eos_token_id = None  # never stop early: compare all n tokens
+    hf.generation_config.pad_token_id = 0
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n)
+    return out[0, len(prompt) :].tolist()
+
+
+def recomputed(model, prompt: list[int], n: int, temp: float, top_p: float, seed: int) -> list[int]:
+    """The same decoding without a cache: the whole sequence re-run for every token."""
+    ids, key = list(prompt), mx.random.key(seed)
+    for _ in range(n):
+        key, sub = mx.random.split(key)
+        logits = model(mx.array([ids]))[0, -1]
+        ids.append(sample(logits, temp=temp, top_p=top_p, key=sub).item())
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_generation_matches_transformers(parity, variant):
+    hf, ours = parity(variant)
+    expected = hf_greedy(hf, PROMPT, 24)
+    assert len(set(expected)) > 3  # a real sequence, not one repeated token
+    assert list(generate(ours, PROMPT, max_tokens=24)) == expected
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("temp", "top_p"), [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
+def test_kv_cache_equals_recomputing_the_full_forward(parity, variant, temp, top_p):
+    ours = parity(variant)[1]
+    got = list(generate(ours, PROMPT, max_tokens=16, temp=temp, top_p=top_p, seed=3))
+    assert got == recomputed(ours, PROMPT, 16, temp, top_p, seed=3)
+
+
+def test_chunked_prefill_equals_one_pass(parity, monkeypatch):
+    ours = parity("llama")[1]
+    prompt = [(7 * i + 3) % 256 for i in range(23)]
+    whole = list(generate(ours, prompt, max_tokens=10))
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 4)  # 22 cached prompt tokens in 6 passes
+    assert list(generate(ours, prompt, max_tokens=10)) == whole == recomputed(ours, prompt, 10, 0.0, 1.0, 0)
+
+
+def test_sampling_is_reproducible_by_seed(parity):
+    ours = parity("qwen2")[1]
+
+    def run(seed: int, n: int = 20) -> list[int]:
+        return list(generate(ours, PROMPT, max_tokens=n, temp=1.0, top_p=0.95, seed=seed))
+
+    assert run(11) == run(11)
+    assert run(11) != run(12)
+    assert run(11, n=30)[:20] == run(11)  # a longer run extends the same sequence
+
+
+def test_generation_stops_at_a_stop_id_without_yielding_it(parity):
+    ours = parity("llama")[1]
+    full = list(generate(ours, PROMPT, max_tokens=12))
+    stop = full[4]
+    got = list(generate(ours, PROMPT, max_tokens=12, stop_ids=(stop,)))
+    assert got == full[: full.index(stop)] and len(got) <= 4
+    assert list(generate(ours, PROMPT, max_tokens=3)) == full[:3]
+
+
+def stream(tokenizer, ids: list[int], stops=()) -> tuple[list[str], TextStream]:
+    text = TextStream(decoder(tokenizer), stops)
+    pieces = [text.add(t) for t in ids]
+    return [*pieces, text.finish()], text
+
+
+def test_stream_emits_only_complete_characters(tokenizer):
+    ids = tokenizer(MULTIBYTE, add_special_tokens=False)["input_ids"]
+    singles = [tokenizer.decode([t]) for t in ids]
+    assert any("\ufffd" in s for s in singles)  # guard: some tokens do split characters
+    pieces, _ = stream(tokenizer, ids)
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == MULTIBYTE
+    assert all(p.encode("utf-8").decode("utf-8") == p for p in pieces)
+
+
+def test_stream_keeps_spaces_between_tokens(tokenizer):
+    text = "hello world, how are you today?"
+    pieces, _ = stream(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert "".join(pieces) == text and sum(bool(p) for p in pieces) > 3
+
+
+def test_stream_stops_at_a_stop_string_and_holds_back_its_start(tokenizer):
+    ids = tokenizer("hi there\n### Response:\nmore", add_special_tokens=False)["input_ids"]
+    pieces, text = stream(tokenizer, ids, stops=("### Response",))
+    assert "".join(pieces) == "hi there\n" and text.stopped
+    assert all("#" not in p for p in pieces)
+    # A prefix of a stop string that turns out not to be one is released, in order.
+    pieces, text = stream(tokenizer, tokenizer("a ## b", add_special_tokens=False)["input_ids"], ("###",))
+    assert "".join(pieces) == "a ## b" and not text.stopped
+
+
+def test_raw_prompt_is_tokenized_as_is_with_bos(tokenizer):
+    prompt = build_prompt(tokenizer, text="SELECT name").unwrap()
+    assert list(prompt.ids) == tokenizer("SELECT name")["input_ids"]  # BOS + text, as HF does
+    assert prompt.ids[0] == tokenizer.bos_token_id
+    assert prompt.stop_ids == (tokenizer.eos_token_id,)
+
+
+def test_chat_prompt_is_a_prefix_of_the_training_tokens(tokenizer):
+    from finetune.core.records import Sample
+
+    turns = (Message("system", "be brief"), Message("user", "say hi"))
+    prompt = build_prompt(tokenizer, messages=turns, template="chatml").unwrap()
+    full = Sample(format="chat", messages=(*turns, Message("assistant", "hi there")))
+    sp = specials(tokenizer)
+    trained = tokenize(render(full, "chatml", sp).unwrap(), encoder(tokenizer), sp)
+    assert trained.ids[: len(prompt.ids)] == prompt.ids
+    assert trained.mask[len(prompt.ids)] == 1  # the next token is the first answer token
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert set(prompt.stop_ids) == {im_end, tokenizer.eos_token_id}
+
+
+def test_model_template_stops_at_its_end_of_turn_marker(tokenizer):
+    from finetune.core.templates import Jinja
+
+    prompt = build_prompt(tokenizer, text="hi", template=Jinja(tokenizer.chat_template)).unwrap()
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in prompt.stop_ids
+    assert prompt.ids[-3:] == tuple(tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])[-3:]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["generate", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_streams_text_and_reports_speed(model_dir, tokenizer, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))
+    code, out, err = run_cli(capsys, str(model_dir), "--prompt", "SELECT name", "--max-tokens", "12")
+    assert code == 0, err
+    assert "backend: cpu" in err or "backend: metal" in err or "backend: cuda" in err
+    stats = err.strip().splitlines()[-1]
+    assert stats.endswith("tokens/s)") and "tokens/s (prompt: " in stats
+    # The streamed text is exactly the decoded greedy tokens of the library call.
+    from finetune.shell.load import load_model
+
+    model, tok = load_model(str(model_dir)).unwrap()
+    plan = build_prompt(tok, text="SELECT name").unwrap()
+    ids = list(generate(model, plan.ids, max_tokens=12, stop_ids=plan.stop_ids))
+    assert stats.startswith(f"{len(ids)} tokens, ")
+    assert out == tok.decode(ids) + "\n"
+
+
+def test_cli_messages_and_template(model_dir, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))
+    chat = json.dumps([{"role": "user", "content": "say hi"}])
+    code, _, err = run_cli(capsys, str(model_dir), "--messages", chat, "--max-tokens", "5",
+                           "--temp", "0.7", "--top-p", "0.9", "--seed", "1", "-v")
+    assert code == 0, err
+    assert "prompt: " in err and "stop ids" in err
+    file = tmp_path / "chat.json"
+    file.write_text(chat)
+    again = run_cli(capsys, str(model_dir), "--messages", str(file), "--max-tokens", "5",
+                    "--temp", "0.7", "--top-p", "0.9", "--seed", "1", "-v")
+    assert again[0] == 0 and again[2].splitlines()[-1].split(",")[0] == err.splitlines()[-1].split(",")[0]
+    code, _, err = run_cli(capsys, str(model_dir), "--prompt", "hi", "--template", "llama3", "--max-tokens", "3")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--messages", '[{"role": "user", "content": "hi"'], "--messages: not valid JSON"),
+        (["--messages", '[{"role": "bot", "content": "hi"}]'], "messages[0].role 'bot' is not one of"),
+        (["--messages", '{"role": "user"}'], "'messages' must be a list"),
+        (["--messages", "[]"], "'messages' is empty"),
+        (["--prompt", "x", "--messages", "[]"], "exactly one of --prompt and --messages"),
+        ([], "exactly one of --prompt and --messages"),
+        (["--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--prompt", "x", "--temp", "-1"], "--temp must be >= 0"),
+        (["--prompt", "x", "--template", "nope"], "--template: unknown template 'nope'"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(model_dir, capsys, monkeypatch, tmp_path, args, message):
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))
+    code, out, err = run_cli(capsys, str(model_dir), *args)
+    assert code == 2 and out == ""
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ft: error: ") and message in last
+
+
+def test_cli_device_gpu_needs_a_gpu(model_dir, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))
+    code, _, err = run_cli(capsys, str(model_dir), "--prompt", "hi", "--max-tokens", "2", "--device", "gpu")
+    try:
+        assert code == (0 if backend.gpu_api() else 2), err
+        assert backend.gpu_api() or "--device gpu: this MLX build sees no GPU" in err
+    finally:
+        mx.set_default_device(mx.cpu if backend.gpu_api() is None else mx.gpu)
+
+
+def test_cli_generates_with_the_builtin_tiny_model(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))
+    code, out, err = run_cli(capsys, "tiny", "--prompt", "SELECT", "--max-tokens", "8", "--device", "cpu")
+    assert code == 0, err
+    assert out.endswith("\n") and "tokens/s (prompt: " in err
+
+
+def test_missing_model_is_a_user_error(capsys, tmp_path):
+    code, _, err = run_cli(capsys, str(tmp_path / "nope"), "--prompt", "hi")
+    assert code == 2 and "ft: error: " in err
+
+
+def test_generate_needs_a_prompt_token(parity):
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        next(generate(parity("gpt2")[1], [], max_tokens=2))
+
+
+def test_prompt_file_path_for_messages_must_exist(model_dir, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path))
+    code, _, err = run_cli(capsys, str(model_dir), "--messages", str(Path(tmp_path) / "missing.json"))
+    assert code == 2 and "--messages: not valid JSON" in err
