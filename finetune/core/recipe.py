@@ -86,6 +86,8 @@ def merge(lower: Raw, upper: Raw) -> dict[str, Any]:
                 other = _EXCLUSIVE.get((key, leaf))
                 if other and other[1] not in value:
                     section.pop(other[1], None)
+            if key == "lora" and "rank" in value and "scale" not in value and section.get("alpha"):
+                section.pop("scale", None)  # scale follows alpha / rank: derive it again below
             out[key] = merge(section, value)
         else:
             out[key] = value
@@ -144,10 +146,30 @@ def explain(message: str, raw: Raw, layers: Sequence[Layer] = ()) -> str:
     else:
         what = what[:1].lower() + what[1:]
         found, value = _lookup(raw, path)
-        if found and "got" not in what:
+        if what.startswith("invalid enum value"):
+            choices = _choices(path)
+            what = f"{value!r} is not one of {', '.join(map(repr, choices))}" if choices else what
+        elif found and "got" not in what:
             what += f", got {value!r}"
+        elif found and not isinstance(value, Mapping | list):
+            what += f" ({value!r})"
     source = _source(path, layers)
     return f"{source}{path}: {what}"
+
+
+def _choices(path: str) -> tuple[Any, ...]:
+    """The allowed values of a Literal-typed field at `path`, if it is one."""
+    import typing
+
+    struct: Any = Recipe
+    field_type: Any = None
+    for part in path.split(".")[1:]:
+        fields = {f.name: f.type for f in msgspec.structs.fields(struct)} if isinstance(struct, type) else {}
+        field_type = fields.get(part)
+        struct = field_type
+    while typing.get_origin(field_type) is typing.Annotated:
+        field_type = typing.get_args(field_type)[0]
+    return typing.get_args(field_type) if typing.get_origin(field_type) is typing.Literal else ()
 
 
 def _suggest(field: str, path: str) -> str:
@@ -194,4 +216,4 @@ def _source(path: str, layers: Sequence[Layer]) -> str:
 
 def to_builtins(recipe: Recipe) -> dict[str, Any]:
     """The recipe as plain tables (tuples become lists), ready for TOML."""
-    return msgspec.to_builtins(recipe)
+    return msgspec.json.decode(msgspec.json.encode(recipe))

@@ -58,6 +58,8 @@ def normalise(row: Any, line: int, forced: str = "auto") -> Result[Sample, RowEr
     """Check one parsed JSON value and turn it into a Sample, or say what is wrong with it."""
     if not isinstance(row, Mapping):
         return _fail(line, "shape", f"expected a JSON object, got {_kind(row)}")
+    if _has_lone_surrogate(row):
+        return _fail(line, "encoding", "a string holds a lone UTF-16 surrogate (an escaped \\ud800-\\udfff): not valid Unicode")
     fmt = detect(row) if forced == "auto" else forced
     if fmt is None:
         keys = ", ".join(sorted(map(str, row))) or "none"
@@ -107,7 +109,9 @@ def _field(
 
 
 def _chat(row: Mapping[str, Any], line: int) -> Result[Sample, RowError]:
-    messages = row.get("messages")
+    if "messages" not in row:
+        return _fail(line, "shape", "chat row needs field 'messages'")
+    messages = row["messages"]
     if not isinstance(messages, list):
         return _fail(line, "type", f"'messages' must be a list, got {_kind(messages)}")
     if not messages:
@@ -143,6 +147,20 @@ def _content(value: Any) -> Any:
     ):
         return "".join(p["text"] for p in value)
     return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, Mapping):
+        return any(_has_lone_surrogate(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def _kind(value: Any) -> str:

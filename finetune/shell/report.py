@@ -74,11 +74,17 @@ def show_check(report: Report, out: Console, max_errors: int = 20) -> None:
 
 
 def show_catalog(entries, out: Console) -> None:
+    if not entries:
+        out.print("No datasets found.")
+        return
     table = Table(title="Datasets", title_justify="left")
-    for col in ("name", "origin", "split", "rows", "bad", "formats", "path"):
-        table.add_column(col, justify="right" if col in ("rows", "bad") else "left")
+    for col in ("name", "origin", "split", "rows", "bad", "formats"):
+        table.add_column(col, justify="right" if col in ("rows", "bad") else "left", overflow="fold")
     for d in entries:
         for i, s in enumerate(d.splits):
             formats = ", ".join(f"{k} {n}" for k, n in s.formats.items()) or "-"
-            table.add_row(d.name if i == 0 else "", d.origin if i == 0 else "", s.split, f"{s.rows:,}", str(s.bad), formats, s.path)
-    out.print(table if entries else "No datasets found.")
+            table.add_row(d.name if i == 0 else "", d.origin if i == 0 else "", s.split, f"{s.rows:,}", str(s.bad), formats)
+    out.print(table)
+    for d in entries:  # full paths outside the table, where they are never cut
+        for s in d.splits:
+            out.print(f"{d.name} {s.split}: {s.path}", markup=False)
