@@ -120,7 +120,7 @@ def info(model: str, /, *, revision: str = "main", load: bool = False, json: boo
             f"adapters+optimizer {m.lora_gb:.2f}, activations {m.activations_gb:.2f}; "
             f"{m.trainable:,} trainable)",
         ),
-        ("converted cache", ", ".join(found.converted) or "none yet"),
+        ("converted cache", ", ".join(found.converted) or "none"),
     ]
     if loaded:
         lines.append(("load", loaded))

@@ -1,5 +1,9 @@
 """The converted-model cache: MLX weights saved once per (source directory, dtype).
 
+Only conversions that cost something are kept: a pickled `.bin` checkpoint, or one whose floats
+need a cast (bfloat16 -> float32 on CPU, say). A safetensors checkpoint already in the wanted
+dtype loads as fast from its own files as from a copy, so it gets no entry.
+
 `cache_root()/converted/<name>-<dtype>-<hash>/` holds `model.safetensors` (our modules' names,
 already cast) and `manifest.json` (source, revision, dtype, model_type, parameters, and the size
 and mtime of every source file, so a changed checkpoint is converted again). Files are written to
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -72,16 +77,27 @@ def source_files(directory: Path) -> dict[str, tuple[int, int]]:
 
 def convert(directory: Path, config: Mapping[str, Any], dtype: str) -> Result[dict, str]:
     """Read the checkpoint, map it onto our modules' names and shapes, cast floats to `dtype`."""
-    kind = config.get("model_type", "")
+    return _convert(directory, config, dtype).map(lambda pair: pair[0])
 
-    def to_mlx(tensors: dict[str, mx.array]) -> Result[dict, str]:
-        return hf_to_mlx(kind, config, tensors).alt(lambda m: f"{directory}: {m}")
 
-    return (
-        weights.read_checkpoint(directory)
-        .bind(to_mlx)
-        .map(lambda w: cast_weights(w, getattr(mx, dtype)))
-    )
+def _convert(
+    directory: Path, config: Mapping[str, Any], dtype: str
+) -> Result[tuple[dict[str, mx.array], bool], str]:
+    """Converted weights, and whether saving them pays: the source is .bin or needs a cast."""
+    kind, target = config.get("model_type", ""), getattr(mx, dtype)
+
+    def to_mlx(tensors: dict[str, mx.array]) -> Result[tuple[dict, bool], str]:
+        pickled = any(f.suffix == ".bin" for f in weights.checkpoint_files(directory).value_or([]))
+        cast = any(
+            mx.issubdtype(v.dtype, mx.floating) and v.dtype != target for v in tensors.values()
+        )
+        return (
+            hf_to_mlx(kind, config, tensors)
+            .alt(lambda m: f"{directory}: {m}")
+            .map(lambda w: (cast_weights(w, target), pickled or cast))
+        )
+
+    return weights.read_checkpoint(directory).bind(to_mlx)
 
 
 def read_manifest(entry: Path) -> Manifest | None:
@@ -125,11 +141,14 @@ def converted(
     hit = _cached(entry, directory)
     if hit is not None:
         return Success(hit)
-    match convert(directory, config, dtype):
-        case Success(tensors):
+    match _convert(directory, config, dtype):
+        case Success((tensors, worth_saving)):
             pass
         case failure:
             return failure
+    if not worth_saving:  # safetensors already in `dtype`: a copy would load no faster
+        shutil.rmtree(entry, ignore_errors=True)  # an entry left from an older source
+        return Success(tensors)
     manifest = Manifest(
         format=FORMAT,
         source=str(directory.resolve()) if _is_local(spec) else spec,
