@@ -6,6 +6,8 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -322,3 +324,16 @@ def test_safetensors_are_preferred_over_bin(tmp_path, tok, llama):
     directory = _damaged(llama, tmp_path)
     (directory / "pytorch_model.bin").write_bytes(io.BytesIO(b"garbage").getvalue())
     assert isinstance(load_model(str(directory)), Success)
+
+
+def test_config_features_we_do_not_implement_are_one_line(tmp_path, llama):
+    directory = _damaged(llama, tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    yarn = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}
+    (directory / "config.json").write_text(json.dumps(config | {"rope_parameters": yarn}))
+    assert "rope type 'yarn' is not supported" in failure(load_model(str(directory)))
+
+
+def test_import_finetune_stays_light():
+    code = "import sys, finetune; assert 'mlx' not in sys.modules; assert callable(finetune.load)"
+    subprocess.run([sys.executable, "-c", code], check=True)
