@@ -8,9 +8,9 @@ from __future__ import annotations
 import time
 
 from finetune.core import prepare
+from finetune.core.config import DataConfig, Recipe
 from finetune.shell import datasets, tokenizer
 from finetune.shell.check import template_for
-from finetune.core.config import DataConfig, Recipe
 from finetune.shell.tiny import ensure_tiny
 
 
