@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -322,7 +321,7 @@ def test_results_are_values_not_exceptions(llama):
 def test_safetensors_are_preferred_over_bin(tmp_path, tok, llama):
     """With both present, the .bin is never read (here it is garbage)."""
     directory = _damaged(llama, tmp_path)
-    (directory / "pytorch_model.bin").write_bytes(io.BytesIO(b"garbage").getvalue())
+    (directory / "pytorch_model.bin").write_bytes(b"garbage")
     assert isinstance(load_model(str(directory)), Success)
 
 
@@ -337,3 +336,13 @@ def test_config_features_we_do_not_implement_are_one_line(tmp_path, llama):
 def test_import_finetune_stays_light():
     code = "import sys, finetune; assert 'mlx' not in sys.modules; assert callable(finetune.load)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_tokenizer_is_one_line(tmp_path, llama):
+    directory = tmp_path / "m"
+    directory.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (directory / name).write_bytes((llama[1] / name).read_bytes())
+    assert "no tokenizer files in" in failure(load_model(str(directory)))
+    (directory / "tokenizer.json").write_text("{not json")
+    assert "cannot load the tokenizer" in failure(load_model(str(directory)))

@@ -95,8 +95,8 @@ def _hub_rows() -> list[Row]:
         return []
     rows = []
     for repo in sorted(repos, key=lambda r: r.repo_id):
-        revisions = [r for r in repo.revisions if repo.repo_type == "model"]
-        if not revisions:
+        revisions = list(repo.revisions)
+        if repo.repo_type != "model" or not revisions:
             continue
         main = [r for r in revisions if "main" in r.refs]
         rev = main[0] if main else max(revisions, key=lambda r: r.last_modified)

@@ -19,6 +19,7 @@ from finetune.errors import UserError
 from finetune.shell import resolve, weights
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def on_gpu() -> bool:
@@ -117,6 +118,10 @@ def _load_dir(
     except (ValueError, RuntimeError) as err:  # damage that only shows when tensors are read
         return Failure(f"{spec}: cannot load weights from {directory} ({err})")
     model.eval()
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return Failure(
+            f"{spec}: no tokenizer files in {directory} (expected {' or '.join(TOKENIZER_FILES)})"
+        )
     try:
         tokenizer = load_tokenizer(directory)
     except Exception as err:  # transformers raises OSError/ValueError/... for missing files
