@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import msgspec
 import numpy as np
@@ -66,6 +68,10 @@ def prepare_run(recipe: Recipe, log: Log) -> Result[Prepared, str]:
             pass
         case Failure(message):
             return Failure(message)
+    if recipe.model.quantize_bits:
+        bits = recipe.model.quantize_bits
+        nn.quantize(model, group_size=64, bits=bits, class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0)
+        log(f"Quantized the base model's linear layers to {bits} bits (QLoRA)")
     block = lora_modules.block_linears(model)
     keys = lora.resolve_keys(recipe.lora.keys, block)
     unknown = [k for k in keys if k not in block]
@@ -180,7 +186,12 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
         checkpoints.save(run_dir, c.step, params, opt, state, cfg.keep_checkpoints)
 
     try:
-        cursor = trainer.train(model, optimizer, train_data, valid_data, cfg, steps, cursor, on_report, on_save, on_log=log)
+        with _progress(steps, cursor.step) as advance, trainer.checkpointed(model, cfg.grad_checkpoint):
+            cursor = trainer.train(
+                model, optimizer, train_data, valid_data, cfg, steps, cursor,
+                on_report=lambda r: (on_report(r), advance(r)),
+                on_save=on_save, on_step=lambda c: advance(None), on_log=log,
+            )
     except trainer.Interrupted as stop:
         raise Interrupted(f"interrupted at step {stop.args[0]}: checkpoint saved in {run_dir}; continue with --resume") from None
     last = metrics[-1] if metrics else {}
@@ -193,6 +204,37 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
         run_dir=str(run_dir), steps=cursor.step, train_loss=last.get("train_loss", math.nan),
         val_loss=last.get("val_loss"), test_loss=test_loss, trainable=trainable,
     ))
+
+
+@contextmanager
+def _progress(total: int, done: int) -> Iterator[Callable[[trainer.Report | None], None]]:
+    """A rich progress bar on stderr (terminals only): step, loss, tokens/s, ETA."""
+    import sys
+
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=Console(file=sys.stderr), transient=True, disable=not sys.stderr.isatty(),
+    )
+    task = progress.add_task("train", total=total, completed=done, status="")
+
+    def advance(report: trainer.Report | None) -> None:
+        if report is None:
+            progress.advance(task)
+        else:
+            progress.update(task, status=f"loss {report.train_loss:.3f}  {report.tokens_per_second:,.0f} tok/s")
+
+    with progress:
+        yield advance
 
 
 def _optimizer(recipe: Recipe, steps: int) -> optim.Optimizer:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 
 import mlx.core as mx
@@ -208,6 +209,32 @@ class _StopFlag:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+@contextmanager
+def checkpointed(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Recompute each block's activations in the backward pass (less memory, more compute).
+
+    MLX checkpoints functions, so the blocks' class `__call__` is wrapped for the duration.
+    """
+    if not enabled:
+        yield
+        return
+    block_type = type(model.layers[0])
+    original = block_type.__call__
+
+    def call(block, *args, **kwargs):
+        def inner(params, *args, **kwargs):
+            block.update(params)
+            return original(block, *args, **kwargs)
+
+        return mx.checkpoint(inner)(block.trainable_parameters(), *args, **kwargs)
+
+    block_type.__call__ = call
+    try:
+        yield
+    finally:
+        block_type.__call__ = original
 
 
 def flat_trainable(model: nn.Module) -> dict[str, mx.array]:
