@@ -98,11 +98,22 @@ def _load_dir(
     from finetune.shell import manager
     from finetune.shell.tokenizer import load_tokenizer
 
-    target = resolve_dtype(dtype, _checkpoint_dtype(directory, config), on_gpu())
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return Failure(
+            f"{spec}: no tokenizer files in {directory} (expected {' or '.join(TOKENIZER_FILES)})"
+        )
+    try:  # before the weights: a broken tokenizer should not cost a long conversion first
+        tokenizer = load_tokenizer(directory)
+    except Exception as err:  # transformers raises OSError/ValueError/... for missing files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return Failure(f"{spec}: cannot load the tokenizer from {directory} ({first})")
     try:
         model = build(config)
-    except (ValueError, KeyError, TypeError) as err:  # what our modules do not implement
+    except KeyError as err:
+        return Failure(f"{spec}: config.json lacks field {err}")
+    except (ValueError, TypeError) as err:  # what our modules do not implement
         return Failure(f"{spec}: {err}")
+    target = resolve_dtype(dtype, _checkpoint_dtype(directory, config), on_gpu())
     if cache:
         converted = manager.converted(spec, revision, directory, config, target)
     else:
@@ -118,15 +129,6 @@ def _load_dir(
     except (ValueError, RuntimeError) as err:  # damage that only shows when tensors are read
         return Failure(f"{spec}: cannot load weights from {directory} ({err})")
     model.eval()
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        return Failure(
-            f"{spec}: no tokenizer files in {directory} (expected {' or '.join(TOKENIZER_FILES)})"
-        )
-    try:
-        tokenizer = load_tokenizer(directory)
-    except Exception as err:  # transformers raises OSError/ValueError/... for missing files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return Failure(f"{spec}: cannot load the tokenizer from {directory} ({first})")
     return Success((model, tokenizer))
 
 
