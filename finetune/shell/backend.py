@@ -67,6 +67,8 @@ BUNDLED = "MLX's bundled reference BLAS"
 def _cpu_blas() -> tuple[str, str]:
     if sys.platform == "darwin":
         return "Accelerate", ""
+    if not sys.platform.startswith("linux"):
+        return BUNDLED, ""
     used = blas.active()
     return (BUNDLED, "") if used is None else (blas.label(used), used)
 

@@ -14,6 +14,7 @@ import struct
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from platform import machine as host_machine
 from typing import Literal
 
 from msgspec import Struct
@@ -91,7 +92,7 @@ def _find_all(data: bytes, needle: bytes) -> list[int]:
 
 def find(root: str | Path = "/", machine: str | None = None) -> list[tuple[str, Path]]:
     """(label, path) of the optimized BLAS libraries under `root` that really export cblas_sgemm."""
-    machine = machine or os.uname().machine
+    machine = machine or host_machine()
     found = [(label, Path(root, rel)) for label, rel in candidates(machine)]
     return [(label, p) for label, p in found if p.is_file() and exports(p)]
 
@@ -170,7 +171,10 @@ def reexec_with_blas(argv: Sequence[str]) -> None:
             if loud:
                 print(f"ft: could not re-exec with {decided.library}: {err}", file=sys.stderr)
     elif loud and decided.reason == "preloaded by ft":
-        print(f"ft: BLAS {decided.library} preloaded (FT_BLAS=bundled turns this off)", file=sys.stderr)
+        if active() is None:  # something between the exec and here dropped LD_PRELOAD
+            print(f"ft: BLAS {decided.library} was not preloaded (LD_PRELOAD cleared?)", file=sys.stderr)
+        else:
+            print(f"ft: BLAS {decided.library} preloaded (FT_BLAS=bundled turns this off)", file=sys.stderr)
     elif loud and decided.action == "hint":
         print(f"ft: hint: {HINT}", file=sys.stderr)
 
@@ -203,7 +207,7 @@ def active() -> str | None:
 
 def label(path: str) -> str:
     """A library's name for reports: `OpenBLAS`, `BLIS`, `MKL`, ... or its file name."""
-    for name, rel in candidates(os.uname().machine):
+    for name, rel in candidates(host_machine()):
         if path.endswith(rel):
             return name
     return Path(path).name
