@@ -13,7 +13,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import msgspec
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from msgspec import Struct
 from returns.result import Failure, Result, Success
@@ -178,7 +177,6 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
         state = {
             **msgspec.to_builtins(c),
             "total_steps": steps,
-            "rng": np.array(mx.random.state[0]).tolist(),
             "recipe": fingerprint(recipe),
             "metrics": len(metrics),
         }
@@ -245,7 +243,10 @@ def _optimizer(recipe: Recipe, steps: int) -> optim.Optimizer:
 
 
 def _restore(prepared: Prepared, run_dir: Path, optimizer: optim.Optimizer) -> Result[tuple[trainer.Cursor, list[dict]], str]:
-    """Adapters, optimizer, RNG and data cursor from the newest complete checkpoint."""
+    """Adapters, optimizer state and data cursor from the newest complete checkpoint.
+
+    The random state needs no saving: the loop reseeds from (seed, step) before every step.
+    """
     found = checkpoints.complete(run_dir)
     if not found:
         return Failure(f"{run_dir}: no checkpoint to resume from (checkpoints/ is empty or missing)")
@@ -269,8 +270,7 @@ def _restore(prepared: Prepared, run_dir: Path, optimizer: optim.Optimizer) -> R
     model.load_weights(list(params.items()), strict=False)
     optimizer.state = tree_unflatten(list(opt.items()))
     optimizer.init(model.trainable_parameters())
-    mx.random.state[0] = mx.array(np.array(state["rng"], dtype=np.uint32))
-    mx.eval(model.parameters(), optimizer.state, mx.random.state)
+    mx.eval(model.parameters(), optimizer.state)
     cursor = trainer.Cursor(step=state["step"], batch_index=state["batch_index"], trained_tokens=state["trained_tokens"])
     metrics_path = run_dir / "metrics.jsonl"
     rows = []

@@ -127,6 +127,9 @@ def train(
         while cursor.step < total_steps:
             tic = time.perf_counter()
             acc_grad = acc_tokens = None
+            # Dropout's randomness follows from (seed, step) alone, so a resumed run draws the
+            # same masks as an uninterrupted one without saving the generator's state.
+            mx.random.seed(cfg.seed * 1_000_003 + cursor.step)
             for micro in range(accum):
                 index = batching.batch_at(plan_size, cfg.seed, cursor.batch_index)
                 numbers, arrays = batch_arrays(train_data, index, cfg.max_seq_length)
