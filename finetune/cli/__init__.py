@@ -32,6 +32,12 @@ models = App(name="models", help="Models on this machine: built-in tiny, convert
 app.command(models)
 models.command("finetune.cli.models:list_models", name="list")
 models.command("finetune.cli.models:info", name="info")
+app.command("finetune.cli.fuse:fuse", name="fuse")
+adapters = App(name="adapters", help="LoRA adapters: convert between mlx-lm and PEFT, inspect one.")
+app.command(adapters)
+adapters.command("finetune.cli.adapters:export", name="export")
+adapters.command("finetune.cli.adapters:import_", name="import")
+adapters.command("finetune.cli.adapters:inspect", name="inspect")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

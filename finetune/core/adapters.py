@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -11,6 +12,16 @@ from returns.result import Failure, Result, Success
 
 # Our GPT-2 keeps HF's `transformer.` prefix; mlx-lm's GPT-2 calls the same module `model.`.
 _RENAMES = {"gpt2": ("transformer.h.", "model.h.")}
+# Where blocks live in HF's *ForCausalLM modules (= our module paths).
+_BLOCK = re.compile(r"^(model\.layers|transformer\.h)\.(\d+)\.(.+)$")
+# Every linear of one block, in block order.
+BLOCK_LINEARS = {
+    "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    "llama": (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    ),
+}
 
 
 class AdapterSpec(Struct, frozen=True, kw_only=True):
@@ -75,21 +86,88 @@ def parse_config(raw: Any, source: str) -> Result[AdapterSpec, str]:
 
 
 def check_shapes(
-    params: Mapping[str, mx.array], expected: Mapping[str, tuple[int, int]], rank: int, source: str
+    params: Mapping[str, mx.array],
+    expected: Mapping[str, tuple[int, int]],
+    rank: int,
+    source: str,
+    names: Mapping[str, str] | None = None,
 ) -> Result[None, str]:
-    """Every `<path>.lora_a` is (in, r) and `.lora_b` (r, out) for a linear the model has."""
+    """Every `<path>.lora_a` is (in, r) and `.lora_b` (r, out) for a linear the model has.
+
+    `names`: how the file calls each tensor (messages name the file's tensor, not our path).
+    PEFT stores the transposes, so its shapes are compared (and reported) transposed.
+    """
+    def shown(name: str) -> str:
+        return names.get(name, name) if names else name
+
+    def as_stored(shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+        return shape[::-1] if shown(name).endswith(".weight") else shape
+
     for name in sorted(params):
         path, _, leaf = name.rpartition(".")
         if leaf not in ("lora_a", "lora_b"):
-            return Failure(f"{source}: {name} is not a LoRA tensor (expected names ending in .lora_a/.lora_b)")
+            return Failure(f"{source}: {shown(name)} is not a LoRA tensor (expected names ending in .lora_a/.lora_b)")
         if path not in expected:
-            return Failure(f"{source}: {name} names a layer this model does not have")
+            return Failure(f"{source}: {shown(name)} names a layer this model does not have")
         fan_in, fan_out = expected[path]
         want = (fan_in, rank) if leaf == "lora_a" else (rank, fan_out)
         got = tuple(params[name].shape)
         if got != want:
-            return Failure(f"{source}: {name} has shape {got}, the model needs {want}")
+            return Failure(f"{source}: {shown(name)} has shape {as_stored(got, name)}, the model needs {as_stored(want, name)}")
         twin = f"{path}.{'lora_b' if leaf == 'lora_a' else 'lora_a'}"
         if twin not in params:
-            return Failure(f"{source}: {name} has no matching {twin}")
+            return Failure(f"{source}: {shown(name)} has no matching {shown(twin)}")
     return Success(None)
+
+
+def file_kind(names: Sequence[str]) -> str:
+    """The model kind an mlx-lm adapter file was written for: `gpt2` (`model.h.`) or `llama`."""
+    return "gpt2" if any(n.startswith("model.h.") for n in names) else "llama"
+
+
+def split_path(path: str) -> tuple[str, int, str] | None:
+    """`model.layers.3.self_attn.q_proj` -> (`model.layers`, 3, `self_attn.q_proj`)."""
+    m = _BLOCK.match(path)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def kind_of(paths: Sequence[str]) -> str:
+    """`gpt2` for GPT-2 module paths (`transformer.h.`), else the Llama family's."""
+    return "gpt2" if any(p.startswith("transformer.h.") for p in paths) else "llama"
+
+
+def paths_of(params: Mapping[str, mx.array]) -> list[str]:
+    """The module paths a flat adapter dict adapts, sorted."""
+    return sorted({n.rpartition(".")[0] for n in params})
+
+
+def layers_and_keys(paths: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Sorted block indices and block keys (in block order) that module `paths` adapt."""
+    parts = [p for p in (split_path(x) for x in paths) if p is not None]
+    order = BLOCK_LINEARS[kind_of(paths)]
+    keys = {k for _, _, k in parts}
+    ranked = sorted(keys, key=lambda k: (order.index(k) if k in order else len(order), k))
+    return tuple(sorted({i for _, i, _ in parts})), tuple(ranked)
+
+
+def block_shapes(
+    linear_shapes: Mapping[str, tuple[int, int]], prefix: str, layers: int
+) -> dict[str, tuple[int, int]]:
+    """`{<prefix>.<i>.<key>: (in, out)}` for every linear of every block (from a config)."""
+    return {f"{prefix}.{i}.{k}": s for i in range(layers) for k, s in linear_shapes.items()}
+
+
+def missing_targets(params: Mapping[str, mx.array], targets: Sequence[str]) -> list[str]:
+    """Module paths the config targets that the file has no tensors for, sorted."""
+    return sorted(set(targets) - {k.rpartition(".")[0] for k in params})
+
+
+def ranges(values: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out: list[list[int]] = []
+    for v in sorted(set(values)):
+        if out and out[-1][1] == v - 1:
+            out[-1][1] = v
+        else:
+            out.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)

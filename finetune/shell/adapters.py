@@ -1,23 +1,35 @@
-"""Adapter directories in mlx-lm's format: write them, read them, attach them to a model."""
+"""Adapter directories: write them (mlx-lm's format), read any (mlx-lm, FineTune run or
+checkpoint, PEFT), attach them to a model, convert between mlx-lm and PEFT."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from msgspec import Struct
 from returns.result import Failure, Result, Success
 
 from finetune.core import adapters as core_adapters
 from finetune.core import lora
+from finetune.core import peft as core_peft
+from finetune.errors import UserError
 from finetune.models import lora as lora_modules
 from finetune.shell.paths import write_text
 
 WEIGHTS = "adapters.safetensors"
 CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_BIN = "adapter_model.bin"
+FORMATS = {
+    "mlx-lm": "mlx-lm",
+    "run": "FineTune run directory",
+    "checkpoint": "FineTune checkpoint",
+    "peft": "PEFT",
+}
 
 
 def model_kind(model: nn.Module) -> str:
@@ -82,24 +94,229 @@ def expected_shapes(model: nn.Module, spec: core_adapters.AdapterSpec) -> dict[s
 
 
 def attach(model: nn.Module, directory: str | Path) -> Result[nn.Module, str]:
-    """Load an adapter directory onto `model` (frozen base, LoRA layers swapped in)."""
-    match read(directory):
+    """Load an adapter directory of any format onto `model` (frozen base, LoRA layers swapped in)."""
+    match load_any(directory):
         case Failure(message):
             return Failure(message)
-        case Success((spec, weights)):
+        case Success(adapter):
             pass
-    source = str(Path(directory) / WEIGHTS)
-    params = core_adapters.from_file_keys(weights, model_kind(model))
+    source = str(adapter.weights_path)
+    if adapter.spec is None:  # PEFT: the tensors say which linears; check them against all of them
+        block = lora_modules.block_linears(model)
+        every = lora.targets(lora_modules.layers_prefix(model), range(len(model.layers)), block)
+        shapes = lora_modules.linear_shapes(model, every)
+        return core_adapters.check_shapes(adapter.params, shapes, adapter.rank, source, adapter.names).map(
+            lambda _: _attached(model, adapter)
+        )
     try:
-        shapes = expected_shapes(model, spec)
+        shapes = expected_shapes(model, adapter.spec)
     except KeyError as err:
-        return Failure(f"{Path(directory) / CONFIG}: {err.args[0]}")
-    checked = core_adapters.check_shapes(params, shapes, spec.rank, source)
+        return Failure(f"{adapter.config_path}: {err.args[0]}")
+    params = core_adapters.from_file_keys(
+        core_adapters.to_file_keys(adapter.params, adapter.kind), model_kind(model)
+    )
+    checked = core_adapters.check_shapes(params, shapes, adapter.spec.rank, source, adapter.names)
     if isinstance(checked, Failure):
         return checked
-    missing = sorted(set(shapes) - {k.rpartition(".")[0] for k in params})
+    missing = core_adapters.missing_targets(params, list(shapes))
     if missing:
         return Failure(f"{source}: no tensors for {missing[0]}.lora_a/.lora_b (and {len(missing) - 1} more layers) that adapter_config.json targets")
-    lora_modules.attach(model, params, spec.scale)
+    return Success(_attached(model, adapter))
+
+
+def _attached(model: nn.Module, adapter: Adapter) -> nn.Module:
+    lora_modules.attach(model, adapter.params, adapter.scale)
     mx.eval(model.parameters())
-    return Success(model)
+    return model
+
+
+class Adapter(Struct, kw_only=True):
+    """An adapter directory read into memory, whatever its format."""
+
+    format: str  # a key of FORMATS
+    directory: Path
+    weights_path: Path
+    config_path: Path
+    rank: int
+    scale: float
+    dropout: float
+    model: str  # the base model the adapter names
+    params: dict[str, mx.array]  # our module paths: `<path>.lora_a` (in, r), `.lora_b` (r, out)
+    names: dict[str, str]  # our tensor name -> the file's
+    kind: str  # gpt2 or llama (the naming family)
+    spec: core_adapters.AdapterSpec | None = None  # mlx-lm formats: the config as written
+    peft: core_peft.PeftSpec | None = None  # PEFT: the config as written
+    kept: dict[str, Any] = {}  # PEFT fields remembered by an import (`peft` in adapter_config.json)
+    note: str = ""
+
+
+def _read_json(path: Path) -> Result[Any, str]:
+    try:
+        return Success(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return Failure(f"{path}: not valid JSON ({err})")
+
+
+def _read_tensors(path: Path) -> Result[dict[str, mx.array], str]:
+    if path.suffix == ".bin":
+        from finetune.shell.torchbin import read_torch_bin
+
+        return read_torch_bin(path)
+    try:
+        return Success(dict(mx.load(str(path), format="safetensors")))
+    except Exception as err:  # mlx raises RuntimeError/ValueError for truncated or foreign files
+        return Failure(f"{path}: unreadable safetensors ({err})")
+
+
+def detect(directory: str | Path) -> Result[str, str]:
+    """Which kind of adapter directory this is (a key of FORMATS), from its files."""
+    d = Path(directory)
+    if not d.is_dir():
+        return Failure(f"{directory}: no such adapter directory")
+    if (d / CONFIG).is_file() and ((d / PEFT_WEIGHTS).is_file() or (d / PEFT_BIN).is_file()):
+        return Success("peft")
+    if (d / WEIGHTS).is_file() and (d / "trainer.json").is_file() and not (d / CONFIG).is_file():
+        return Success("checkpoint")
+    if (d / WEIGHTS).is_file() and (d / CONFIG).is_file():
+        return Success("run" if (d / "recipe.toml").is_file() else "mlx-lm")
+    if (d / CONFIG).is_file():
+        return Failure(f"{d / WEIGHTS}: missing (an adapter directory holds {CONFIG} and {WEIGHTS}, or PEFT's {PEFT_WEIGHTS})")
+    if (d / WEIGHTS).is_file():
+        return Failure(f"{d / CONFIG}: missing (an adapter directory holds {CONFIG} and {WEIGHTS})")
+    return Failure(f"{directory}: not an adapter directory (expected {CONFIG} with {WEIGHTS} (mlx-lm, FineTune) or {PEFT_WEIGHTS} (PEFT))")
+
+
+def load_any(directory: str | Path) -> Result[Adapter, str]:
+    """Read an adapter directory of any supported format; tensors renamed to our module paths."""
+    return detect(directory).bind(lambda fmt: _load_peft(Path(directory)) if fmt == "peft" else _load_mlx(Path(directory), fmt))
+
+
+def _load_mlx(d: Path, fmt: str) -> Result[Adapter, str]:
+    config_path, note = d / CONFIG, ""
+    if fmt == "checkpoint":  # checkpoints/step-NNNNNNN/ inside a run directory
+        config_path = d.parent.parent / CONFIG
+        note = f"step {d.name.removeprefix('step-').lstrip('0') or '0'} of run {d.parent.parent}"
+        if not config_path.is_file():
+            return Failure(f"{d}: a checkpoint without its run's {CONFIG} (looked for {config_path})")
+    elif fmt == "run":
+        note = f"{len(list((d / 'checkpoints').glob('step-*')))} checkpoints" if (d / "checkpoints").is_dir() else ""
+    match _read_json(config_path).bind(lambda raw: core_adapters.parse_config(raw, str(config_path)).map(lambda s: (raw, s))):
+        case Success((raw, spec)):
+            pass
+        case failure:
+            return failure
+    match _read_tensors(d / WEIGHTS):
+        case Success(weights):
+            pass
+        case failure:
+            return failure
+    kind = core_adapters.file_kind(list(weights))
+    params = core_adapters.from_file_keys(weights, kind)
+    names = dict(zip(params, weights, strict=True))
+    kept = raw.get("peft") if isinstance(raw.get("peft"), dict) else {}
+    return Success(Adapter(
+        format=fmt, directory=d, weights_path=d / WEIGHTS, config_path=config_path, rank=spec.rank,
+        scale=spec.scale, dropout=spec.dropout, model=spec.model, params=params, names=names, kind=kind,
+        spec=spec, kept=kept, note=note,
+    ))
+
+
+def _load_peft(d: Path) -> Result[Adapter, str]:
+    config_path = d / CONFIG
+    weights_path = d / PEFT_WEIGHTS if (d / PEFT_WEIGHTS).is_file() else d / PEFT_BIN
+    match _read_json(config_path).bind(lambda raw: core_peft.parse_config(raw, str(config_path)).map(lambda s: (raw, s))):
+        case Success((raw, spec)):
+            pass
+        case failure:
+            return failure
+    match _read_tensors(weights_path).bind(lambda t: core_peft.from_peft(t, str(weights_path))):
+        case Success(params):
+            pass
+        case failure:
+            return failure
+    names = {n: core_peft.peft_name(n) for n in params}
+    paths = core_adapters.paths_of(params)
+    return Success(Adapter(
+        format="peft", directory=d, weights_path=weights_path, config_path=config_path, rank=spec.rank,
+        scale=spec.scale, dropout=spec.dropout, model=spec.base_model, params=params, names=names,
+        kind=core_adapters.kind_of(paths), peft=spec, kept=core_peft.kept_fields(raw),
+    ))
+
+
+def mlx_files(adapter: Adapter, total_layers: int | None) -> Result[tuple[dict[str, mx.array], dict[str, Any]], str]:
+    """`adapters.safetensors` tensors and `adapter_config.json` (mlx-lm's format) for `adapter`."""
+    if adapter.spec is not None:
+        spec = adapter.spec
+        extra = {"peft": adapter.kept} if adapter.kept else None
+    else:
+        assert adapter.peft is not None
+        paths = core_adapters.paths_of(adapter.params)
+        layers, _ = core_adapters.layers_and_keys(paths)
+        match core_peft.num_layers(layers, adapter.peft, total_layers, str(adapter.config_path)):
+            case Success(n):
+                spec = core_peft.to_spec(adapter.peft, paths, n)
+            case failure:
+                return failure
+        extra = {"peft": adapter.kept}
+    tensors = core_adapters.to_file_keys(adapter.params, adapter.kind)
+    return Success((tensors, core_adapters.config_json(spec, extra)))
+
+
+def peft_files(adapter: Adapter, base_model: str = "") -> tuple[dict[str, mx.array], dict[str, Any]]:
+    """`adapter_model.safetensors` tensors and PEFT's `adapter_config.json` for `adapter`."""
+    paths = core_adapters.paths_of(adapter.params)
+    if adapter.spec is not None:
+        spec = adapter.spec
+    else:
+        assert adapter.peft is not None
+        layers, _ = core_adapters.layers_and_keys(paths)
+        every = adapter.peft.layers_to_transform is None
+        spec = core_peft.to_spec(adapter.peft, paths, -1 if every else len(layers))
+    config = core_peft.config_json(spec, paths, base_model or adapter.model, adapter.kept)
+    return core_peft.to_peft(adapter.params), config
+
+
+def write_dir(final: Path, build: Callable[[Path], None], force: bool = False) -> Path:
+    """Fill a temporary directory beside `final`, then rename it into place.
+
+    An existing non-empty `final` is refused unless `force`; then it is swapped out and removed
+    only after the new directory is in place.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    if final.exists() and not final.is_dir():
+        raise UserError(f"{final}: exists and is not a directory")
+    if final.is_dir() and any(final.iterdir()) and not force:
+        raise UserError(f"{final}: already exists and is not empty; pass --force to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    old = None
+    try:
+        build(tmp)
+        if final.is_dir() and any(final.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+            os.rename(final, old / final.name)
+        elif final.is_dir():
+            final.rmdir()
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_adapter(out: Path, tensors: Mapping[str, mx.array], config: Mapping[str, Any], fmt: str, force: bool = False) -> Path:
+    """An adapter directory in `fmt` (`peft` or `mlx-lm`), written as one rename."""
+    weights, metadata = (PEFT_WEIGHTS, {"format": "pt"}) if fmt == "peft" else (WEIGHTS, {"format": "mlx"})
+
+    def build(tmp: Path) -> None:
+        mx.save_safetensors(str(tmp / weights), dict(tensors), metadata=metadata)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    return write_dir(out, build, force)

@@ -1,0 +1,207 @@
+"""`ft adapters ...`: convert adapters between mlx-lm and PEFT, and explain one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from returns.result import Failure, Result, Success
+
+from finetune.errors import UserError
+
+
+def _ok(result: Result) -> Any:
+    match result:
+        case Success(value):
+            return value
+        case Failure(message):
+            raise UserError(message)
+    raise AssertionError("unreachable")
+
+
+def export(
+    directory: Path,
+    /,
+    *,
+    format: Literal["peft", "mlx-lm"] = "peft",
+    output: Path,
+    base_model: str | None = None,
+    model: str | None = None,
+    force: bool = False,
+) -> int:
+    """Write an adapter in another format: PEFT (adapter_model.safetensors) or mlx-lm.
+
+    Parameters
+    ----------
+    directory
+        Adapter directory: mlx-lm or FineTune run, a FineTune checkpoint, or PEFT.
+    format
+        peft (for transformers + peft) or mlx-lm (for mlx_lm and FineTune).
+    output
+        Directory to write; must not exist or be empty.
+    base_model
+        base_model_name_or_path to record instead of the model the adapter names.
+    model
+        The base model (dir, hub id or tiny), to learn its layer count when a PEFT adapter skips layers.
+    force
+        Replace a non-empty OUTPUT.
+    """
+    from finetune.shell import adapters
+
+    adapter = _ok(adapters.load_any(directory))
+    if format == "peft":
+        tensors, config = adapters.peft_files(adapter, base_model or "")
+    else:
+        tensors, config = _ok(adapters.mlx_files(adapter, _total_layers(model, adapter.model)))
+        if base_model:
+            config["model"] = base_model
+    adapters.write_adapter(output, tensors, config, format, force)
+    print(f"Wrote {adapters.FORMATS[format]} adapter {output} from {adapters.FORMATS[adapter.format]} {directory} "
+          f"({len(tensors)} tensors, rank {adapter.rank}, scale {adapter.scale:g})")
+    return 0
+
+
+def import_(
+    directory: Path,
+    /,
+    *,
+    output: Path,
+    model: str | None = None,
+    force: bool = False,
+) -> int:
+    """Convert a PEFT LoRA adapter to mlx-lm's format (what ft and mlx_lm load).
+
+    Parameters
+    ----------
+    directory
+        PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    output
+        Directory to write; must not exist or be empty.
+    model
+        The base model (dir, hub id or tiny), to learn its layer count when the adapter skips layers; default: the one the adapter names, when it is on this machine.
+    force
+        Replace a non-empty OUTPUT.
+    """
+    from finetune.shell import adapters
+
+    fmt = _ok(adapters.detect(directory))
+    if fmt != "peft":
+        raise UserError(f"{directory}: already a {adapters.FORMATS[fmt]} adapter, not PEFT (ft loads it as it is)")
+    return export(directory, format="mlx-lm", output=output, model=model, force=force)
+
+
+def inspect(directory: Path, /, *, model: str | None = None, json: bool = False) -> int:
+    """Explain an adapter: format, rank, scale, targets, layers, size, base model; with --model, whether it fits.
+
+    Parameters
+    ----------
+    directory
+        Adapter directory: mlx-lm or FineTune run, a FineTune checkpoint, or PEFT.
+    model
+        A base model (dir, hub id or tiny) to check the tensor shapes against; exit 2 when they do not fit.
+    json
+        Print the description as JSON instead of text.
+    """
+    from finetune.core import adapters as core_adapters
+    from finetune.shell import adapters, report
+
+    adapter = _ok(adapters.load_any(directory))
+    paths = core_adapters.paths_of(adapter.params)
+    layers, keys = core_adapters.layers_and_keys(paths)
+    count = sum(v.size for v in adapter.params.values())
+    dtypes = sorted({str(v.dtype).removeprefix("mlx.core.") for v in adapter.params.values()})
+    fmt = adapters.FORMATS[adapter.format] + (f" ({adapter.note})" if adapter.note else "")
+    rows: dict[str, Any] = {
+        "format": fmt,
+        "directory": str(adapter.directory),
+        "weights": f"{adapter.weights_path} ({len(adapter.params)} tensors, {', '.join(dtypes)})",
+        "base model": adapter.model or "(not named)",
+        "rank": adapter.rank,
+        "scale": _scale(adapter),
+        "dropout": adapter.dropout,
+        "targets": ", ".join(keys),
+        "layers": f"{core_adapters.ranges(layers)} ({len(layers)} layers)" + _num_layers(adapter),
+        "parameters": f"{count:,}",
+    }
+    problem = None
+    if model is not None:
+        fit = _fit(adapter, model)
+        problem = fit.failure() if isinstance(fit, Failure) else None
+        rows["fits " + model] = "no" if problem else "yes"
+    if json:
+        import json as json_
+
+        print(json_.dumps({k.replace(" ", "_"): v for k, v in rows.items()}, indent=2))
+    else:
+        out = report.console()
+        width = max(len(k) for k in rows)
+        for key, value in rows.items():
+            out.print(f"{key:<{width}}  {value}", markup=False)
+    if problem:
+        raise UserError(f"{directory} does not fit {model}: {problem}")
+    return 0
+
+
+def _scale(adapter) -> str:
+    if adapter.peft is not None:
+        how = "lora_alpha / √r (rsLoRA)" if adapter.peft.rslora else "lora_alpha / r"
+        return f"{adapter.scale:g} = {how}, lora_alpha {adapter.peft.alpha:g}"
+    return f"{adapter.scale:g} (as lora_alpha: {adapter.scale * adapter.rank:g})"
+
+
+def _num_layers(adapter) -> str:
+    if adapter.spec is None:
+        return ""
+    n = adapter.spec.num_layers
+    return "; num_layers -1 (all)" if n < 0 else f"; num_layers {n} (the last {n})"
+
+
+def _config(spec: str) -> Result[dict, str]:
+    from finetune.shell import resolve
+
+    return resolve.model_dir(spec).bind(resolve.read_config)
+
+
+def _fit(adapter, model: str) -> Result[None, str]:
+    """Whether the adapter's tensors fit `model`'s linear layers (from its config; no weights read)."""
+    from finetune.core import adapters as core_adapters
+    from finetune.core import lora, modelinfo
+
+    match _config(model).bind(modelinfo.facts):
+        case Success(facts):
+            pass
+        case failure:
+            return failure
+    prefix = "transformer.h" if facts.model_type == "gpt2" else "model.layers"
+    block = facts.linear_shapes()
+    every = core_adapters.block_shapes(block, prefix, facts.num_layers)
+    source = str(adapter.weights_path)
+    checked = core_adapters.check_shapes(adapter.params, every, adapter.rank, source, adapter.names)
+    if isinstance(checked, Failure) or adapter.spec is None:
+        return checked
+    keys = lora.resolve_keys(adapter.spec.keys or ("all-linear",), tuple(block))
+    if unknown := [k for k in keys if k not in block]:
+        return Failure(f"{adapter.config_path}: {unknown[0]} is not a linear of this model's blocks")
+    wanted = lora.targets(prefix, lora.select_layers(facts.num_layers, adapter.spec.num_layers), keys)
+    missing = core_adapters.missing_targets(adapter.params, wanted)
+    if missing:
+        return Failure(f"{source}: no tensors for {missing[0]} (and {len(missing) - 1} more), which adapter_config.json targets")
+    return Success(None)
+
+
+def _total_layers(model: str | None, named: str) -> int | None:
+    """The base model's block count: from --model, else the named model when it is on this machine."""
+    from finetune.core import modelinfo
+    from finetune.shell import resolve
+
+    if model is not None:
+        return _ok(_config(model).bind(modelinfo.facts)).num_layers
+    if not named:
+        return None
+    if Path(named).expanduser().is_dir() or named == "tiny":
+        found = _config(named)
+    elif resolve.is_hub_id(named) and (snapshot := resolve.cached_snapshot(named)) is not None:
+        found = resolve.read_config(snapshot)
+    else:
+        return None
+    return found.bind(modelinfo.facts).map(lambda f: f.num_layers).value_or(None)

@@ -1,0 +1,83 @@
+"""`ft fuse`: merge a LoRA adapter into its base model, written as a HuggingFace model directory."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from returns.result import Failure, Success
+
+from finetune.errors import UserError
+
+
+def fuse(
+    model: str,
+    /,
+    *,
+    adapter: Path,
+    output: Path,
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None,
+    dequantize: bool = False,
+    data: str | None = None,
+    rows: int = 4,
+    max_shard_size: str = "2GB",
+    force: bool = False,
+    revision: str = "main",
+) -> int:
+    """Merge every LoRA pair into its base weight and write a complete HF model directory.
+
+    The fused model's logits are checked against the adapter model's before anything is written:
+    an adapter whose effect rounds away in the output dtype, or a fused model that disagrees
+    beyond the dtype's tolerance, is refused (exit 2) and OUTPUT is left untouched.
+
+    Parameters
+    ----------
+    model
+        The base model: local HF-format directory, hub id (local cache first), or tiny.
+    adapter
+        Adapter directory: mlx-lm or FineTune (adapters.safetensors), a FineTune checkpoint, or PEFT.
+    output
+        Directory to write (config.json, safetensors shards, tokenizer files); must not exist or be empty.
+    dtype
+        Dtype of the written weights; default: the base checkpoint's own.
+    dequantize
+        Dequantize an MLX-quantized base first (required to fuse into a quantized model).
+    data
+        Dataset whose first rows the logit check uses (default: a fixed prompt).
+    rows
+        How many rows of --data the check uses.
+    max_shard_size
+        Largest weight file, e.g. 2GB or 500MB; bigger models get shards plus an index.
+    force
+        Replace a non-empty OUTPUT.
+    revision
+        Hub branch, tag or commit of MODEL.
+    """
+    from finetune.core.fusing import parse_size
+    from finetune.shell.fuse import fuse as run
+
+    if rows < 1:
+        raise UserError(f"--rows must be at least 1, got {rows}")
+    if not adapter.exists():
+        raise UserError(f"{adapter}: no such adapter directory")
+    match parse_size(max_shard_size):
+        case Success(shard_bytes):
+            pass
+        case Failure(message):
+            raise UserError(message)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    match run(model, adapter, output, dtype=dtype, dequantize=dequantize, data=data, rows=rows,
+              max_shard_bytes=shard_bytes, force=force, revision=revision, log=log):
+        case Success(done):
+            pass
+        case Failure(message):
+            raise UserError(message)
+    files = f"{len(done.files)} weight file{'s' if len(done.files) > 1 else ''}"
+    print(f"Fused {done.layers} LoRA layers into {done.output} ({done.dtype}"
+          f"{', dequantized' if done.dequantized else ''}; {files}, {done.size / 1e6:.1f} MB)")
+    print(done.check.summary())
+    return 0

@@ -1,0 +1,233 @@
+"""Fusing LoRA into base weights (pure): merges, dequantization, the written config and shards,
+and the check that the fused model still computes what the adapter model computes.
+
+The check compares logits of four models on a few rows: the base (float32), the adapter model
+(base + unfused LoRA, float32), the base with its weights rounded to the output dtype, and the
+fused model as it will be stored (computed in float32, so only the stored values differ).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import mlx.core as mx
+from msgspec import Struct
+from returns.result import Failure, Result, Success
+
+from finetune.core import lora
+from finetune.core.convert import mlx_to_hf
+from finetune.core.records import Sample
+
+DTYPES = ("float32", "float16", "bfloat16")
+# Logit tolerance per output dtype, relative to the largest logit (at least 1).
+RTOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+# The adapter's effect "vanished" when fusing keeps less than this share of it.
+VANISHED = 0.25
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD = "2GB"
+_QUANT_KEYS = ("quantization", "quantization_config")
+
+
+class Quant(Struct, frozen=True, kw_only=True):
+    """MLX (mlx-lm) quantization of a checkpoint: `<path>.weight` packed, `.scales`, `.biases`."""
+
+    group_size: int
+    bits: int
+    overrides: dict[str, Any] = {}  # module path -> {group_size, bits} or False (mlx-lm's per-layer)
+
+    def params(self, path: str) -> dict[str, int]:
+        own = self.overrides.get(path)
+        if isinstance(own, Mapping):
+            return {"group_size": int(own.get("group_size", self.group_size)), "bits": int(own.get("bits", self.bits))}
+        return {"group_size": self.group_size, "bits": self.bits}
+
+
+def quantization(config: Mapping[str, Any]) -> Result[Quant | None, str]:
+    """The checkpoint's MLX quantization (None when full precision); other schemes fail."""
+    q = config.get("quantization")
+    if q is None:
+        q = config.get("quantization_config")
+        if q is None:
+            return Success(None)
+        if not isinstance(q, Mapping) or "quant_method" in q or "bits" not in q:
+            method = q.get("quant_method", "unknown") if isinstance(q, Mapping) else "unknown"
+            return Failure(f"config.json: quantized with {method!r}; FineTune reads only MLX-quantized "
+                           "checkpoints (config 'quantization'); dequantize it with transformers first")
+    if not isinstance(q, Mapping) or not isinstance(q.get("bits"), int):
+        return Failure("config.json: 'quantization' must be an object with integer 'bits' and 'group_size'")
+    if q.get("mode", "affine") != "affine":
+        return Failure(f"config.json: quantization mode {q.get('mode')!r} is not supported (only 'affine')")
+    fields = ("group_size", "bits", "mode")
+    return Success(Quant(
+        group_size=int(q.get("group_size", 64)), bits=int(q["bits"]),
+        overrides={k: v for k, v in q.items() if k not in fields},
+    ))
+
+
+def dense_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config without quantization fields."""
+    return {k: v for k, v in config.items() if k not in _QUANT_KEYS}
+
+
+def quantized_paths(weights: Mapping[str, mx.array]) -> list[str]:
+    """Module paths stored quantized (those with `.scales`), sorted."""
+    return sorted(k[: -len(".scales")] for k in weights if k.endswith(".scales"))
+
+
+def dequantize(weights: Mapping[str, mx.array], quant: Quant) -> dict[str, mx.array]:
+    """Every quantized `<path>.weight` (with `.scales`, `.biases`) as a dense matrix."""
+    out = dict(weights)
+    for path in quantized_paths(weights):
+        p = quant.params(path)
+        scales, biases = out.pop(f"{path}.scales"), out.pop(f"{path}.biases", None)
+        out[f"{path}.weight"] = mx.dequantize(
+            weights[f"{path}.weight"], scales, biases, group_size=p["group_size"], bits=p["bits"]
+        )
+    return out
+
+
+def fuse_all(
+    weights: Mapping[str, mx.array], pairs: Mapping[str, tuple[mx.array, mx.array]], scale: float
+) -> dict[str, mx.array]:
+    """`<path>.weight` replaced by `W + scale · (A B)ᵀ` (in float32) for every LoRA pair."""
+    out = dict(weights)
+    for path, (a, b) in pairs.items():
+        w = weights[f"{path}.weight"].astype(mx.float32)
+        out[f"{path}.weight"] = lora.fuse(w, a.astype(mx.float32), b.astype(mx.float32), scale)
+    return out
+
+
+def hf_tensors(model_type: str, config: Mapping[str, Any], weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+    """Our weights -> the tensors of a HF checkpoint (Conv1D transposed back for GPT-2).
+
+    A tied GPT-2 gets bare names (`h.0.attn.c_attn.weight`, as in the hub's `gpt2`): transformers
+    reads both, mlx-lm only those.
+    """
+    hf = mlx_to_hf(model_type, config, weights)
+    if model_type == "gpt2" and "lm_head.weight" not in hf:
+        return {k.removeprefix("transformer."): v for k, v in hf.items()}
+    return hf
+
+
+def fused_config(config: Mapping[str, Any], dtype: str) -> dict[str, Any]:
+    """The written config.json: the dtype fields updated, quantization gone.
+
+    Fields transformers 5 no longer writes but mlx-lm still reads are added back from their new
+    homes: a top-level `rope_theta` (from `rope_parameters`) and GPT-2's `n_ctx` (= n_positions).
+    """
+    out = dense_config(config)
+    out["dtype"] = dtype
+    if "torch_dtype" in out:
+        out["torch_dtype"] = dtype
+    rope = out.get("rope_parameters")
+    if isinstance(rope, Mapping) and "rope_theta" in rope and "rope_theta" not in out:
+        out["rope_theta"] = rope["rope_theta"]
+    if out.get("model_type") == "gpt2" and "n_ctx" not in out and "n_positions" in out:
+        out["n_ctx"] = out["n_positions"]
+    return out
+
+
+def parse_size(text: str) -> Result[int, str]:
+    """`2GB`, `500MB`, `1.5GiB`, `1000000` -> bytes (KB/MB/GB are powers of 10, KiB... of 2)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", text, flags=re.IGNORECASE)
+    if m is None:
+        return Failure(f"--max-shard-size: expected a size like 2GB, 500MB or a byte count, got {text!r}")
+    unit = (m.group(2) or "B").upper()
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    base = 1024 if unit.endswith("IB") else 1000
+    size = int(float(m.group(1)) * base**power)
+    return Success(size) if size > 0 else Failure("--max-shard-size must be more than 0 bytes")
+
+
+def shard_plan(sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
+    """Tensor names in order, cut into shards of at most `max_bytes` (a larger tensor alone)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    """`model.safetensors`, or `model-0000i-of-0000n.safetensors` for n > 1 shards."""
+    if count == 1:
+        return [SINGLE]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def index_json(plan: Sequence[Sequence[str]], sizes: Mapping[str, int]) -> dict[str, Any]:
+    """`model.safetensors.index.json` for a shard plan."""
+    files = shard_names(len(plan))
+    weight_map = {name: files[i] for i, shard in enumerate(plan) for name in shard}
+    return {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def sample_text(sample: Sample) -> str:
+    """A data row as plain text for the check (its template does not matter there)."""
+    if sample.text:
+        return sample.text
+    parts = [m.content for m in sample.messages]
+    if sample.input:
+        parts.insert(1, sample.input)
+    return "\n".join(p for p in parts if p)
+
+
+class Check(Struct, frozen=True, kw_only=True):
+    """Largest absolute logit differences measured on the check rows."""
+
+    rows: int
+    dtype: str
+    fused_vs_adapter: float  # fused model (as stored) vs base + unfused LoRA
+    tolerance: float
+    adapter_effect: float  # base + LoRA vs base
+    fused_effect: float  # fused vs the base rounded to `dtype`: what survives of the adapter
+    cast_noise: float  # the base rounded to `dtype` vs the base
+    logit_scale: float  # largest |logit| of the adapter model
+
+    def summary(self) -> str:
+        return (f"check on {self.rows} rows: fused vs adapter logits max |diff| {self.fused_vs_adapter:.2e} "
+                f"(tolerance {self.tolerance:.2e}); the adapter moves logits by up to {self.adapter_effect:.2e}, "
+                f"{self.fused_effect:.2e} after fusing in {self.dtype}")
+
+
+def _max_abs(xs: Sequence[mx.array], ys: Sequence[mx.array]) -> float:
+    return max((mx.abs(x.astype(mx.float32) - y.astype(mx.float32)).max().item() for x, y in zip(xs, ys, strict=True)), default=0.0)
+
+
+def measure(
+    base: Sequence[mx.array], adapter: Sequence[mx.array], base_cast: Sequence[mx.array],
+    fused: Sequence[mx.array], dtype: str,
+) -> Check:
+    """Compare the four models' logits (one array per row) and set the dtype's tolerance."""
+    scale = max((mx.abs(a).max().item() for a in adapter), default=0.0)
+    noise = _max_abs(base_cast, base)
+    return Check(
+        rows=len(base), dtype=dtype, fused_vs_adapter=_max_abs(fused, adapter),
+        tolerance=RTOL[dtype] * max(1.0, scale) + 3.0 * noise, adapter_effect=_max_abs(adapter, base),
+        fused_effect=_max_abs(fused, base_cast), cast_noise=noise, logit_scale=scale,
+    )
+
+
+def verdict(check: Check) -> Result[Check, str]:
+    """Refuse a fused model whose adapter effect vanished or whose logits drift past tolerance."""
+    hint = "; fuse with --dtype float32" if check.dtype != "float32" else ""
+    significant = check.adapter_effect > RTOL["float32"] * max(1.0, check.logit_scale)
+    if significant and check.fused_effect < VANISHED * check.adapter_effect:
+        return Failure(
+            f"the adapter's effect rounds away in {check.dtype}: the fused model's logits differ from the "
+            f"base model's by at most {check.fused_effect:.2e}, the adapter model's by {check.adapter_effect:.2e} "
+            f"(the LoRA update is tiny next to the base weights){hint}"
+        )
+    if check.fused_vs_adapter > check.tolerance:
+        return Failure(
+            f"the fused model disagrees with the adapter model: max |logit difference| "
+            f"{check.fused_vs_adapter:.2e} > tolerance {check.tolerance:.2e} in {check.dtype}{hint}"
+        )
+    return Success(check)
