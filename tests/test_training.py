@@ -226,7 +226,7 @@ def small_run(tmp_path_factory, llama_dir, reverse_data) -> Path:
 
 def test_loss_falls_and_the_run_directory_is_complete(tmp_path, capsys, llama_dir, reverse_data):
     recipe = write_recipe(tmp_path / "r.toml", report_every=5, eval_every=10, save_every=10,
-                          keep_checkpoints=2, batch_size=8, learning_rate=2e-3, warmup=2)
+                          keep_checkpoints=2, batch_size=8, learning_rate=1e-3, warmup=2)
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", "start", llama_dir, reverse_data, "--recipe", recipe,
                              "--iters", "30", "--output", run)

@@ -26,7 +26,7 @@ class Batch(Struct, frozen=True, kw_only=True):
     weights: np.ndarray  # (N,) float32, 0 where `select` is padding
     segments: np.ndarray | None = None  # (B, T) document ids for packed rows
     positions: np.ndarray | None = None  # (B, T) position within the document
-    tokens: int = 0  # real (non-padding) input tokens
+    tokens: int = 0  # predicting positions that are not padding (row length - 1 per row)
     supervised: int = 0
 
     @property
@@ -87,7 +87,7 @@ def make_batch(rows: Sequence[Sequence[Tokens]], max_length: int, select_multipl
         for d, tok in enumerate(row):
             n = min(len(tok.ids), max_length - len(ids))
             ids += tok.ids[:n]
-            mask += tok.mask[:n]
+            mask += (0, *tok.mask[1:n]) if n else ()  # a document's first token is never a target
             seg += [d] * n
             pos += range(n)
         seqs.append(ids), masks.append(mask), segs.append(seg), poss.append(pos)

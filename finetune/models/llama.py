@@ -140,7 +140,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=args.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=args.o_bias)
-        self._periods = 1.0 / rope_inv_freq(args)  # mx.fast.rope's `freqs` are 1 / inv_freq
+        # Plain RoPE goes through the kernel's own `base` (as mlx-lm does, so adapters give the
+        # same logits there); scaled variants pass explicit periods (`freqs` are 1 / inv_freq).
+        self._base = args.rope_theta if args.rope_type == "default" else None
+        self._periods = None if self._base else 1.0 / rope_inv_freq(args)
 
     def _rope(self, x: mx.array, offset: int, positions: mx.array | None = None) -> mx.array:
         if positions is not None:
@@ -149,7 +152,7 @@ class Attention(nn.Module):
             b, h, t, hd = x.shape
             flat = x.transpose(0, 2, 1, 3).reshape(b * t, h, 1, hd)  # (B*T, H, 1, hd)
             out = mx.fast.rope(
-                flat, self.head_dim, traditional=False, base=None, scale=1.0,
+                flat, self.head_dim, traditional=False, base=self._base, scale=1.0,
                 offset=positions.reshape(-1), freqs=self._periods,
             )
             return out.reshape(b, t, h, hd).transpose(0, 2, 1, 3)  # (B, H, T, hd)
@@ -157,7 +160,7 @@ class Attention(nn.Module):
             x,
             self.head_dim,
             traditional=False,
-            base=None,
+            base=self._base,
             scale=1.0,
             offset=offset,
             freqs=self._periods,

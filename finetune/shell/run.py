@@ -29,7 +29,7 @@ from finetune.shell.paths import write_text
 
 Log = Callable[[str], None]
 # Recipe fields that may change between a checkpoint and its resumption.
-_CADENCE = ("report_every", "eval_every", "val_batches", "save_every", "keep_checkpoints")
+_CADENCE = ("report_every", "eval_every", "val_batches", "save_every", "keep_checkpoints", "iters", "epochs")
 
 
 class Prepared(Struct):
@@ -260,6 +260,9 @@ def _restore(prepared: Prepared, run_dir: Path, optimizer: optim.Optimizer) -> R
     if state.get("recipe") != now:
         diff = _first_difference(state.get("recipe", {}), now)
         return Failure(f"{source}: made with a different recipe ({diff}); resume with the same settings or start a new --output")
+    before = state.get("total_steps")
+    if before is not None and before != total_steps(prepared.recipe, len(plan(prepared.splits["train"], prepared.recipe))):
+        print(f"Note: the run had {before} steps and now has a different length; the learning-rate schedule changes from here.")
     model = prepared.model
     current = trainer.flat_trainable(model)
     for name, value in params.items():
