@@ -9,8 +9,12 @@ install:
     test -x {{py}} || python3 -m venv {{venv}}
     {{py}} -m pip install -q -e '.[test,parity]'
 
-# Example tests (real MLX, tiny models in HF layout).
-test: install
+# The whole suite exactly as CI runs it (installs OpenBLAS where it can).
+test:
+    bash .ci/run
+
+# Example tests only.
+examples: install
     {{py}} -m pytest tests
 
 # Hypothesis property suites.
@@ -21,10 +25,12 @@ props: install
 lint: install
     {{py}} -m ruff check finetune tests properties benchmarks data
 
-# Benchmarks (results in benchmarks/README.md).
+# Benchmarks (results in benchmarks/README.md): data pipeline, then FineTune vs mlx-lm training.
 bench: install
     {{py}} benchmarks/data_pipeline.py
+    {{py}} benchmarks/train_vs_mlxlm.py --blas same --out benchmarks/results-same-blas.json
+    {{py}} benchmarks/train_vs_mlxlm.py --blas out-of-the-box --out benchmarks/results-out-of-the-box.json
 
-# The demo: check the quick recipe end to end with the built-in tiny model.
+# The demo: a short LoRA run of the built-in tiny model on the bundled SQL set.
 quick: install
-    {{venv}}/bin/ft train validate recipes/quick.toml
+    {{venv}}/bin/ft train quick

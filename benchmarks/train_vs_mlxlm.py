@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 MODELS = {
     # ~5M parameters: the issue's "5M-parameter Llama".
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
@@ -162,8 +161,13 @@ def _run(cmd: list[str], env: dict) -> str:
 def environments(blas: str) -> tuple[dict, dict]:
     """(mlx-lm env, FineTune env) for the BLAS condition."""
     base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "FT_BLAS")}
-    if blas == "same":  # identical conditions: both on the system OpenBLAS
-        both = {**base, "LD_PRELOAD": OPENBLAS, "FT_BLAS": "bundled"}
+    if blas == "same":  # identical conditions: both on the system's optimized BLAS
+        from finetune.shell.blas import find
+
+        found = find()
+        if not found:
+            raise SystemExit("--blas same needs an optimized BLAS (apt-get install libopenblas0-pthread)")
+        both = {**base, "LD_PRELOAD": str(found[0][1]), "FT_BLAS": "bundled"}
         return both, both
     if blas == "bundled":  # identical conditions: both on MLX's bundled reference BLAS
         both = {**base, "FT_BLAS": "bundled"}
