@@ -1,7 +1,8 @@
 """The `ft` command line: parse -> validate (core) -> unwrap Result -> shell -> exit code.
 
 Exit codes: 0 success, 2 bad input (one line, no traceback), 1 internal error.
-Commands are registered by import path so `ft --help` imports nothing heavy.
+Commands are registered by import path so `ft --help` imports nothing heavy; their `help=` is
+the command docstring's first line (a test keeps the two equal).
 """
 
 from __future__ import annotations
@@ -23,21 +24,21 @@ app = App(
 )
 train = App(name="train", help="Train LoRA adapters; check recipes and data before training.")
 app.command(train)
-train.command("finetune.cli.train:quick", name="quick")
-train.command("finetune.cli.train:start", name="start")
-train.command("finetune.cli.train:validate", name="validate")
-train.command("finetune.cli.train:list_data", name="list-data")
-app.command("finetune.cli.generate:generate", name="generate")
+train.command("finetune.cli.train:quick", name="quick", help="A short LoRA run with sensible defaults, then a sample before and after.")
+train.command("finetune.cli.train:start", name="start", help="Train LoRA adapters.")
+train.command("finetune.cli.train:validate", name="validate", help="Check a recipe or a dataset without training.")
+train.command("finetune.cli.train:list_data", name="list-data", help="List bundled datasets, datasets in the current directory, and any PATHS given.")
+app.command("finetune.cli.generate:generate", name="generate", help="Generate text with the KV cache, streamed to stdout; speed and backend go to stderr.")
 models = App(name="models", help="Models on this machine: built-in tiny, converted cache, HF cache.")
 app.command(models)
-models.command("finetune.cli.models:list_models", name="list")
-models.command("finetune.cli.models:info", name="info")
-app.command("finetune.cli.fuse:fuse", name="fuse")
+models.command("finetune.cli.models:list_models", name="list", help="List the built-in tiny model, converted-cache entries and supported models in the HF cache.")
+models.command("finetune.cli.models:info", name="info", help="Describe a model: architecture, sizes, dtype, chat template and a LoRA memory estimate.")
+app.command("finetune.cli.fuse:fuse", name="fuse", help="Merge every LoRA pair into its base weight and write a complete HF model directory.")
 adapters = App(name="adapters", help="LoRA adapters: convert between mlx-lm and PEFT, inspect one.")
 app.command(adapters)
-adapters.command("finetune.cli.adapters:export", name="export")
-adapters.command("finetune.cli.adapters:import_", name="import")
-adapters.command("finetune.cli.adapters:inspect", name="inspect")
+adapters.command("finetune.cli.adapters:export", name="export", help="Write an adapter in another format: PEFT (adapter_model.safetensors) or mlx-lm.")
+adapters.command("finetune.cli.adapters:import_", name="import", help="Convert a PEFT LoRA adapter to mlx-lm's format (what ft and mlx_lm load).")
+adapters.command("finetune.cli.adapters:inspect", name="inspect", help="Explain an adapter: format, rank, scale, targets, layers, size, base model; with --model, whether it fits.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
