@@ -14,7 +14,7 @@ from returns.result import Failure, Result, Success
 _RENAMES = {"gpt2": ("transformer.h.", "model.h.")}
 # Where blocks live in HF's *ForCausalLM modules (= our module paths).
 _BLOCK = re.compile(r"^(model\.layers|transformer\.h)\.(\d+)\.(.+)$")
-# Every linear of one block, in block order.
+# Every linear of one block (which leaf names are ambiguous in PEFT's target_modules).
 BLOCK_LINEARS = {
     "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
     "llama": (
@@ -142,12 +142,9 @@ def paths_of(params: Mapping[str, mx.array]) -> list[str]:
 
 
 def layers_and_keys(paths: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """Sorted block indices and block keys (in block order) that module `paths` adapt."""
+    """Sorted block indices and sorted block keys (FineTune's order) that module `paths` adapt."""
     parts = [p for p in (split_path(x) for x in paths) if p is not None]
-    order = BLOCK_LINEARS[kind_of(paths)]
-    keys = {k for _, _, k in parts}
-    ranked = sorted(keys, key=lambda k: (order.index(k) if k in order else len(order), k))
-    return tuple(sorted({i for _, i, _ in parts})), tuple(ranked)
+    return tuple(sorted({i for _, i, _ in parts})), tuple(sorted({k for _, _, k in parts}))
 
 
 def block_shapes(

@@ -62,8 +62,8 @@ class PeftSpec(Struct, frozen=True, kw_only=True):
 
     @property
     def scale(self) -> float:
-        """PEFT's `scaling`: alpha / r, or alpha / √r with rsLoRA."""
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        """PEFT's `scaling` (alpha / r, or alpha / √r with rsLoRA) as our plain multiplier."""
+        return scale_of(self.alpha, self.rank, self.rslora)
 
 
 def is_peft_config(raw: Any) -> bool:
@@ -161,6 +161,23 @@ def alpha_for(scale: float, rank: int) -> float:
     return next((c for c in candidates if c / rank == scale), guess)
 
 
+def scale_of(alpha: float, rank: int, rslora: bool = False) -> float:
+    """alpha / r (alpha / √r with rsLoRA); within two ulps, the shortest decimal that exports
+    back to the same alpha, so that a scale of 0.1 at rank 3 survives ours -> PEFT -> ours even
+    though no float alpha has alpha / 3 == 0.1 exactly."""
+    exact = alpha / (math.sqrt(rank) if rslora else rank)
+    if rslora or not math.isfinite(exact):
+        return exact
+    near = [exact]
+    for direction in (math.inf, -math.inf):
+        x = exact
+        for _ in range(2):
+            x = math.nextafter(x, direction)
+            near.append(x)
+    ranked = sorted(near, key=lambda c: (len(repr(c)), abs(c - exact)))
+    return next((c for c in ranked if alpha_for(c, rank) == alpha), exact)
+
+
 def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() and abs(x) < 2**53 else x
 
@@ -178,7 +195,7 @@ def config_json(
     kept = dict(kept or {})
     rslora = bool(kept.get("use_rslora", False))
     alpha = kept.get("lora_alpha")
-    same = isinstance(alpha, int | float) and PeftSpec(rank=spec.rank, alpha=alpha, rslora=rslora).scale == spec.scale
+    same = isinstance(alpha, int | float) and scale_of(alpha, spec.rank, rslora) == spec.scale
     if not same:
         alpha, rslora = alpha_for(spec.scale, spec.rank), False
     targets = kept.get("target_modules") if same and kept.get("target_modules") else target_modules(keys, kind)
