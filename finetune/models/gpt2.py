@@ -13,6 +13,7 @@ import mlx.nn as nn
 from msgspec import Struct
 
 from finetune.models.attention import KVCache, attention_mask, cache_offset, packed_mask
+from finetune.models.base import CausalLM
 
 # gelu_new / gelu_pytorch_tanh are exactly 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))) = gelu_approx.
 ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
@@ -148,7 +149,7 @@ class GPT2Model(nn.Module):
         return self.ln_f(h)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     """Causal LM: `model(ids (B, T), mask (B, S) of 1/0 or None, cache) -> logits (B, T, vocab)`."""
 
     def __init__(self, args: GPT2Args):
@@ -158,27 +159,14 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.n_embd, args.vocab_size, bias=False)
 
-    def __call__(
-        self, ids: mx.array, mask: mx.array | None = None, cache: list[KVCache] | None = None
-    ) -> mx.array:
-        return self.head(self.transformer(ids, mask, cache))  # (B, T, vocab)
+    @property
+    def backbone(self) -> nn.Module:
+        return self.transformer
 
-    def hidden(
-        self, ids: mx.array, segments: mx.array | None = None, positions: mx.array | None = None
-    ) -> mx.array:
-        """Final hidden states (B, T, D); packed rows pass per-token `segments` and `positions`."""
-        return self.transformer(ids, segments=segments, positions=positions)
-
-    def head(self, h: mx.array) -> mx.array:
-        """Hidden states (..., D) -> logits (..., vocab)."""
-        if self.args.tie_word_embeddings:
-            return self.transformer.wte.as_linear(h)
-        return self.lm_head(h)
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.transformer.wte
 
     @property
     def layers(self) -> list[Block]:
         return self.transformer.h
-
-    def make_cache(self) -> list[KVCache]:
-        """An empty per-layer cache for incremental decoding."""
-        return [KVCache() for _ in self.layers]

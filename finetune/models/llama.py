@@ -14,6 +14,7 @@ import mlx.nn as nn
 from msgspec import Struct
 
 from finetune.models.attention import KVCache, attention_mask, cache_offset, packed_mask
+from finetune.models.base import CausalLM
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -247,7 +248,7 @@ class LlamaModel(nn.Module):
         return self.norm(h)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     """Causal LM: `model(ids (B, T), mask (B, S) of 1/0 or None, cache) -> logits (B, T, vocab)`."""
 
     def __init__(self, args: LlamaArgs):
@@ -257,27 +258,14 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(
-        self, ids: mx.array, mask: mx.array | None = None, cache: list[KVCache] | None = None
-    ) -> mx.array:
-        return self.head(self.model(ids, mask, cache))  # (B, T, vocab)
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model
 
-    def hidden(
-        self, ids: mx.array, segments: mx.array | None = None, positions: mx.array | None = None
-    ) -> mx.array:
-        """Final hidden states (B, T, D); packed rows pass per-token `segments` and `positions`."""
-        return self.model(ids, segments=segments, positions=positions)
-
-    def head(self, h: mx.array) -> mx.array:
-        """Hidden states (..., D) -> logits (..., vocab)."""
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
     @property
     def layers(self) -> list[DecoderLayer]:
         return self.model.layers
-
-    def make_cache(self) -> list[KVCache]:
-        """An empty per-layer cache for incremental decoding."""
-        return [KVCache() for _ in self.layers]
