@@ -233,10 +233,10 @@ def num_layers(layers: Sequence[int], spec: PeftSpec, total: int | None, source:
             return Success(-1)
         return Failure(f"{source}: the adapter covers layers {ranges(present)} only; pass --model so "
                        "FineTune knows how many layers the base model has")
-    if present == list(range(total)):
+    if present == list(range(total)) and spec.layers_to_transform is None:
         return Success(-1)
     if present == list(range(total - len(present), total)):
-        return Success(len(present))
+        return Success(len(present))  # all layers listed explicitly stay explicit (round trips)
     return Failure(f"{source}: the adapter covers layers {ranges(present)} of {total}; mlx-lm adapters "
                    "can only adapt the last layers (load it directly with --adapter instead)")
 
