@@ -105,18 +105,19 @@ def test_big_models_are_written_in_shards_with_an_index(tmp_path, capsys, bases)
     assert max_diff(torch_logits(hf), mlx_logits(ours(base, adapter))) <= 1e-4
 
 
-def test_bfloat16_fuse_of_a_normal_adapter_succeeds_and_reports_its_differences(tmp_path, capsys, bases):
+@pytest.mark.parametrize(("dtype", "tag"), [("bfloat16", "BF16"), ("float16", "F16")])
+def test_half_precision_fuse_of_a_normal_adapter_succeeds_and_reports_its_differences(tmp_path, capsys, bases, dtype, tag):
     base, adapter = bases["llama"]
-    out = tmp_path / "bf16"
-    code, stdout, err = run_cli(capsys, "fuse", base, "--adapter", adapter, "--output", out, "--dtype", "bfloat16")
+    out = tmp_path / dtype
+    code, stdout, err = run_cli(capsys, "fuse", base, "--adapter", adapter, "--output", out, "--dtype", dtype)
     assert code == 0, err
-    assert "after fusing in bfloat16" in stdout and "tolerance" in stdout
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert f"after fusing in {dtype}" in stdout and "tolerance" in stdout and "of its effect kept" in stdout
+    assert json.loads((out / "config.json").read_text())["dtype"] == dtype
     _, tensors = header(out / "model.safetensors")
-    assert {dtype for dtype, _ in tensors.values()} == {"BF16"}
+    assert {t for t, _ in tensors.values()} == {tag}
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     expected = mlx_logits(ours(base, adapter))
-    assert 1e-4 < max_diff(torch_logits(hf), expected) < 0.05 * max(abs(x).max() for x in expected)
+    assert 1e-5 < max_diff(torch_logits(hf), expected) < 0.05 * max(abs(x).max() for x in expected)
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +251,47 @@ def test_dequantize_then_fuse_matches_the_adapter_on_the_quantized_model(tmp_pat
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     assert max_diff(torch_logits(hf), expected) <= 1e-4
     assert max_diff(expected, mlx_logits(ours(source, adapter))) > 1e-2  # quantization mattered
+
+
+# ---------------------------------------------------------------------------------------------
+# the pure parts
+
+
+def test_sizes_shards_and_configs():
+    from finetune.core import fusing
+
+    assert fusing.parse_size("2GB").unwrap() == 2 * 10**9
+    assert fusing.parse_size("1.5 GiB").unwrap() == int(1.5 * 2**30)
+    assert fusing.parse_size("500kb").unwrap() == 500_000 and fusing.parse_size("123").unwrap() == 123
+    assert "expected a size" in fusing.parse_size("big").failure()
+    plan = fusing.shard_plan({"a": 4, "b": 4, "c": 20, "d": 1}, 10)
+    assert plan == [["a", "b"], ["c"], ["d"]]  # a tensor larger than a shard gets one to itself
+    assert fusing.shard_names(3)[2] == "model-00003-of-00003.safetensors" and fusing.shard_names(1) == ["model.safetensors"]
+    index = fusing.index_json(plan, {"a": 4, "b": 4, "c": 20, "d": 1})
+    assert index["metadata"]["total_size"] == 29 and index["weight_map"]["c"] == "model-00002-of-00003.safetensors"
+
+    llama = {"model_type": "llama", "torch_dtype": "float32", "rope_parameters": {"rope_theta": 500.0},
+             "quantization": {"bits": 4, "group_size": 64}}
+    written = fusing.fused_config(llama, "bfloat16")
+    assert written["dtype"] == written["torch_dtype"] == "bfloat16" and written["rope_theta"] == 500.0
+    assert "quantization" not in written and llama["torch_dtype"] == "float32"  # argument untouched
+    assert fusing.fused_config({"model_type": "gpt2", "n_positions": 64}, "float32")["n_ctx"] == 64
+    bnb = fusing.quantization({"quantization_config": {"quant_method": "bitsandbytes"}})
+    assert "quantized with 'bitsandbytes'" in bnb.failure()
+    assert fusing.quantization({"quantization": {"bits": 8, "group_size": 32}}).unwrap().bits == 8
+    assert fusing.quantization({}).unwrap() is None
+
+
+def test_the_verdict_refuses_non_finite_vanished_and_drifting_logits():
+    from finetune.core import fusing
+
+    base = [mx.array([[1.0, -2.0, 3.0]])]
+    adapter = [mx.array([[1.5, -2.0, 2.0]])]
+    ok = fusing.measure(base, adapter, base, adapter, "float32")
+    assert fusing.verdict(ok).unwrap().kept == 1.0
+    vanished = fusing.measure(base, adapter, base, base, "bfloat16")
+    assert "rounds away in bfloat16" in fusing.verdict(vanished).failure()
+    drift = fusing.measure(base, adapter, base, [mx.array([[1.5, -2.0, 2.01]])], "float32")
+    assert "disagrees with the adapter model" in fusing.verdict(drift).failure()
+    nan = fusing.measure(base, adapter, base, [mx.array([[float("nan"), 0.0, 0.0]])], "float16")
+    assert "not finite in float16" in fusing.verdict(nan).failure()

@@ -8,6 +8,7 @@ fused model as it will be stored (computed in float32, so only the stored values
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -224,6 +225,8 @@ def measure(
 def verdict(check: Check) -> Result[Check, str]:
     """Refuse a fused model whose adapter effect vanished or whose logits drift past tolerance."""
     hint = "; fuse with --dtype float32" if check.dtype != "float32" else ""
+    if not math.isfinite(check.fused_vs_adapter + check.fused_effect):
+        return Failure(f"the fused model's logits are not finite in {check.dtype} (weights out of its range){hint}")
     significant = check.adapter_effect > RTOL["float32"] * max(1.0, check.logit_scale)
     if significant and check.kept < VANISHED:
         return Failure(
