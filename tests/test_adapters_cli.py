@@ -217,3 +217,18 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_a_trained_run_and_its_last_checkpoint_fuse_to_the_same_model(tmp_path, capsys, models, run):
+    from safetensors.numpy import load_file
+
+    checkpoint = sorted((run / "checkpoints").iterdir())[-1]
+    for name, adapter in (("run", run), ("checkpoint", checkpoint)):
+        code, out, err = run_cli(capsys, "fuse", models["llama"], "--adapter", adapter, "--output", tmp_path / name)
+        assert code == 0, err
+        assert "Fused 7 LoRA layers" in out
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("run", "checkpoint"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    base = load_file(str(models["llama"] / "model.safetensors"))
+    assert not np.array_equal(a["model.layers.1.self_attn.q_proj.weight"], base["model.layers.1.self_attn.q_proj.weight"])
+    assert np.array_equal(a["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
