@@ -18,6 +18,7 @@ from lora_models import (
     ours,
     random_adapter,
     run_cli,
+    torch_logits,
     write_model,
 )
 from mlx.utils import tree_flatten
@@ -232,3 +233,19 @@ def test_a_trained_run_and_its_last_checkpoint_fuse_to_the_same_model(tmp_path, 
     base = load_file(str(models["llama"] / "model.safetensors"))
     assert not np.array_equal(a["model.layers.1.self_attn.q_proj.weight"], base["model.layers.1.self_attn.q_proj.weight"])
     assert np.array_equal(a["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_peft_export_of_a_tiny_adapter_names_tinys_directory(tmp_path, capsys):
+    from peft import AutoPeftModelForCausalLM
+
+    from finetune.shell.tiny import ensure_tiny
+
+    adapter = random_adapter(ensure_tiny(), tmp_path / "a", keys=("self_attn.q_proj",), num_layers=1)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "model": "tiny"}))
+    assert run_cli(capsys, "adapters", "export", adapter, "--output", tmp_path / "peft")[0] == 0
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == str(ensure_tiny())
+    assert written["layers_to_transform"] == [3] and written["target_modules"] == ["q_proj"]
+    model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft").eval()
+    assert max_diff(torch_logits(model), mlx_logits(ours("tiny", adapter))) <= 1e-4

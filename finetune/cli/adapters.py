@@ -50,6 +50,10 @@ def export(
 
     adapter = _ok(adapters.load_any(directory))
     if format == "peft":
+        if not base_model and adapter.model == "tiny":  # a name only FineTune knows: its directory
+            from finetune.shell.tiny import ensure_tiny
+
+            base_model = str(ensure_tiny())
         tensors, config = adapters.peft_files(adapter, base_model or "")
     else:
         tensors, config = _ok(adapters.mlx_files(adapter, _total_layers(model, adapter.model)))
