@@ -7,16 +7,7 @@ from typing import Any, Literal
 
 from returns.result import Failure, Result, Success
 
-from finetune.errors import UserError
-
-
-def _ok(result: Result) -> Any:
-    match result:
-        case Success(value):
-            return value
-        case Failure(message):
-            raise UserError(message)
-    raise AssertionError("unreachable")
+from finetune.errors import UserError, unwrap
 
 
 def export(
@@ -48,7 +39,7 @@ def export(
     """
     from finetune.shell import adapters
 
-    adapter = _ok(adapters.load_any(directory))
+    adapter = unwrap(adapters.load_any(directory))
     if format == "peft":
         if not base_model and adapter.model == "tiny":  # a name only FineTune knows: its directory
             from finetune.shell.tiny import ensure_tiny
@@ -56,7 +47,7 @@ def export(
             base_model = str(ensure_tiny())
         tensors, config = adapters.peft_files(adapter, base_model or "")
     else:
-        tensors, config = _ok(adapters.mlx_files(adapter, _total_layers(model, adapter.model)))
+        tensors, config = unwrap(adapters.mlx_files(adapter, _total_layers(model, adapter.model)))
         if base_model:
             config["model"] = base_model
     adapters.write_adapter(output, tensors, config, format, force)
@@ -88,7 +79,7 @@ def import_(
     """
     from finetune.shell import adapters
 
-    fmt = _ok(adapters.detect(directory))
+    fmt = unwrap(adapters.detect(directory))
     if fmt != "peft":
         raise UserError(f"{directory}: already a {adapters.FORMATS[fmt]} adapter, not PEFT (ft loads it as it is)")
     return export(directory, format="mlx-lm", output=output, model=model, force=force)
@@ -109,7 +100,7 @@ def inspect(directory: Path, /, *, model: str | None = None, json: bool = False)
     from finetune.core import adapters as core_adapters
     from finetune.shell import adapters, report
 
-    adapter = _ok(adapters.load_any(directory))
+    adapter = unwrap(adapters.load_any(directory))
     paths = core_adapters.paths_of(adapter.params)
     layers, keys = core_adapters.layers_and_keys(paths)
     count = sum(v.size for v in adapter.params.values())
@@ -199,7 +190,7 @@ def _total_layers(model: str | None, named: str) -> int | None:
     from finetune.shell import resolve
 
     if model is not None:
-        return _ok(_config(model).bind(modelinfo.facts)).num_layers
+        return unwrap(_config(model).bind(modelinfo.facts)).num_layers
     if not named:
         return None
     if Path(named).expanduser().is_dir() or named == "tiny":

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from cyclopts import Parameter
 from returns.result import Failure, Result, Success
 
-from finetune.errors import UserError
+from finetune.errors import UserError, unwrap
 
 
 def generate(
@@ -71,11 +71,11 @@ def generate(
     print(backend.describe(info), file=sys.stderr)
     if verbose and info.blas_path:
         print(f"BLAS library: {info.blas_path}", file=sys.stderr)
-    net, tokenizer = _ok(load_model(model, adapter=None if adapter is None else str(adapter)))
+    net, tokenizer = unwrap(load_model(model, adapter=None if adapter is None else str(adapter)))
     chosen = None
     if chat is not None or template is not None:
-        chosen = _ok(_template(template or "auto", tokenizer.chat_template or ""))
-    plan = _ok(build_prompt(tokenizer, text=prompt, messages=chat or (), template=chosen))
+        chosen = unwrap(_template(template or "auto", tokenizer.chat_template or ""))
+    plan = unwrap(build_prompt(tokenizer, text=prompt, messages=chat or (), template=chosen))
     if not plan.ids:
         raise UserError("the prompt is empty")
     if verbose:
@@ -111,15 +111,6 @@ def _check_flags(max_tokens: int, temp: float, top_p: float) -> None:
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
 
-
-def _ok(result: Result) -> Any:
-    """The value of a Success; a Failure's message becomes the one-line error."""
-    match result:
-        case Success(value):
-            return value
-        case Failure(message):
-            raise UserError(message)
-    raise AssertionError("unreachable")
 
 
 def _write(text: str) -> None:

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from cyclopts import Parameter
-from returns.result import Failure, Success
 
-from finetune.errors import UserError
+from finetune.errors import unwrap
 
 FormatFlag = Literal["auto", "chat", "text", "completions", "instruction"]
 
@@ -57,21 +56,15 @@ def validate(
     is_recipe = Path(target).suffix in recipes.SUFFIXES
     flags = dict(model=model, template=template, format=format, max_seq_length=max_seq_length,
                  batch_size=batch_size, profile=profile, data=None if is_recipe else target)
-    loaded = recipes.load(target if is_recipe else None, flags)
-    if isinstance(loaded, Failure):
-        raise UserError(loaded.failure())
-    match check.run(loaded.unwrap(), available_gb=_available_gb()):
-        case Success(result):
-            if json:
-                import msgspec
+    recipe = unwrap(recipes.load(target if is_recipe else None, flags))
+    result = unwrap(check.run(recipe, available_gb=_available_gb()))
+    if json:
+        import msgspec
 
-                print(msgspec.json.format(msgspec.json.encode(result)).decode())
-            else:
-                report.show_check(result, report.console(), max_errors=max_errors)
-            return 0 if result.ok else 2
-        case Failure(message):
-            raise UserError(message)
-    raise AssertionError("unreachable")
+        print(msgspec.json.format(msgspec.json.encode(result)).decode())
+    else:
+        report.show_check(result, report.console(), max_errors=max_errors)
+    return 0 if result.ok else 2
 
 
 def list_data(*paths: str) -> int:
@@ -84,10 +77,8 @@ def list_data(*paths: str) -> int:
     """
     from finetune.shell import catalog, report
 
-    entries = catalog.describe_all([Path(p) for p in paths], Path.cwd())
-    if isinstance(entries, Failure):
-        raise UserError(entries.failure())
-    report.show_catalog(entries.unwrap(), report.console())
+    entries = unwrap(catalog.describe_all([Path(p) for p in paths], Path.cwd()))
+    report.show_catalog(entries, report.console())
     return 0
 
 
@@ -185,10 +176,7 @@ def start(
         learning_rate=learning_rate, max_seq_length=max_seq_length, packing=packing,
         profile=profile, seed=seed, output=output,
     )
-    loaded = recipes.load(recipe, flags)
-    if isinstance(loaded, Failure):
-        raise UserError(loaded.failure())
-    r = loaded.unwrap()
+    r = unwrap(recipes.load(recipe, flags))
     outcome = _train(r, Path(r.output), resume, test)
     print(f"Adapters in {outcome.run_dir}: adapters.safetensors, adapter_config.json, recipe.toml, metrics.jsonl")
     return 0
@@ -213,10 +201,7 @@ def quick(model: str | None = None, data: str | None = None, /, *, iters: int | 
     """
     from finetune.shell import recipes
 
-    loaded = recipes.load(recipes.bundled("quick"), dict(model=model, data=data, iters=iters, output=output))
-    if isinstance(loaded, Failure):
-        raise UserError(loaded.failure())
-    r = loaded.unwrap()
+    r = unwrap(recipes.load(recipes.bundled("quick"), dict(model=model, data=data, iters=iters, output=output)))
     run_dir = Path(r.output) if output else _fresh(Path(r.output))
     from finetune.shell import samples
 
@@ -239,27 +224,15 @@ def _fresh(base: Path) -> Path:
 def _prepare(recipe):
     from finetune.shell import run
 
-    match run.prepare_run(recipe, _log):
-        case Success(prepared):
-            return prepared
-        case Failure(message):
-            raise UserError(message)
-    raise AssertionError("unreachable")
+    return unwrap(run.prepare_run(recipe, _log))
 
 
 def _train(recipe, run_dir: Path, resume: bool, test: bool, prepared=None):
     from finetune.shell import run
 
-    checked = run.check_output(run_dir, resume)
-    if isinstance(checked, Failure):
-        raise UserError(checked.failure())
+    unwrap(run.check_output(run_dir, resume))
     prepared = prepared or _prepare(recipe)
-    match run.train(prepared, run_dir, resume, _log, evaluate_test=test):
-        case Success(outcome):
-            return outcome
-        case Failure(message):
-            raise UserError(message)
-    raise AssertionError("unreachable")
+    return unwrap(run.train(prepared, run_dir, resume, _log, evaluate_test=test))
 
 
 def _log(line: str) -> None:
