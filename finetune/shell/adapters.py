@@ -4,7 +4,7 @@ checkpoint, PEFT), attach them to a model, convert between mlx-lm and PEFT."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,8 @@ from returns.result import Failure, Result, Success
 from finetune.core import adapters as core_adapters
 from finetune.core import lora
 from finetune.core import peft as core_peft
-from finetune.errors import UserError
 from finetune.models import lora as lora_modules
-from finetune.shell.paths import write_text
+from finetune.shell.paths import write_dir, write_safetensors, write_text
 
 WEIGHTS = "adapters.safetensors"
 CONFIG = "adapter_config.json"
@@ -41,23 +40,6 @@ def save(directory: Path, params: Mapping[str, mx.array], spec: core_adapters.Ad
     """`adapters.safetensors` + `adapter_config.json`, each written atomically."""
     write_safetensors(directory / WEIGHTS, core_adapters.to_file_keys(params, model_kind_))
     write_text(directory / CONFIG, json.dumps(core_adapters.config_json(spec, extra), indent=2) + "\n")
-
-
-def write_safetensors(path: Path, arrays: Mapping[str, mx.array], metadata: Mapping[str, str] | None = None) -> Path:
-    """`mx.save_safetensors` to a temporary name beside `path`, then rename."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, dict(arrays), metadata=dict(metadata or {"format": "mlx"}))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read(directory: str | Path) -> Result[tuple[core_adapters.AdapterSpec, dict[str, mx.array]], str]:
@@ -274,41 +256,6 @@ def peft_files(adapter: Adapter, base_model: str = "") -> tuple[dict[str, mx.arr
         spec = core_peft.to_spec(adapter.peft, paths, -1 if every else len(layers))
     config = core_peft.config_json(spec, paths, base_model or adapter.model, adapter.kept)
     return core_peft.to_peft(adapter.params), config
-
-
-def write_dir(final: Path, build: Callable[[Path], None], force: bool = False) -> Path:
-    """Fill a temporary directory beside `final`, then rename it into place.
-
-    An existing non-empty `final` is refused unless `force`; then it is swapped out and removed
-    only after the new directory is in place.
-    """
-    import os
-    import shutil
-    import tempfile
-
-    if final.exists() and not final.is_dir():
-        raise UserError(f"{final}: exists and is not a directory")
-    if final.is_dir() and any(final.iterdir()) and not force:
-        raise UserError(f"{final}: already exists and is not empty; pass --force to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-    old = None
-    try:
-        build(tmp)
-        if final.is_dir() and any(final.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
-            os.rename(final, old / final.name)
-        elif final.is_dir():
-            final.rmdir()
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def write_adapter(out: Path, tensors: Mapping[str, mx.array], config: Mapping[str, Any], fmt: str, force: bool = False) -> Path:

@@ -11,8 +11,7 @@ from typing import Any
 import mlx.core as mx
 from returns.result import Failure, Result, Success
 
-from finetune.shell.adapters import write_safetensors
-from finetune.shell.paths import build_dir
+from finetune.shell.paths import build_dir, write_safetensors
 
 FORMAT = 1
 PREFIX = "step-"

@@ -131,7 +131,7 @@ def fuse(
         for f in side_files(directory):
             shutil.copyfile(f, tmp / f.name)  # follows the HF cache's symlinks
 
-    from finetune.shell.adapters import write_dir
+    from finetune.shell.paths import write_dir
 
     write_dir(output, build, force)
     return Success(Fused(

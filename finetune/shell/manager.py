@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from returns.result import Result, Success
 
 from finetune.core.convert import cast_weights, hf_to_mlx
 from finetune.shell import weights
-from finetune.shell.paths import cache_root, write_bytes
+from finetune.shell.paths import cache_root, write_bytes, write_safetensors
 
 FORMAT = 1  # bump when conversion changes what the cached files hold
 WEIGHTS = "model.safetensors"
@@ -123,13 +122,7 @@ def _cached(entry: Path, directory: Path) -> dict[str, mx.array] | None:
 def _save(entry: Path, tensors: Mapping[str, mx.array], manifest: Manifest) -> None:
     entry.mkdir(parents=True, exist_ok=True)
     (entry / MANIFEST).unlink(missing_ok=True)  # stale until the new weights are in place
-    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", suffix=".safetensors", dir=entry)
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, dict(tensors), metadata={"format": "mlx"})
-        os.replace(tmp, entry / WEIGHTS)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_safetensors(entry / WEIGHTS, tensors, {"format": "mlx"})
     write_bytes(entry / MANIFEST, msgspec.json.format(msgspec.json.encode(manifest)))
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 
 def cache_root() -> Path:
@@ -38,10 +39,39 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
-def build_dir(final: Path, build: Callable[[Path], None]) -> Path:
-    """Fill a fresh temporary directory with `build`, then rename it to `final` in one step."""
+def write_safetensors(path: str | Path, arrays: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> Path:
+    """`mx.save_safetensors` to a temporary name beside `path`, then rename."""
+    import mlx.core as mx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, dict(arrays), metadata=dict(metadata or {"format": "mlx"}))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _temporary_dir(final: Path) -> Path:
+    """An empty directory beside `final`, with the permissions a plain mkdir would give."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    return tmp
+
+
+def build_dir(final: Path, build: Callable[[Path], None]) -> Path:
+    """Fill a fresh temporary directory with `build`, then rename it to `final` in one step.
+
+    Losing a race to another process building the same `final` is fine: theirs is kept.
+    """
+    tmp = _temporary_dir(final)
     try:
         build(tmp)
         try:
@@ -51,4 +81,31 @@ def build_dir(final: Path, build: Callable[[Path], None]) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def write_dir(final: Path, build: Callable[[Path], None], force: bool = False) -> Path:
+    """Like `build_dir` for user-named outputs: a non-empty `final` is refused unless `force`,
+    and then swapped out and removed only after the new directory is in place.
+    """
+    from finetune.errors import UserError
+
+    if final.exists() and not final.is_dir():
+        raise UserError(f"{final}: exists and is not a directory")
+    if final.is_dir() and any(final.iterdir()) and not force:
+        raise UserError(f"{final}: already exists and is not empty; pass --force to replace it")
+    tmp = _temporary_dir(final)
+    old = None
+    try:
+        build(tmp)
+        if final.is_dir() and any(final.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+            os.rename(final, old / final.name)
+        elif final.is_dir():
+            final.rmdir()
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return final
