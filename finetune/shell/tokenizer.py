@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -18,8 +19,14 @@ CHATML_TEMPLATE = (
 )
 
 
+def _quiet_transformers() -> None:
+    """FineTune needs only transformers' tokenizers: silence its notice that torch is absent."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """A local HF tokenizer directory -> `PreTrainedTokenizerFast` (never runs remote code)."""
+    _quiet_transformers()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
@@ -62,6 +69,8 @@ def train_bpe(
 ) -> Path:
     """Train a byte-level BPE tokenizer on `texts` and save it in HF layout (atomically)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    _quiet_transformers()
     from transformers import PreTrainedTokenizerFast
 
     special = [bos, eos, pad, *extra_specials]
