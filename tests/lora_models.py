@@ -9,11 +9,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import torch
+from cli_run import error_line as one_line_error  # noqa: F401 (re-exported for the adapter tests)
+from cli_run import run_cli  # noqa: F401
 from hf_models import _CLASSES, tiny_config
 from model_factory import copy_files, tokenizer_files
 from transformers import PreTrainedModel
 
-from finetune.cli import main
 from finetune.core import lora
 from finetune.core.adapters import AdapterSpec
 from finetune.models import build
@@ -98,14 +99,3 @@ def max_diff(xs: list[np.ndarray], ys: list[np.ndarray]) -> float:
     return max(float(np.abs(x - y).max()) for x, y in zip(xs, ys, strict=True))
 
 
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("ft: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]

@@ -23,6 +23,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from cli_run import one_line_error, run_cli
 from mlx.utils import tree_flatten
 
 from finetune.cli import main
@@ -141,18 +142,8 @@ def write_recipe(path: Path, lora: dict | None = None, **train) -> Path:
     return path
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def one_line_error(err: str) -> str:
-    assert "Traceback" not in err
-    lines = err.strip("\n").splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("ft: error: "), err
-    return lines[0]
 
 
 def load_st(path: Path) -> dict[str, np.ndarray]:

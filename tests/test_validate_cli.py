@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-
-from finetune.cli import main
+from cli_run import one_line_error
+from cli_run import run_cli as run
 
 ROOT = Path(__file__).parents[1]
 
@@ -44,18 +44,8 @@ def jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def one_line_error(err: str) -> str:
-    assert "Traceback" not in err
-    lines = err.strip("\n").splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("ft: error: ")
-    return lines[0]
 
 
 def validate(capsys, target, model, *extra: str, length: int = 128, batch: int = 1):
