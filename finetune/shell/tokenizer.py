@@ -46,12 +46,29 @@ def specials(tokenizer: Any) -> Specials:
 
 
 def encoder(tokenizer: Any):
-    """`str -> list[int]` without any special tokens added (the core adds BOS/EOS itself)."""
+    """`str -> list[int]` without any special tokens added (the core adds BOS/EOS itself).
 
-    def encode(text: str) -> list[int]:
+    Segments are encoded one at a time. SentencePiece-style tokenizers (Llama 2, TinyLlama,
+    Mistral) prepend "▁" to the start of every call, which would put a space before each
+    segment that the whole conversation never has; for those, each segment is encoded after a
+    special token (which stops the prefix) and that token's id is dropped.
+    """
+
+    def plain(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    return encode
+    sentinel = next(
+        (t for t in (tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token) if t and len(plain(t)) == 1),
+        None,
+    )
+    if sentinel is None:
+        return plain
+
+    def after_sentinel(text: str) -> list[int]:
+        return plain(sentinel + text)[1:] if text else []
+
+    probe = "a b\nc"
+    return after_sentinel if after_sentinel(probe) != plain(probe) else plain
 
 
 def train_bpe(
