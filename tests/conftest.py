@@ -116,3 +116,20 @@ def finetune_home(tmp_path_factory) -> Path:
 def _private_cache(monkeypatch, finetune_home):
     """Every test writes its cache (the `tiny` model) under a session temp dir, never in ~."""
     monkeypatch.setenv("FINETUNE_HOME", str(finetune_home))
+
+
+@pytest.fixture
+def offline_home(tmp_path, monkeypatch) -> Path:
+    """A fresh FineTune home and an empty HF cache, offline: nothing leaks between tests."""
+    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "home"
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Path:
+    """A tokenizer directory written by `model_factory.tokenizer_files` (one per test module)."""
+    from model_factory import tokenizer_files
+
+    return tokenizer_files(tmp_path_factory.mktemp("tok") / "tok")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from hf_models import build_hf
-from model_factory import LAYOUTS, copy_files, fake_hub_cache, model_dir, tokenizer_files
+from model_factory import LAYOUTS, copy_files, fake_hub_cache, model_dir
 from returns.result import Failure, Success
 
 import finetune
@@ -29,15 +29,8 @@ TOL = 1e-4
 
 
 @pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Path:
-    return tokenizer_files(tmp_path_factory.mktemp("tok") / "tok")
+def _home(offline_home):
+    """Every test here gets its own FineTune home and an empty, offline HF cache."""
 
 
 @pytest.fixture(scope="module")

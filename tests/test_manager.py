@@ -12,7 +12,7 @@ import pytest
 import torch
 from hf_models import build_hf
 from mlx.utils import tree_flatten
-from model_factory import fake_hub_cache, model_dir, tokenizer_files, write_layout
+from model_factory import fake_hub_cache, model_dir, write_layout
 
 from finetune.cli import main
 from finetune.shell import manager
@@ -20,15 +20,8 @@ from finetune.shell.load import load_model
 
 
 @pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("FINETUNE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Path:
-    return tokenizer_files(tmp_path_factory.mktemp("tok") / "tok")
+def _home(offline_home):
+    """Every test here gets its own FineTune home and an empty, offline HF cache."""
 
 
 def params(model) -> dict[str, mx.array]:
