@@ -10,7 +10,7 @@ from returns.result import Failure, Result, Success
 
 from finetune.core import memory, modelinfo, prepare, templates, validate
 from finetune.core.config import Recipe
-from finetune.core.records import RowError
+from finetune.core.records import RowError, Sample
 from finetune.shell import datasets, resolve
 
 
@@ -44,6 +44,24 @@ class Tokenizing(Struct, frozen=True):
     chat_template: str
 
 
+class SplitData(Struct, frozen=True):
+    """One split file read, checked and (with a tokenizer) encoded; errors sorted by line."""
+
+    rows: int
+    samples: list[tuple[int, Sample]]
+    encoded: list[prepare.Encoded]
+    errors: list[RowError]
+
+
+def read_split(recipe: Recipe, path: Path, tok: Tokenizing | None, chosen: dict[str, str]) -> SplitData:
+    """Read -> normalise -> render and tokenize, keeping every bad row (for validate and train)."""
+    rows, read_errors = datasets.read_rows(path)
+    samples, shape_errors = prepare.normalise_rows(rows, recipe.data.format)
+    encoded, template_errors = encode_split(recipe, samples, tok, chosen)
+    errors = sorted([*read_errors, *shape_errors, *template_errors], key=lambda e: e.line)
+    return SplitData(len(rows) + len(read_errors), samples, encoded, errors)
+
+
 def run(recipe: Recipe, available_gb: float = 0.0) -> Result[Report, str]:
     """Everything `validate` says; Failure only when the data cannot be found at all."""
     located = datasets.locate(recipe.data.path)
@@ -61,15 +79,11 @@ def run(recipe: Recipe, available_gb: float = 0.0) -> Result[Report, str]:
     splits: dict[str, prepare.SplitStats] = {}
     row_errors: list[FileError] = []
     for split, path in files.items():
-        rows, read_errors = datasets.read_rows(path)
-        samples, shape_errors = prepare.normalise_rows(rows, recipe.data.format)
-        encoded, template_errors = encode_split(recipe, samples, tok, chosen)
-        errors = [*read_errors, *shape_errors, *template_errors]
-        row_errors += [FileError(str(path), e) for e in sorted(errors, key=lambda e: e.line)]
-        total = len(rows) + len(read_errors)
+        data = read_split(recipe, path, tok, chosen)
+        row_errors += [FileError(str(path), e) for e in data.errors]
         splits[split] = (
-            prepare.summarise(total, encoded, errors, recipe.train.max_seq_length)
-            if tok else prepare.summarise_untokenized(total, samples, errors)
+            prepare.summarise(data.rows, data.encoded, data.errors, recipe.train.max_seq_length)
+            if tok else prepare.summarise_untokenized(data.rows, data.samples, data.errors)
         )
     longest = max((s.length_max for s in splits.values()), default=0)
     seq_len = min(recipe.train.max_seq_length, -(-longest // 32) * 32) if longest else 0

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
-from finetune.core import batching, lora, prepare, schedule
+from finetune.core import batching, lora, schedule
 from finetune.core import recipe as core_recipe
 from finetune.core.adapters import AdapterSpec
 from finetune.core.config import Recipe
@@ -99,15 +99,12 @@ def read_splits(recipe: Recipe, tok: Any) -> Result[dict[str, list[Tokens]], str
     tokenizing = check.Tokenizing(tok, tok.chat_template or "")
     out: dict[str, list[Tokens]] = {}
     for split, path in files.items():
-        rows, read_errors = datasets.read_rows(path)
-        samples, shape_errors = prepare.normalise_rows(rows, recipe.data.format)
-        encoded, template_errors = check.encode_split(recipe, samples, tokenizing, {})
-        errors = sorted([*read_errors, *shape_errors, *template_errors], key=lambda e: e.line)
-        if errors:
-            e = errors[0]
-            more = f" (and {len(errors) - 1} more bad rows; `ft train validate` lists them all)" if len(errors) > 1 else ""
+        data = check.read_split(recipe, path, tokenizing, {})
+        if data.errors:
+            e, n = data.errors[0], len(data.errors)
+            more = f" (and {n - 1} more bad rows; `ft train validate` lists them all)" if n > 1 else ""
             return Failure(f"{path}:{e.line}: {e.kind}: {e.message}{more}")
-        out[split] = [e.tokens for e in encoded if e.tokens.supervised]
+        out[split] = [e.tokens for e in data.encoded if e.tokens.supervised]
     if not out.get("train"):
         return Failure(f"{files['train']}: no training row has a supervised token")
     if len(out["train"]) < recipe.train.batch_size:
