@@ -83,13 +83,11 @@ def list_data(*paths: str) -> int:
 
 
 def _available_gb() -> float:
-    """Physical memory, the bound that matters on CPU and on Apple's unified memory."""
-    import os
+    """Memory of the device training would use (system memory on CPU and Apple silicon)."""
+    from finetune.shell import backend
 
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    except (ValueError, OSError):
-        return 0.0
+    return backend.select(None).memory_gb * 1e9 / 1024**3
+
 
 
 def start(
@@ -116,6 +114,7 @@ def start(
     output: str | None = None,
     resume: bool = False,
     test: bool = False,
+    device: Literal["cpu", "gpu"] | None = None,
 ) -> int:
     """Train LoRA adapters.
 
@@ -166,6 +165,8 @@ def start(
         Continue the run in OUTPUT from its latest checkpoint.
     test
         Report loss and perplexity on the test split at the end.
+    device
+        cpu or gpu (Metal or CUDA); default: a GPU when MLX has one, else the CPU.
     """
     from finetune.shell import recipes
 
@@ -177,12 +178,20 @@ def start(
         profile=profile, seed=seed, output=output,
     )
     r = unwrap(recipes.load(recipe, flags))
-    outcome = _train(r, Path(r.output), resume, test)
+    outcome = _train(r, Path(r.output), resume, test, device=device)
     print(f"Adapters in {outcome.run_dir}: adapters.safetensors, adapter_config.json, recipe.toml, metrics.jsonl")
     return 0
 
 
-def quick(model: str | None = None, data: str | None = None, /, *, iters: int | None = None, output: str | None = None) -> int:
+def quick(
+    model: str | None = None,
+    data: str | None = None,
+    /,
+    *,
+    iters: int | None = None,
+    output: str | None = None,
+    device: Literal["cpu", "gpu"] | None = None,
+) -> int:
     """A short LoRA run with sensible defaults, then a sample before and after.
 
     No MODEL: the built-in tiny model (random weights, a pipeline demo). No DATA: the bundled
@@ -198,6 +207,8 @@ def quick(model: str | None = None, data: str | None = None, /, *, iters: int | 
         Optimizer steps (default: the quick recipe's).
     output
         Run directory (default: runs/quick, runs/quick-2, ...).
+    device
+        cpu or gpu (Metal or CUDA); default: a GPU when MLX has one, else the CPU.
     """
     from finetune.shell import recipes
 
@@ -205,7 +216,7 @@ def quick(model: str | None = None, data: str | None = None, /, *, iters: int | 
     run_dir = Path(r.output) if output else _fresh(Path(r.output))
     from finetune.shell import samples
 
-    prepared = _prepare(r)
+    prepared = _prepare(r, device)
     before = samples.show(prepared, "Before training")
     outcome = _train(r, run_dir, False, False, prepared)
     samples.show(prepared, "After training", before)
@@ -221,17 +232,18 @@ def _fresh(base: Path) -> Path:
     return candidate
 
 
-def _prepare(recipe):
-    from finetune.shell import run
+def _prepare(recipe, device: str | None = None):
+    from finetune.shell import backend, run
 
+    _log(backend.describe(backend.select(device)))
     return unwrap(run.prepare_run(recipe, _log))
 
 
-def _train(recipe, run_dir: Path, resume: bool, test: bool, prepared=None):
+def _train(recipe, run_dir: Path, resume: bool, test: bool, prepared=None, device: str | None = None):
     from finetune.shell import run
 
     unwrap(run.check_output(run_dir, resume))
-    prepared = prepared or _prepare(recipe)
+    prepared = prepared or _prepare(recipe, device)
     return unwrap(run.train(prepared, run_dir, resume, _log, evaluate_test=test))
 
 
