@@ -71,12 +71,3 @@ def count(shapes: Shapes, rank: int) -> int:
     """Trainable parameters: Σ r·(in + out)."""
     return sum(rank * (i + o) for i, o in shapes.values())
 
-
-def pairs(params: Mapping[str, mx.array]) -> dict[str, tuple[mx.array, mx.array]]:
-    """`{module path: (lora_a, lora_b)}` from a flat adapter dict."""
-    out = {}
-    for name in params:
-        if name.endswith(".lora_a"):
-            path = name[: -len(".lora_a")]
-            out[path] = (params[name], params[f"{path}.lora_b"])
-    return out
