@@ -50,20 +50,10 @@ def write_model_dir(directory: Path, tokenizer_dir: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for f in tokenizer_dir.iterdir():
         (directory / f.name).write_bytes(f.read_bytes())
+    from model_factory import llama_config
+
     vocab = len(load_tokenizer(tokenizer_dir))
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": vocab,
-        "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": True,
-    }
+    config = llama_config(vocab)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
 

@@ -21,6 +21,25 @@ LAYOUTS = ("safetensors", "sharded", "bin", "bin-sharded")
 SHARD_BYTES = 60_000  # splits the tiny variants into several shards
 
 
+def llama_config(vocab: int) -> dict:
+    """The small Llama the CLI and training tests use (2 layers, hidden 64, context 256)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+
 def tokenizer_files(directory: Path) -> Path:
     """A small byte-level BPE tokenizer in HF layout (vocab about 300)."""
     texts = [f"SELECT name FROM users WHERE id = {i}; hello world {i}" for i in range(50)]

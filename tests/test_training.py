@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from cli_run import one_line_error, run_cli
 from mlx.utils import tree_flatten
+from model_factory import llama_config
 
 from finetune.cli import main
 from finetune.core import batching, lora
@@ -47,23 +48,6 @@ LLAMA_KEYS = (
     "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj",
 )
 
-
-def llama_config(vocab: int) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": vocab,
-        "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
-        "torch_dtype": "float32",
-    }
 
 
 def gpt2_config(vocab: int) -> dict:
