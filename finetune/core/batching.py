@@ -59,6 +59,23 @@ def packed(lengths: Sequence[int], batch_size: int, capacity: int) -> list[list[
     return [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
 
 
+def shares(rows: Sequence[Sequence[int]], parts: int) -> list[list[list[int]]]:
+    """Split one planned batch's rows into `parts` contiguous shares whose sizes differ by at most 1.
+
+    The plan stays global: a rank of a data-parallel run, or one micro-step of a batch split to
+    fit memory, takes one share. Shares may be empty when `parts` exceeds the rows; the loss is
+    token-weighted, so summing the shares' gradients and token counts gives the whole batch's.
+    """
+    assert parts >= 1, parts
+    size, extra = divmod(len(rows), parts)
+    out, at = [], 0
+    for p in range(parts):
+        n = size + (p < extra)
+        out.append([list(r) for r in rows[at : at + n]])
+        at += n
+    return out
+
+
 def epoch_order(n_batches: int, seed: int, epoch: int) -> np.ndarray:
     """The order batches are visited in during `epoch`."""
     rng = np.random.Generator(np.random.PCG64([seed, epoch]))
