@@ -28,6 +28,7 @@ train.command("finetune.cli.train:quick", name="quick", help="A short LoRA run w
 train.command("finetune.cli.train:start", name="start", help="Train LoRA adapters.")
 train.command("finetune.cli.train:validate", name="validate", help="Check a recipe or a dataset without training.")
 train.command("finetune.cli.train:list_data", name="list-data", help="List bundled datasets, datasets in the current directory, and any PATHS given.")
+train.command("finetune.cli.plot:plot", name="plot", help="Write a PNG comparing runs: train and validation loss by step, one colour per run.")
 app.command("finetune.cli.generate:generate", name="generate", help="Generate text with the KV cache, streamed to stdout; speed and backend go to stderr.")
 models = App(name="models", help="Models on this machine: built-in tiny, converted cache, HF cache.")
 app.command(models)
