@@ -105,7 +105,7 @@ def shapes_and_rank(draw):
 def test_count_is_rank_times_in_plus_out(case):
     shapes, rank = case
     assert lora.count(shapes, rank) == sum(rank * (i + o) for i, o in shapes.values())
-    params = lora.init(mx.random.key(0), shapes, rank)
+    params = lora.init(0, shapes, rank)
     assert lora.count(shapes, rank) == sum(v.size for v in params.values())
 
 
@@ -156,7 +156,7 @@ def test_count_equals_trainable_parameters_after_attach(case):
     paths = lora.targets(lora_modules.layers_prefix(model), layers, keys)
     shapes = lora_modules.linear_shapes(model, paths)
     total_before = sum(v.size for _, v in tree_flatten(model.parameters()))
-    params = lora.init(mx.random.key(1), shapes, rank)
+    params = {k: mx.array(v) for k, v in lora.init(1, shapes, rank).items()}
     lora_modules.attach(model, params, 2.0)
     trainable = dict(tree_flatten(model.trainable_parameters()))
     expected_n = len(layers) * len(keys)
@@ -178,15 +178,13 @@ def init_case(draw):
 
 @PROPS
 @given(init_case())
-def test_init_is_a_function_of_the_key(case):
+def test_init_is_a_function_of_the_seed(case):
     shapes, rank, (s1, s2) = case
     shapes_copy = dict(shapes)
-    key = mx.random.key(s1)
-    key_copy = np.array(key)
-    one = lora.init(key, shapes, rank)
-    two = lora.init(mx.random.key(s1), shapes, rank)
-    other = lora.init(mx.random.key(s2), shapes, rank)
-    assert shapes == shapes_copy and np.array_equal(np.array(key), key_copy)  # nothing mutated
+    one = lora.init(s1, shapes, rank)
+    two = lora.init(s1, shapes, rank)
+    other = lora.init(s2, shapes, rank)
+    assert shapes == shapes_copy  # nothing mutated
     assert set(one) == {f"{p}.{leaf}" for p in shapes for leaf in ("lora_a", "lora_b")}
     assert set(one) == set(two) == set(other)
     for name in one:
@@ -194,11 +192,11 @@ def test_init_is_a_function_of_the_key(case):
     for path, (fan_in, fan_out) in shapes.items():
         a, b = np.array(one[f"{path}.lora_a"]), np.array(one[f"{path}.lora_b"])
         assert a.shape == (fan_in, rank) and b.shape == (rank, fan_out)
-        assert one[f"{path}.lora_a"].dtype == mx.float32
+        assert one[f"{path}.lora_a"].dtype == np.float32 and b.dtype == np.float32
         bound = 1.0 / math.sqrt(fan_in)
         assert np.all(np.abs(a) <= bound)
         assert not np.any(b)
-    # different keys give different A factors (all together: tiny factors may collide by chance)
+    # different seeds give different A factors (all together: tiny factors may collide by chance)
     if shapes:
         flat_one = np.concatenate([np.array(one[f"{p}.lora_a"]).ravel() for p in sorted(shapes)])
         flat_other = np.concatenate([np.array(other[f"{p}.lora_a"]).ravel() for p in sorted(shapes)])

@@ -69,7 +69,7 @@ def random_adapter(
     keys = keys or block
     layers = lora.select_layers(len(model.layers), num_layers)
     shapes = lora_modules.linear_shapes(model, lora.targets(lora_modules.layers_prefix(model), layers, keys))
-    params = lora.init(mx.random.key(seed), shapes, rank)
+    params = {k: mx.array(v) for k, v in lora.init(seed, shapes, rank).items()}
     rng = np.random.default_rng(seed)
     params = {
         k: mx.array((b_std * rng.standard_normal(v.shape)).astype(np.float32)) if k.endswith(".lora_b") else v

@@ -283,7 +283,8 @@ def with_lora(model: nn.Module, seed: int = 5, rank: int = 4, scale: float = 2.0
     """All-linear LoRA with non-zero B (so every factor has a gradient)."""
     block = lora_modules.block_linears(model)
     paths = lora.targets(lora_modules.layers_prefix(model), range(len(model.layers)), block)
-    params = lora.init(mx.random.key(seed), lora_modules.linear_shapes(model, paths), rank)
+    fresh = lora.init(seed, lora_modules.linear_shapes(model, paths), rank)
+    params = {k: mx.array(v) for k, v in fresh.items()}
     keys = mx.random.split(mx.random.key(seed + 1), len(params))
     for k, name in zip(keys, sorted(params), strict=True):
         if name.endswith(".lora_b"):

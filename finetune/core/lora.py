@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-import mlx.core as mx
+import numpy as np
 
 from finetune.core.config import ALL_LINEAR
 
 Shapes = Mapping[str, tuple[int, int]]  # module path -> (in_features, out_features)
+Array = Any  # any array type with `@`, `.T` and `.astype` (NumPy, MLX, torch)
 
 
 def select_layers(total: int, num_layers: int) -> range:
@@ -34,35 +36,37 @@ def targets(prefix: str, layers: range, keys: Sequence[str]) -> tuple[str, ...]:
     return tuple(f"{prefix}.{i}.{k}" for i in layers for k in keys)
 
 
-def init(key: mx.array, shapes: Shapes, rank: int) -> dict[str, mx.array]:
-    """Fresh adapters from an explicit key: one sub-key per module path, in sorted order."""
-    paths = sorted(shapes)
-    keys = mx.random.split(key, len(paths)) if paths else []
-    out: dict[str, mx.array] = {}
-    for path, k in zip(paths, keys, strict=True):
+def init(seed: int, shapes: Shapes, rank: int) -> dict[str, np.ndarray]:
+    """Fresh float32 adapters from an explicit seed, the same numbers for every engine.
+
+    Module path number k (in sorted order) draws from its own stream `PCG64([seed, k])`.
+    """
+    out: dict[str, np.ndarray] = {}
+    for k, path in enumerate(sorted(shapes)):
         fan_in, fan_out = shapes[path]
         bound = 1.0 / math.sqrt(fan_in)
-        out[f"{path}.lora_a"] = mx.random.uniform(-bound, bound, (fan_in, rank), key=k)
-        out[f"{path}.lora_b"] = mx.zeros((rank, fan_out))
+        rng = np.random.Generator(np.random.PCG64([seed, k]))
+        out[f"{path}.lora_a"] = rng.uniform(-bound, bound, (fan_in, rank)).astype(np.float32)
+        out[f"{path}.lora_b"] = np.zeros((rank, fan_out), np.float32)
     return out
 
 
-def delta(a: mx.array, b: mx.array, scale: float) -> mx.array:
+def delta(a: Array, b: Array, scale: float) -> Array:
     """The (out, in) weight update a LoRA pair stands for."""
     return scale * (a @ b).T
 
 
-def fuse(weight: mx.array, a: mx.array, b: mx.array, scale: float) -> mx.array:
+def fuse(weight: Array, a: Array, b: Array, scale: float) -> Array:
     """`W + scale · (A B)ᵀ`, in the weight's dtype."""
     return (weight + delta(a, b, scale)).astype(weight.dtype)
 
 
-def unfuse(weight: mx.array, a: mx.array, b: mx.array, scale: float) -> mx.array:
+def unfuse(weight: Array, a: Array, b: Array, scale: float) -> Array:
     """The inverse of `fuse` (exact where the arithmetic is)."""
     return (weight - delta(a, b, scale)).astype(weight.dtype)
 
 
-def apply(x: mx.array, weight: mx.array, a: mx.array, b: mx.array, scale: float) -> mx.array:
+def apply(x: Array, weight: Array, a: Array, b: Array, scale: float) -> Array:
     """The unfused forward `x Wᵀ + scale · (x A) B` (no bias)."""
     return x @ weight.T + scale * ((x @ a) @ b)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,8 +23,7 @@ from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
 from finetune.errors import Interrupted
 from finetune.models import lora as lora_modules
-from finetune.shell import adapters, check, checkpoints, datasets, recipes, trainer
-from finetune.shell.paths import write_text
+from finetune.shell import adapters, check, checkpoints, plot, recipes, report, trainer
 
 Log = Callable[[str], None]
 # Recipe fields that may change between a checkpoint and its resumption.
@@ -52,18 +50,30 @@ class Outcome(Struct, frozen=True, kw_only=True):
     trainable: int = 0
 
 
-def prepare_run(recipe: Recipe, log: Log) -> Result[Prepared, str]:
-    """Load the model and tokenizer, read and tokenize every split, add fresh LoRA layers."""
+def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0) -> Result[Prepared, str]:
+    """Run validate's checks (before any weight loads), then load the model and add fresh LoRA.
+
+    Errors stop here with validate's message; warnings are logged. The prepared recipe is the
+    resolved one (model-dependent defaults filled in), which is what recipe.toml records.
+    """
     from finetune.shell.load import load_model
 
-    log(f"Loading {recipe.model.path} ...")
-    match load_model(recipe.model.path, revision=recipe.model.revision, dtype=recipe.model.dtype):
-        case Success((model, tok)):
+    match check.inspect(recipe, available_gb):
+        case Success(inspection):
             pass
         case Failure(message):
             return Failure(message)
-    match read_splits(recipe, tok):
-        case Success(splits):
+    refusal = check.refusal(inspection.report)
+    if refusal:
+        return Failure(refusal)
+    for finding in inspection.report.findings:
+        if finding.level == "warning":
+            log(f"warning: {finding.field}: {finding.message}")
+    recipe = inspection.report.recipe
+    splits = {k: v for k, v in inspection.tokens.items() if v}
+    log(f"Loading {recipe.model.path} ...")
+    match load_model(recipe.model.path, revision=recipe.model.revision, dtype=recipe.model.dtype):
+        case Success((model, tok)):
             pass
         case Failure(message):
             return Failure(message)
@@ -80,36 +90,13 @@ def prepare_run(recipe: Recipe, log: Log) -> Result[Prepared, str]:
         return Failure(f"$.lora.num_layers: {recipe.lora.num_layers} exceeds the model's {len(model.layers)} layers")
     layers = lora.select_layers(len(model.layers), recipe.lora.num_layers)
     shapes = lora_modules.linear_shapes(model, lora.targets(lora_modules.layers_prefix(model), layers, keys))
-    params = lora.init(mx.random.key(recipe.train.seed), shapes, recipe.lora.rank)
+    params = {k: mx.array(v) for k, v in lora.init(recipe.train.seed, shapes, recipe.lora.rank).items()}
     lora_modules.attach(model, params, recipe.lora.scale, recipe.lora.dropout)
     spec = AdapterSpec(
         rank=recipe.lora.rank, scale=recipe.lora.scale, dropout=recipe.lora.dropout, keys=keys,
         num_layers=recipe.lora.num_layers, model=recipe.model.path,
     )
     return Success(Prepared(recipe, model, tok, splits, spec, adapters.model_kind(model)))
-
-
-def read_splits(recipe: Recipe, tok: Any) -> Result[dict[str, list[Tokens]], str]:
-    """Every split as token sequences; any bad row stops here with its file and line."""
-    match datasets.locate(recipe.data.path):
-        case Success(files):
-            pass
-        case Failure(message):
-            return Failure(message)
-    tokenizing = check.Tokenizing(tok, tok.chat_template or "")
-    out: dict[str, list[Tokens]] = {}
-    for split, path in files.items():
-        data = check.read_split(recipe, path, tokenizing, {})
-        if data.errors:
-            e, n = data.errors[0], len(data.errors)
-            more = f" (and {n - 1} more bad rows; `ft train validate` lists them all)" if n > 1 else ""
-            return Failure(f"{path}:{e.line}: {e.kind}: {e.message}{more}")
-        out[split] = [e.tokens for e in data.encoded if e.tokens.supervised]
-    if not out.get("train"):
-        return Failure(f"{files['train']}: no training row has a supervised token")
-    if len(out["train"]) < recipe.train.batch_size:
-        return Failure(f"$.train.batch_size: {recipe.train.batch_size} is more than the {len(out['train'])} training rows; lower it")
-    return Success(out)
 
 
 def plan(examples: list[Tokens], recipe: Recipe) -> list[list[list[int]]]:
@@ -152,6 +139,8 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
                 log(f"Resuming at step {cursor.step} of {steps} from {run_dir}")
             case Failure(message):
                 return Failure(message)
+    else:
+        report.start_metrics(run_dir)
     recipes.save(recipe, run_dir / "recipe.toml")
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
@@ -161,7 +150,7 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
     def on_report(r: trainer.Report) -> None:
         row = msgspec.to_builtins(r)
         metrics.append(row)
-        write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+        report.append_metrics(run_dir, row)
         log(f"Iter {r.step}: Train loss {r.train_loss:.3f}, Learning Rate {r.learning_rate:.3e}, "
             f"It/sec {r.iterations_per_second:.3f}, Tokens/sec {r.tokens_per_second:.3f}, "
             f"Trained Tokens {r.trained_tokens}, Peak mem {r.peak_memory_gb:.3f} GB")
@@ -189,6 +178,9 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
             )
     except trainer.Interrupted as stop:
         raise Interrupted(f"interrupted at step {stop.args[0]}: checkpoint saved in {run_dir}; continue with --resume") from None
+    curve = plot.text_curve(metrics)
+    if curve:
+        log(curve)
     last = metrics[-1] if metrics else {}
     test_loss = None
     if evaluate_test and prepared.splits.get("test"):
@@ -272,11 +264,7 @@ def _restore(prepared: Prepared, run_dir: Path, optimizer: optim.Optimizer) -> R
     optimizer.init(model.trainable_parameters())
     mx.eval(model.parameters(), optimizer.state)
     cursor = trainer.Cursor(step=state["step"], batch_index=state["batch_index"], trained_tokens=state["trained_tokens"])
-    metrics_path = run_dir / "metrics.jsonl"
-    rows = []
-    if metrics_path.is_file():
-        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    return Success((cursor, [r for r in rows if r.get("step", 0) <= cursor.step]))
+    return Success((cursor, report.metrics_until(run_dir, cursor.step)))
 
 
 def _first_difference(old: Any, new: Any, path: str = "$") -> str:
