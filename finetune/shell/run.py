@@ -225,7 +225,7 @@ def _progress(total: int, done: int) -> Iterator[Callable[[trainer.Report | None
 
 
 def _optimizer(recipe: Recipe, steps: int) -> optim.Optimizer:
-    lr = schedule.build(recipe.train, steps)
+    lr = schedule.build(recipe.train, steps, mx)
     if recipe.train.optimizer == "adam":
         return optim.Adam(learning_rate=lr)
     return optim.AdamW(learning_rate=lr, weight_decay=recipe.train.weight_decay)
