@@ -43,12 +43,14 @@ def text_curve(rows: Sequence[Mapping[str, Any]], width: int = 60, height: int =
         return ""
     first, last = min(s for s, _ in points), max(s for s, _ in points)
     lo, hi = min(v for _, v in points), max(v for _, v in points)
+    if hi == lo:  # a flat curve sits in the middle of a small range around it
+        lo, hi = lo - (abs(lo) * 0.05 or 0.1), hi + (abs(hi) * 0.05 or 0.1)
     grid = [[" "] * width for _ in range(height)]
 
     def put(data: Series, mark: str) -> None:
         for step, value in data:
             col = round((step - first) / max(1, last - first) * (width - 1))
-            row = round((hi - value) / (hi - lo) * (height - 1)) if hi > lo else height // 2
+            row = round((hi - value) / (hi - lo) * (height - 1))
             cell = grid[row][col]
             grid[row][col] = mark if cell in (" ", mark) else BOTH
 

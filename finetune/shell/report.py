@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from finetune.shell.check import Report
+from finetune.shell.paths import write_text
+
+METRICS = "metrics.jsonl"
 
 STYLE = {"error": "bold red", "warning": "yellow", "hint": "cyan"}
 
@@ -88,3 +94,34 @@ def show_catalog(entries, out: Console) -> None:
     for d in entries:  # full paths outside the table, where they are never cut
         for s in d.splits:
             out.print(f"{d.name} {s.split}: {s.path}", markup=False)
+
+
+def start_metrics(run_dir: Path) -> None:
+    """An empty metrics.jsonl: a new run's reports are appended from here."""
+    write_text(run_dir / METRICS, "")
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    """One report as one JSON line, appended and flushed (never a rewrite of the whole file)."""
+    with open(run_dir / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def metrics_until(run_dir: Path, step: int) -> list[dict[str, Any]]:
+    """The reports up to `step` (a resumed checkpoint's); the file is rewritten, atomically, to match.
+
+    A line that does not decode (cut short when the process was killed mid-write) is dropped.
+    """
+    path = run_dir / METRICS
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                rows.append(row)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
