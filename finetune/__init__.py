@@ -1,5 +1,12 @@
 """FineTune: LoRA fine-tuning of HuggingFace base models on MLX."""
 
+# --- BLAS boot (keep first): an optimized BLAS must be in the global symbol scope before
+# `mlx.core` is first imported, or MLX binds its bundled reference BLAS (~30x slower on the CPU).
+from finetune.shell.blas import boot as _boot_blas
+
+_boot_blas()
+# --- end of BLAS boot
+
 __version__ = "0.1.0"
 
 

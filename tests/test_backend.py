@@ -1,10 +1,8 @@
-"""Device selection and the BLAS preload: detection on real files, the pure decision, real re-execs."""
+"""Device selection and BLAS detection: ELF symbol tables of real and written files, search order."""
 
 from __future__ import annotations
 
-import os
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -66,115 +64,29 @@ def test_find_keeps_libraries_that_export_cblas_in_preference_order(tmp_path):
     (tmp_path / "usr/lib64").mkdir(parents=True)
     (tmp_path / "usr/lib64/libopenblasp.so.0").write_text("not a library")
     write_elf(tmp_path / "usr/lib64/libflexiblas.so.3", defined=["cblas_sgemm"])
-    found = blas.find(tmp_path, MACHINE)
+    env = tmp_path / "venv"  # no PyPI mkl here
+    found = blas.find(tmp_path, MACHINE, env)
     assert [(label, p.relative_to(tmp_path).as_posix()) for label, p in found] == [
         ("OpenBLAS (OpenMP)", f"{DEBIAN}/openblas-openmp/libblas.so.3"),
         ("BLIS", f"{DEBIAN}/blis-pthread/libblas.so.3"),
         ("FlexiBLAS", "usr/lib64/libflexiblas.so.3"),
     ]
-    assert blas.find(tmp_path, "aarch64") == [found[2]]  # Debian paths follow the machine
-    assert blas.find(tmp_path / "empty", MACHINE) == []
+    assert blas.find(tmp_path, "aarch64", env) == [found[2]]  # Debian paths follow the machine
+    assert blas.find(tmp_path / "empty", MACHINE, env) == []
 
 
-LIB = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-ARGS = ("generate", "tiny", "--prompt", "hi")
-
-
-@pytest.mark.parametrize(
-    ("platform", "env", "found", "argv", "action", "library"),
-    [
-        ("linux", {}, [LIB], ARGS, "preload", LIB),
-        ("linux", {}, [LIB, "/other.so"], ARGS, "preload", LIB),
-        ("linux", {}, [], ARGS, "hint", ""),
-        ("darwin", {}, [LIB], ARGS, "keep", ""),
-        ("linux", {"FT_BLAS": "bundled"}, [LIB], ARGS, "keep", ""),
-        ("linux", {"FT_BLAS": "/opt/mine/libblis.so"}, [LIB], ARGS, "preload", "/opt/mine/libblis.so"),
-        ("linux", {"FT_BLAS": "auto"}, [LIB], ARGS, "preload", LIB),
-        ("linux", {blas.GUARD: LIB, "LD_PRELOAD": LIB}, [LIB], ARGS, "keep", LIB),
-        ("linux", {blas.GUARD: LIB}, [LIB], ARGS, "keep", LIB),  # never twice, even if lost
-        ("linux", {"LD_PRELOAD": "/x/libmkl_rt.so"}, [LIB], ARGS, "keep", "/x/libmkl_rt.so"),
-        ("linux", {"LD_PRELOAD": "/x/libjemalloc.so"}, [LIB], ARGS, "preload", LIB),
-        ("linux", {}, [LIB], (), "keep", ""),
-        ("linux", {}, [LIB], ("--help",), "keep", ""),
-        ("linux", {}, [LIB], ("generate", "--help"), "keep", ""),
-        ("linux", {}, [LIB], ("--version",), "keep", ""),
-    ],
-)
-def test_plan(platform, env, found, argv, action, library):
-    decided = blas.plan(platform, env, found, argv)
-    assert (decided.action, decided.library) == (action, library)
-
-
-def test_preload_env_prepends_and_guards_without_mutating():
-    env = {"LD_PRELOAD": "/x/libjemalloc.so", "HOME": "/root"}
-    out = blas.preload_env(env, LIB)
-    assert out["LD_PRELOAD"] == f"{LIB}:/x/libjemalloc.so" and out[blas.GUARD] == LIB
-    assert env == {"LD_PRELOAD": "/x/libjemalloc.so", "HOME": "/root"}
-    assert blas.preload_env({}, LIB)["LD_PRELOAD"] == LIB
-    assert blas.plan("linux", out, [LIB], ARGS).action == "keep"
-
-
-def test_verbose():
-    assert blas.verbose({"FT_VERBOSE": "1"}, ())
-    assert not blas.verbose({"FT_VERBOSE": "0"}, ("generate",))
-    assert blas.verbose({}, ("generate", "-v")) and blas.verbose({}, ("--verbose",))
-
-
-def bundled_blas() -> str:
-    """MLX's own reference BLAS (Linux wheels); it exports cblas_sgemm, so it can be preloaded."""
-    libs = Path(mx.__file__).parent.parent.parent / "mlx_cpu.libs"
-    found = sorted(str(p) for p in libs.glob("libblas*.so*") if blas.exports(p))
-    return found[0] if found else ""
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.GUARD, "FT_BLAS", "FT_VERBOSE")}
-    return env | extra
-
-
-def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120)
-
-
-@pytest.mark.parametrize("setting", ["bundled", "auto"])
-def test_help_works_with_and_without_the_preload(setting):
-    done = run(["-m", "finetune.cli", "--help"], child_env(FT_BLAS=setting))
-    assert done.returncode == 0, done.stderr
-    assert "generate" in done.stdout and "train" in done.stdout
-    preloaded = [lib for lib in (*[str(p) for _, p in blas.find()], bundled_blas()) if lib][:1]
-    for lib in preloaded:  # also under a real preload
-        done = run(["-m", "finetune.cli", "--help"], child_env(LD_PRELOAD=lib))
-        assert done.returncode == 0 and "generate" in done.stdout, done.stderr
-
-
-def test_ft_reexecs_once_with_the_library_preloaded():
-    lib = next((str(p) for _, p in blas.find()), "") or bundled_blas()
-    env = child_env(FT_BLAS=lib) if lib else child_env()
-    # A cheap real command: bad flags, so it exits 2 right after the re-exec.
-    done = run(["-m", "finetune.cli", "generate", "tiny", "-v"], env)
-    assert done.returncode == 2
-    assert "ft: error: give exactly one of --prompt and --messages" in done.stderr
-    expected = blas.plan(sys.platform, env, [lib] if lib else [], ["generate", "-v"])
-    lines = done.stderr.splitlines()
-    if expected.action == "preload":
-        assert lines[0] == f"ft: BLAS {lib} preloaded (FT_BLAS=bundled turns this off)"
-    else:
-        assert not any("preloaded" in line for line in lines)
-    quiet = run(["-m", "finetune.cli", "generate", "tiny"], env)
-    assert quiet.stderr.splitlines() == lines[-1:]  # without -v only the error line
-
-
-def test_mlx_really_calls_the_preloaded_library():
-    code = (
-        "import mlx.core as mx\n"
-        "from finetune.shell import blas\n"
-        "mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64)))\n"
-        "print(blas.active())\n"
-    )
-    assert run(["-c", code], child_env()).stdout.strip() == "None"
-    for lib in [str(p) for _, p in blas.find()] + [bundled_blas()]:
-        if lib:
-            assert run(["-c", code], child_env(LD_PRELOAD=lib)).stdout.strip() == lib
+def test_the_pypi_mkl_wheel_comes_after_the_system_newest_first(tmp_path):
+    env = tmp_path / "venv"
+    write_elf(env / "lib/libmkl_rt.so.2", defined=["cblas_sgemm"])
+    write_elf(env / "lib/libmkl_rt.so.10", defined=["cblas_sgemm"])
+    write_elf(env / "lib/libmkl_core.so.2", defined=["cblas_sgemm"])  # not the runtime entry
+    write_elf(env / "lib/libmkl_rt.so.3", undefined=["cblas_sgemm"])
+    system = write_elf(tmp_path / "root" / DEBIAN / "openblas-pthread/libblas.so.3", defined=["cblas_sgemm"])
+    found = blas.find(tmp_path / "root", MACHINE, env)
+    assert found == [("OpenBLAS", system), ("MKL", env / "lib/libmkl_rt.so.10"), ("MKL", env / "lib/libmkl_rt.so.2")]
+    assert blas.find(tmp_path / "none", MACHINE, env)[0] == ("MKL", env / "lib/libmkl_rt.so.10")
+    assert blas.label(str(env / "lib/libmkl_rt.so.10")) == "MKL"
+    assert blas.label(str(system)) == "OpenBLAS" and blas.source(str(system)) == "system"
 
 
 def test_backend_selection_reports_the_cpu():

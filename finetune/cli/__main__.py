@@ -1,4 +1,4 @@
-"""`python -m finetune.cli ...` is `ft ...` (how `ft` re-executes itself with a faster BLAS)."""
+"""`python -m finetune.cli ...` is `ft ...`."""
 
 from finetune.cli import _entry
 

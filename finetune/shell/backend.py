@@ -38,8 +38,13 @@ def gpu_api() -> str | None:
 
 
 def select(device: str | None = None) -> BackendInfo:
-    """Make `device` ("cpu", "gpu", None = the best available) MLX's default and describe it."""
+    """Make `device` ("cpu", "gpu", None = the best available) MLX's default and describe it.
+
+    A refused FT_BLAS setting is a UserError here (one line), whatever the device.
+    """
     assert device in (None, "cpu", "gpu"), device
+    if blas.loaded().error:
+        raise UserError(blas.loaded().error)
     api = gpu_api()
     if device == "gpu" and api is None:
         raise UserError(
@@ -69,7 +74,7 @@ def _cpu_blas() -> tuple[str, str]:
         return "Accelerate", ""
     if not sys.platform.startswith("linux"):
         return BUNDLED, ""
-    used = blas.active()
+    used = blas.active()  # what MLX really binds, whatever boot() did
     return (BUNDLED, "") if used is None else (blas.label(used), used)
 
 
@@ -81,19 +86,28 @@ def _system_memory() -> int:
 
 
 def describe(info: BackendInfo) -> str:
-    """One line for stderr: device, memory, BLAS, compute dtype, and a hint when it is slow."""
+    """One line for stderr: device, memory, BLAS (and its file), compute dtype; a hint when slow."""
     if info.device == "gpu":
         return f"backend: {info.api} GPU ({info.name}, {info.memory_gb:.1f} GB), {info.blas}"
     cores = os.cpu_count() or 1
     line = (
-        f"backend: cpu ({info.name}, {cores} cores, {info.memory_gb:.1f} GB), BLAS {info.blas}, "
+        f"backend: cpu ({info.name}, {cores} cores, {info.memory_gb:.1f} GB), BLAS {_blas_words(info)}, "
         "float32 compute (bf16/fp16 matmuls are not BLAS-backed on the CPU)"
     )
-    if info.fast_blas or sys.platform != "linux":
+    if info.fast_blas or not sys.platform.startswith("linux"):
         return line
-    if os.environ.get("FT_BLAS") == "bundled":
+    note = blas.loaded().note
+    if note == "FT_BLAS=bundled":
         return f"{line} [FT_BLAS=bundled]"
-    found = blas.find()
-    if found:  # installed, but this process was not started by `ft`
-        return f"{line}\nhint: start through `ft`, or set LD_PRELOAD={found[0][1]}, for ~20x faster matmuls"
+    if note == blas.LATE:
+        return f"{line}\nhint: {blas.LATE}"
     return f"{line}\nhint: {blas.HINT}"
+
+
+def _blas_words(info: BackendInfo) -> str:
+    """`OpenBLAS (/usr/lib/..., system)`, `MKL (.../lib/libmkl_rt.so.3, PyPI mkl)`, or the bundled one."""
+    if not info.blas_path:
+        return info.blas
+    done = blas.loaded()
+    origin = done.source if done.path == info.blas_path else "LD_PRELOAD"
+    return f"{info.blas} ({info.blas_path}, {origin})"

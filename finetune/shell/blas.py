@@ -1,9 +1,10 @@
-"""An optimized BLAS for MLX on Linux CPUs: find one, decide whether to preload it, report it.
+"""An optimized BLAS for MLX on Linux CPUs, loaded into this process before MLX: find, load, report.
 
-The `mlx[cpu]` wheel bundles the reference BLAS (~6 GFLOP/s for a 1024^2 fp32 matmul on a 2-core
-EPYC); OpenBLAS or BLIS preloaded with LD_PRELOAD take the same matmul to ~200 GFLOP/s.
-LD_PRELOAD only acts at process start, so `ft` re-executes itself once with it set (`_entry`).
-Importing this module imports no MLX; `plan` is a pure function of its arguments.
+The `mlx[cpu]` wheel bundles the reference BLAS (~6 GFLOP/s for a 1024^2 float32 matmul on a 2-core
+EPYC). MLX's library binds `cblas_sgemm` through the process's global symbol scope first, so a
+library opened with RTLD_GLOBAL *before* `mlx.core` is first imported serves every float32 matmul
+(~200 GFLOP/s with OpenBLAS or MKL). `boot()` does that once, when `finetune` is imported.
+This module imports no MLX (only `matmul_gflops` and `__main__` do, after loading).
 """
 
 from __future__ import annotations
@@ -12,24 +13,31 @@ import ctypes
 import os
 import struct
 import sys
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from platform import machine as host_machine
-from typing import Literal
 
 from msgspec import Struct
 
-GUARD = "FT_BLAS_PRELOADED"  # set in the re-executed child: never re-exec twice
+# `python -m finetune.shell.blas` runs this file as __main__ after `import finetune` imported it
+# (to boot); runpy's warning about that is expected, and `_main` reads the booted module.
+warnings.filterwarnings("ignore", r"'finetune\.shell\.blas' found in sys\.modules", RuntimeWarning)
+
 SYMBOL = "cblas_sgemm"  # what MLX calls for float32 matmuls
 HINT = (
-    "MLX's bundled BLAS is slow: apt-get install libopenblas0-pthread (Debian/Ubuntu) or "
-    "dnf install openblas-threads (Fedora) makes float32 matmuls ~20x faster"
+    "MLX's bundled BLAS is slow: reinstall finetune (it brings the `mkl` wheel on Linux x86_64), "
+    "or apt-get install libopenblas0-pthread (Debian/Ubuntu) / dnf install openblas-threads (Fedora)"
 )
-_BLAS_NAMES = ("blas", "blis", "mkl_rt", "flexiblas")
+LATE = "mlx.core was imported before finetune, too late to load a BLAS: import finetune first"
+PYPI_MKL = "PyPI mkl"
+# MKL's threading layer: INTEL uses intel-openmp's libiomp5, a dependency of the mkl wheel, so it
+# needs nothing from the system (GNU needs the system's libgomp). See benchmarks/README.md.
+MKL_THREADING = "INTEL"
 
 
 def candidates(machine: str) -> tuple[tuple[str, str], ...]:
-    """(label, path below /) of optimized BLAS libraries, most preferred first.
+    """(label, path below /) of system BLAS libraries, most preferred first.
 
     MLX schedules its own CPU work, so pthread builds come before OpenMP and serial ones.
     The Debian paths are checked to export `cblas_sgemm`; `find` re-checks every file.
@@ -90,93 +98,88 @@ def _find_all(data: bytes, needle: bytes) -> list[int]:
     return out
 
 
-def find(root: str | Path = "/", machine: str | None = None) -> list[tuple[str, Path]]:
-    """(label, path) of the optimized BLAS libraries under `root` that really export cblas_sgemm."""
+def wheel_libraries(prefix: str | Path) -> list[Path]:
+    """`libmkl_rt.so.N` that the PyPI `mkl` wheel put under the environment's `lib/`, newest first."""
+    found = Path(prefix, "lib").glob("libmkl_rt.so.*")
+    return sorted(found, key=lambda p: [int(x) for x in p.name.split(".so.")[1].split(".") if x.isdigit()], reverse=True)
+
+
+def find(root: str | Path = "/", machine: str | None = None, prefix: str | Path | None = None) -> list[tuple[str, Path]]:
+    """(label, path) of optimized BLAS libraries that really export cblas_sgemm, in search order:
+    the system's (under `root`), then the PyPI mkl wheel's (under the environment `prefix`)."""
     machine = machine or host_machine()
-    found = [(label, Path(root, rel)) for label, rel in candidates(machine)]
-    return [(label, p) for label, p in found if p.is_file() and exports(p)]
+    system = [(label, Path(root, rel)) for label, rel in candidates(machine)]
+    wheel = [("MKL", p) for p in wheel_libraries(sys.prefix if prefix is None else prefix)]
+    return [(label, p) for label, p in system + wheel if p.is_file() and exports(p)]
 
 
-class Plan(Struct, frozen=True):
-    """What `ft` does about BLAS at start: re-exec with `library` preloaded, keep as is, or hint."""
+class Loaded(Struct, frozen=True):
+    """What `boot` did: the library now serving MLX's float32 matmuls ("" = bundled) and why."""
 
-    action: Literal["preload", "keep", "hint"]
-    library: str = ""
-    reason: str = ""
+    path: str = ""
+    label: str = ""
+    source: str = ""  # system | PyPI mkl | FT_BLAS | LD_PRELOAD
+    note: str = ""  # why nothing was loaded, when nothing was
+    error: str = ""  # a refused FT_BLAS setting, one line
 
 
-def plan(platform: str, env: Mapping[str, str], found: Sequence[str], argv: Sequence[str] = ()) -> Plan:
-    """Decide from the platform, the environment, the libraries found and the arguments (pure).
+_LOADED: Loaded | None = None
 
-    FT_BLAS=bundled keeps MLX's own BLAS; FT_BLAS=/path/lib.so preloads that library.
+
+def boot(env: Mapping[str, str] | None = None) -> Loaded:
+    """Load the best BLAS with RTLD_GLOBAL unless MLX is already imported; once per process.
+
+    FT_BLAS=bundled keeps MLX's own; FT_BLAS=/path/lib.so forces that file; FT_BLAS_SEARCH_ROOT
+    replaces `/` in the system search (benchmarks use it to simulate a machine without one).
+    Never raises: a refused FT_BLAS is recorded in `error` (`backend.select` reports it).
     """
+    global _LOADED
+    if _LOADED is None:
+        _LOADED = _boot(os.environ if env is None else env)
+    return _LOADED
+
+
+def _boot(env: Mapping[str, str]) -> Loaded:
+    if not sys.platform.startswith("linux"):
+        return Loaded(note="not Linux")
     setting = env.get("FT_BLAS", "")
-    if not platform.startswith("linux"):
-        return Plan("keep", reason="not Linux")
-    if env.get(GUARD):
-        return Plan("keep", env[GUARD], "preloaded by ft")
+    already = active()
+    if already:  # LD_PRELOAD, or a library the host program loaded globally
+        return Loaded(already, label(already), "LD_PRELOAD")
     if setting == "bundled":
-        return Plan("keep", reason="FT_BLAS=bundled")
-    preloaded = [p for p in _split(env.get("LD_PRELOAD", "")) if _is_blas(p)]
-    if preloaded:
-        return Plan("keep", preloaded[0], "already in LD_PRELOAD")
-    if not argv or {"-h", "--help", "--version"} & set(argv):
-        return Plan("keep", reason="help and version run no matmuls")
+        return Loaded(note="FT_BLAS=bundled")
+    if "mlx.core" in sys.modules:
+        return Loaded(note=LATE)
     if setting not in ("", "auto"):
-        return Plan("preload", setting, "FT_BLAS")
-    if not found:
-        return Plan("hint", reason=HINT)
-    return Plan("preload", found[0], "found")
+        if not Path(setting).is_file() or not exports(setting):
+            return Loaded(note="FT_BLAS refused", error=f"FT_BLAS={setting}: not a library that exports {SYMBOL}; "
+                          "give a BLAS .so path, `auto` or `bundled`")
+        failed = _load(setting)
+        return Loaded(note="FT_BLAS refused", error=f"FT_BLAS={setting}: {failed}") if failed else \
+            Loaded(setting, label(setting), "FT_BLAS")
+    notes = []
+    for name, path in find(env.get("FT_BLAS_SEARCH_ROOT", "/")):
+        failed = _load(str(path))
+        if not failed:
+            return Loaded(str(path), name, source(str(path)))
+        notes.append(f"{path}: {failed}")
+    return Loaded(note="; ".join(notes) or "none found")
 
 
-def _split(value: str) -> list[str]:
-    return value.replace(":", " ").split()
+def _load(path: str) -> str:
+    """Open `path` into the global scope; '' on success, else the loader's reason."""
+    if "mkl_rt" in Path(path).name:
+        os.environ.setdefault("MKL_THREADING_LAYER", MKL_THREADING)  # read when MKL starts
+    try:
+        ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+    except OSError as err:
+        return str(err)
+    return ""
 
 
-def _is_blas(path: str) -> bool:
-    name = Path(path).name
-    return any(n in name for n in _BLAS_NAMES)
-
-
-def preload_env(env: Mapping[str, str], library: str) -> dict[str, str]:
-    """`env` with `library` first in LD_PRELOAD and the guard set (a new dict)."""
-    rest = env.get("LD_PRELOAD", "")
-    return {**env, "LD_PRELOAD": f"{library}:{rest}" if rest else library, GUARD: library}
-
-
-def verbose(env: Mapping[str, str], argv: Sequence[str]) -> bool:
-    return env.get("FT_VERBOSE", "") not in ("", "0") or bool({"-v", "--verbose"} & set(argv))
-
-
-def reexec_with_blas(argv: Sequence[str]) -> None:
-    """At `ft` start: re-exec once with an optimized BLAS preloaded, when one is found.
-
-    Says so on stderr only when verbose (`-v` or FT_VERBOSE=1); `ft generate` reports the BLAS
-    in its backend line anyway.
-    """
-    env = os.environ
-    linux = sys.platform.startswith("linux")
-    search = linux and not env.get(GUARD) and env.get("FT_BLAS", "") in ("", "auto")
-    found = [str(p) for _, p in find()] if search else []
-    decided = plan(sys.platform, env, found, argv)
-    loud = verbose(env, argv)
-    if decided.action == "preload":
-        if decided.reason == "FT_BLAS" and not exports(decided.library):
-            print(f"ft: FT_BLAS={decided.library} does not export {SYMBOL}; ignored", file=sys.stderr)
-            return
-        child = [sys.executable, "-m", "finetune.cli", *argv]
-        try:
-            os.execve(sys.executable, child, preload_env(env, decided.library))
-        except OSError as err:  # exec failed: carry on in this process with the bundled BLAS
-            if loud:
-                print(f"ft: could not re-exec with {decided.library}: {err}", file=sys.stderr)
-    elif loud and decided.reason == "preloaded by ft":
-        if active() is None:  # something between the exec and here dropped LD_PRELOAD
-            print(f"ft: BLAS {decided.library} was not preloaded (LD_PRELOAD cleared?)", file=sys.stderr)
-        else:
-            print(f"ft: BLAS {decided.library} preloaded (FT_BLAS=bundled turns this off)", file=sys.stderr)
-    elif loud and decided.action == "hint":
-        print(f"ft: hint: {HINT}", file=sys.stderr)
+def loaded() -> Loaded:
+    """What `boot` did in this process (booting now if nothing imported finetune yet)."""
+    return _LOADED if _LOADED is not None else boot()
 
 
 class _DlInfo(ctypes.Structure):
@@ -189,10 +192,10 @@ class _DlInfo(ctypes.Structure):
 
 
 def active() -> str | None:
-    """The file whose cblas_sgemm MLX calls when it is in the global scope (LD_PRELOAD), else None.
+    """The file whose cblas_sgemm is in the global scope (what MLX binds to), else None.
 
-    Without a preload the symbol lives only in the library MLX bundles (loaded locally), which is
-    what MLX then uses.
+    Without a global one the symbol lives only in the library MLX bundles (loaded locally), which
+    is what MLX then uses.
     """
     process = ctypes.CDLL(None)
     try:
@@ -210,7 +213,12 @@ def label(path: str) -> str:
     for name, rel in candidates(host_machine()):
         if path.endswith(rel):
             return name
-    return Path(path).name
+    return "MKL" if "mkl_rt" in Path(path).name else Path(path).name
+
+
+def source(path: str) -> str:
+    """Where a found library comes from: the PyPI mkl wheel (in this environment) or the system."""
+    return PYPI_MKL if Path(path).parent == Path(sys.prefix, "lib") else "system"
 
 
 def matmul_gflops(n: int = 1024, dtype: str = "float32", repeats: int = 5) -> float:
@@ -228,9 +236,18 @@ def matmul_gflops(n: int = 1024, dtype: str = "float32", repeats: int = 5) -> fl
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-if __name__ == "__main__":  # `python -m finetune.shell.blas`: what is found, used, and how fast
-    for name, path in find():
+def _main() -> None:
+    """`python -m finetune.shell.blas`: the search order, what was loaded, and how fast it is."""
+    from finetune.shell import blas as booted  # the module `import finetune` booted, not __main__
+
+    for name, path in find(os.environ.get("FT_BLAS_SEARCH_ROOT", "/")):
         print(f"found   {name}: {path}")
+    done = booted.loaded()
+    print(f"loaded  {done.path or 'bundled with MLX'} {done.source or done.note}")
     print(f"active  {active() or 'bundled with MLX'}")
     for kind in ("float32", "bfloat16"):
         print(f"{kind:9} {matmul_gflops(dtype=kind, repeats=5 if kind == 'float32' else 1):.1f} GFLOP/s (1024x1024)")
+
+
+if __name__ == "__main__":
+    _main()
