@@ -67,7 +67,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _entry() -> None:
-    from finetune.shell.blas import reexec_with_blas
-
-    reexec_with_blas(sys.argv[1:])  # before anything imports mlx: LD_PRELOAD acts at exec only
+    """The `ft` script. Importing `finetune` (above) already loaded the BLAS, before any MLX."""
     sys.exit(main())
