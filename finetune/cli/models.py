@@ -111,7 +111,9 @@ def info(model: str, /, *, revision: str = "main", load: bool = False, json: boo
         ("context length", f"{f.context_length:,}"),
         ("tied embeddings", "yes" if f.tied_embeddings else "no"),
         ("parameters", f"{found.parameters:,} ({_count(found.parameters)})"),
-        ("dtype", f"{found.dtype} (loads as {found.load_dtype} here)"),
+        ("dtype", f"{found.dtype} (computes in {found.load_dtype} on this {found.device.upper()}; "
+                  "LoRA, optimizer and loss in float32)"),
+        ("quantization", found.quantization or "none (float weights)"),
         ("size on disk", _size(found.size)),
         ("chat template", "yes" if found.chat_template else "no"),
         (

@@ -10,6 +10,8 @@ import mlx.core as mx
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
+from finetune.core.quantization import parse_block
+
 # Our GPT-2 keeps HF's `transformer.` prefix; mlx-lm's GPT-2 calls the same module `model.`.
 _RENAMES = {"gpt2": ("transformer.h.", "model.h.")}
 # Where blocks live in HF's *ForCausalLM modules (= our module paths).
@@ -32,6 +34,8 @@ class AdapterSpec(Struct, frozen=True, kw_only=True):
     num_layers: int = -1
     model: str = ""
     fine_tune_type: str = "lora"
+    # The quantized base it was trained on (quantization.record), None for a float or unknown base.
+    base_quantization: dict[str, Any] | None = None
 
 
 def to_file_keys(params: Mapping[str, mx.array], model_type: str) -> dict[str, mx.array]:
@@ -55,6 +59,7 @@ def config_json(spec: AdapterSpec, extra: Mapping[str, Any] | None = None) -> di
             "rank": spec.rank, "scale": spec.scale, "dropout": spec.dropout, "keys": list(spec.keys),
         },
         "model": spec.model,
+        **({"base_quantization": spec.base_quantization} if spec.base_quantization else {}),
         **(dict(extra) if extra else {}),
     }
 
@@ -79,9 +84,14 @@ def parse_config(raw: Any, source: str) -> Result[AdapterSpec, str]:
     num_layers = raw.get("num_layers", -1)
     if not isinstance(num_layers, int):
         return Failure(f"{source}: num_layers must be an integer, got {num_layers!r}")
+    base = raw.get("base_quantization")
+    if base is not None:
+        if isinstance(checked := parse_block(base, f"{source}: base_quantization"), Failure):
+            return checked
     return Success(AdapterSpec(
         rank=rank, scale=float(scale), dropout=float(lp.get("dropout", 0.0) or 0.0),
         keys=tuple(keys or ()), num_layers=num_layers, model=str(raw.get("model", "")),
+        base_quantization=dict(base) if base is not None else None,
     ))
 
 

@@ -106,6 +106,11 @@ def attach(model: nn.Module, directory: str | Path) -> Result[nn.Module, str]:
     return Success(_attached(model, adapter))
 
 
+def base_quantization(directory: str | Path) -> Result[dict[str, Any] | None, str]:
+    """The quantized base an adapter records having been trained on (None: float or unrecorded)."""
+    return load_any(directory).map(lambda a: a.spec.base_quantization if a.spec else None)
+
+
 def _attached(model: nn.Module, adapter: Adapter) -> nn.Module:
     lora_modules.attach(model, adapter.params, adapter.scale)
     mx.eval(model.parameters())

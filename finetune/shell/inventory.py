@@ -38,6 +38,8 @@ class Info(Struct, frozen=True, kw_only=True):
     memory: memory.MemoryEstimate
     converted: tuple[str, ...]  # cache entries of this source
     note: str = ""
+    quantization: str = ""  # mlx-lm quantization summary, "" for float weights
+    device: str = "cpu"  # where `load_dtype` was decided (cpu or gpu)
 
 
 def dir_size(directory: Path) -> int:
@@ -171,6 +173,9 @@ def info(spec: str, revision: str = "main") -> Result[Info, str]:
             pass
         case Failure(message):
             return Failure(f"{spec}: {message}")
+    from finetune.core.quantization import from_config
+
+    quant = from_config(config).value_or(None)  # check_config has validated it
     stored = stored_dtype(directory, config)
     load_dtype = resolve_dtype("auto", stored, on_gpu())
     source = str(directory.resolve())
@@ -187,5 +192,7 @@ def info(spec: str, revision: str = "main") -> Result[Info, str]:
             memory=memory.estimate(facts, Recipe(), dtype=load_dtype),
             converted=tuple(str(e) for e, m in manager.entries() if m.directory == source),
             note=DEMO_NOTE if directory.resolve() == tiny.tiny_dir().resolve() else "",
+            quantization=quant.summary() if quant else "",
+            device="gpu" if on_gpu() else "cpu",
         )
     )

@@ -14,7 +14,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from returns.result import Failure, Result, Success
 
+from finetune.core import quantization
 from finetune.core.convert import SUPPORTED
+from finetune.core.quantization import Quant
 from finetune.errors import UserError
 from finetune.shell import resolve, weights
 
@@ -47,7 +49,7 @@ def check_config(config: Mapping[str, Any], where: str) -> Result[Mapping[str, A
         return Failure(
             f"{where}: unsupported architecture {kind!r}; supported: {', '.join(SUPPORTED)}"
         )
-    return Success(config)
+    return quantization.from_config(config, f"{where}: config.json").map(lambda _: config)
 
 
 def _checkpoint_dtype(directory: Path, config: Mapping[str, Any]) -> str | None:
@@ -61,10 +63,13 @@ def load_model(
     dtype: str = "auto",
     adapter: str | None = None,
     cache: bool = True,
+    quantize: Quant | None = None,
 ) -> Result[tuple[nn.Module, Any], str]:
     """`(model, tokenizer)` for a MODEL spec, or a one-line reason; `model(ids)` gives logits.
 
     `cache`: serve converted weights from (and save them to) the converted-model cache.
+    `quantize`: quantize a float checkpoint on load (QLoRA). An adapter that records a quantized
+    base gets exactly that base back, or a refusal.
     """
     if dtype not in DTYPES:
         return Failure(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -73,17 +78,41 @@ def load_model(
             pass
         case failure:
             return failure
-    loaded = resolve.read_config(directory).bind(lambda c: check_config(c, spec))
-    loaded = loaded.bind(lambda config: _load_dir(spec, revision, directory, config, dtype, cache))
+    match resolve.read_config(directory).bind(lambda c: check_config(c, spec)):
+        case Success(config):
+            pass
+        case failure:
+            return failure
+    match _recorded(adapter):
+        case Success(record):
+            pass
+        case failure:
+            return failure
+    float_base = quantization.from_config(config).value_or(None) is None
+    if record is not None and quantize is None and float_base and record.get(quantization.ON_LOAD):
+        quantize = quantization.parse_block(record, adapter or "").value_or(None)
+    loaded = _load_dir(spec, revision, directory, config, dtype, cache, quantize)
     if adapter is None:
         return loaded
 
     def attach_adapter(pair: tuple[nn.Module, Any]) -> Result[tuple[nn.Module, Any], str]:
         from finetune.shell.adapters import attach
+        from finetune.shell.quantized import check_record
 
-        return attach(pair[0], adapter).map(lambda m: (m, pair[1]))
+        want = quantization.parse_block(record, adapter).value_or(None) if record else None
+        checked = check_record(pair[0], want, adapter) if record else Success(pair[0])
+        return checked.bind(lambda m: attach(m, adapter)).map(lambda m: (m, pair[1]))
 
     return loaded.bind(attach_adapter)
+
+
+def _recorded(adapter: str | None) -> Result[dict[str, Any] | None, str]:
+    """The quantized base an adapter was trained on, as its adapter_config.json records it."""
+    if adapter is None:
+        return Success(None)
+    from finetune.shell.adapters import base_quantization
+
+    return base_quantization(adapter)
 
 
 def _load_dir(
@@ -93,6 +122,7 @@ def _load_dir(
     config: Mapping[str, Any],
     dtype: str,
     cache: bool,
+    quantize: Quant | None = None,
 ) -> Result[tuple[nn.Module, Any], str]:
     from finetune.models import build
     from finetune.shell import manager
@@ -108,12 +138,17 @@ def _load_dir(
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return Failure(f"{spec}: cannot load the tokenizer from {directory} ({first})")
     try:
-        model = build(config)
+        model = build(quantization.without_quantization(config))
     except KeyError as err:
         return Failure(f"{spec}: config.json lacks field {err}")
     except (ValueError, TypeError) as err:  # what our modules do not implement
         return Failure(f"{spec}: {err}")
     target = resolve_dtype(dtype, _checkpoint_dtype(directory, config), on_gpu())
+    stored = quantization.from_config(config).value_or(None)  # check_config has parsed it
+    if stored is not None:
+        return _load_quantized(spec, model, directory, config, stored, target, quantize).map(
+            lambda m: (m, tokenizer)
+        )
     if cache:
         converted = manager.converted(spec, revision, directory, config, target)
     else:
@@ -128,8 +163,26 @@ def _load_dir(
         mx.eval(model.parameters())
     except (ValueError, RuntimeError) as err:  # damage that only shows when tensors are read
         return Failure(f"{spec}: cannot load weights from {directory} ({err})")
+    if quantize is not None:
+        from finetune.shell.quantized import quantize_on_load
+
+        match quantize_on_load(model, quantize, "--quantize-group-size"):
+            case Failure(message):
+                return Failure(f"{spec}: {message}")
     model.eval()
     return Success((model, tokenizer))
+
+
+def _load_quantized(
+    spec: str, model: nn.Module, directory: Path, config: Mapping[str, Any], stored: Quant,
+    dtype: str, quantize: Quant | None,
+) -> Result[nn.Module, str]:
+    from finetune.shell.quantized import load_stored
+
+    if quantize is not None:
+        return Failure(f"{spec} is already quantized ({stored.summary()}); drop --quantize-bits "
+                       "(quantizing on load is for float checkpoints)")
+    return load_stored(model, directory, config, stored, dtype, spec).map(lambda m: (m.eval(), m)[1])
 
 
 def load(

@@ -147,9 +147,12 @@ def checkpoint_dtype(directory: str | Path) -> str | None:
 
 
 def parameter_count(directory: str | Path) -> int | None:
-    """Number of stored weights from the safetensors headers (None for .bin checkpoints)."""
+    """Number of stored weights from the safetensors headers (None for .bin checkpoints, and for
+    quantized ones, whose uint32 words pack several weights each)."""
     entries = _header_entries(directory)
-    return sum(n for _, n in entries) if entries else None
+    if not entries or any(tag == "U32" for tag, _ in entries):
+        return None
+    return sum(n for _, n in entries)
 
 
 def read_safetensors_dir(path: str | Path) -> dict[str, mx.array]:
