@@ -129,13 +129,13 @@ def evaluate(model: Path, data: Path, adapter: Path, env: dict) -> float:
 
 
 def _eval_main(model: str, data: str, adapter: str) -> None:
-    from finetune.core.config import DataConfig, Recipe
-    from finetune.shell import run, trainer
+    from finetune.core.config import DataConfig, ModelConfig, Recipe
+    from finetune.shell import check, run, trainer
     from finetune.shell.load import load
 
-    m, tok = load(model, adapter=adapter)
-    recipe = Recipe(data=DataConfig(path=data, template="tokenizer"))
-    valid = run.read_splits(recipe, tok).unwrap()["valid"][:EVAL_ROWS]
+    m, _ = load(model, adapter=adapter)
+    recipe = Recipe(model=ModelConfig(path=model), data=DataConfig(path=data, template="tokenizer"))
+    valid = check.inspect(recipe).unwrap().tokens["valid"][:EVAL_ROWS]
     print(trainer.evaluate(m, trainer.Data(valid, run.plan(valid, recipe)), 512, -1))
 
 

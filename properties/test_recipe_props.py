@@ -26,6 +26,8 @@ any_text = st.text(max_size=12)
 def for_type(t: mi.Type) -> st.SearchStrategy:
     """A strategy for values `msgspec.convert` accepts for `t`, read off its `Meta` bounds."""
     match t:
+        case mi.Metadata():  # a field's description (its flag help) wraps the bounded type
+            return for_type(t.type)
         case mi.BoolType():
             return st.booleans()
         case mi.IntType():
@@ -72,6 +74,8 @@ def _consistent(raw: dict) -> dict:
     train["min_learning_rate"] = min(train["min_learning_rate"], train["learning_rate"])
     if train["val_batches"] == 0:
         train["val_batches"] = -1
+    if 0 < train["max_seq_length"] < 8:
+        train["max_seq_length"] = 0
     return {**raw, "lora": lora, "train": train}
 
 
@@ -122,7 +126,8 @@ def test_an_out_of_bounds_value_is_named_with_its_path(raw, field):
     bad = {"batch_size": 0, "rank": 0, "learning_rate": -1.0, "max_seq_length": 7}[field]
     broken = {**raw, section: {**raw[section], field: bad}}
     message = core_recipe.decode(broken, [("r.toml", broken)]).failure()
-    assert message.startswith(f"r.toml: $.{section}.{field}: expected ")
+    assert message.startswith(f"r.toml: $.{section}.{field}: ")
+    assert ("must be 0 (the model's context) or >= 8" if field == "max_seq_length" else "expected ") in message
     assert message.endswith(f"got {bad!r}")
 
 

@@ -70,7 +70,7 @@ def test_out_of_bounds_value(tmp_path):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("[train]\nmax_seq_length = 4\n", "$.train.max_seq_length: expected int >= 8, got 4"),
+        ("[train]\nmax_seq_length = 4\n", "$.train.max_seq_length: must be 0 (the model's context) or >= 8, got 4"),
         ("[lora]\nrank = 0\n", "$.lora.rank: expected int >= 1, got 0"),
         ("[lora]\ndropout = 1.0\n", "$.lora.dropout: expected float < 1.0, got 1.0"),
         ("[train]\nlearning_rate = 0.0\n", "$.train.learning_rate: expected float > 0.0, got 0.0"),
@@ -157,18 +157,18 @@ def test_alpha_with_a_consistent_scale_is_fine(tmp_path):
 def test_alpha_with_an_inconsistent_scale_is_an_error(tmp_path):
     path = write(tmp_path, "[lora]\nalpha = 32.0\nrank = 16\nscale = 3.0\n")
     message = error(path)
-    assert message.startswith(f"{path}: $.lora: scale 3.0 disagrees with alpha/rank = 2.0")
+    assert message.startswith(f"{path}: $.lora.scale: 3.0 disagrees with alpha/rank = 2.0")
 
 
 def test_other_cross_field_rules(tmp_path):
-    assert "$.lora: num_layers must be -1 (all) or >= 1, got 0" in error(
+    assert "$.lora.num_layers: must be -1 (all) or >= 1, got 0" in error(
         write(tmp_path, "[lora]\nnum_layers = 0\n")
     )
-    assert "$.lora: keys must name at least one" in error(write(tmp_path, "[lora]\nkeys = []\n"))
-    assert "min_learning_rate must not exceed learning_rate" in error(
+    assert "$.lora.keys: must name at least one" in error(write(tmp_path, "[lora]\nkeys = []\n"))
+    assert "$.train.min_learning_rate: must not exceed learning_rate" in error(
         write(tmp_path, "[train]\nlearning_rate = 1e-4\nmin_learning_rate = 1e-3\n")
     )
-    assert "val_batches must be -1 (all) or >= 1" in error(
+    assert "$.train.val_batches: must be -1 (all) or >= 1" in error(
         write(tmp_path, "[train]\nval_batches = 0\n")
     )
 
@@ -186,14 +186,14 @@ def test_other_cross_field_rules(tmp_path):
                 "supervise": "assistant",
                 "rank": 16,
                 "lr": 1e-4,
-                "len": 2048,
+                "len": 0,  # the model's context, resolved against the model
                 "warmup": 20,
             },
         ),
-        ("instruction", {"template": "alpaca", "rank": 8, "lr": 2e-4, "len": 1024, "warmup": 10}),
+        ("instruction", {"template": "alpaca", "rank": 8, "lr": 2e-4, "len": 0, "warmup": 10}),
         (
             "code",
-            {"supervise": "last-turn-only", "rank": 16, "scale": 10.0, "lr": 5e-5, "len": 4096},
+            {"supervise": "last-turn-only", "rank": 16, "scale": 10.0, "lr": 5e-5, "len": 0},
         ),
     ],
 )
@@ -216,7 +216,7 @@ def test_explicit_values_override_the_profile(tmp_path):
     text = "profile = 'code'\n[data]\nsupervise = 'all'\n[lora]\nrank = 4\n[train]\nlearning_rate = 3e-4\n"
     r = recipes.load(write(tmp_path, text)).unwrap()
     assert (r.data.supervise, r.lora.rank, r.train.learning_rate) == ("all", 4, 3e-4)
-    assert (r.lora.scale, r.train.max_seq_length) == (10.0, 4096)  # the rest still from the profile
+    assert (r.lora.scale, r.train.warmup) == (10.0, 20)  # the rest still from the profile
 
 
 def test_alpha_in_the_file_wins_over_the_profile_scale(tmp_path):

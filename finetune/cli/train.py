@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from cyclopts import Parameter
 
-from finetune.errors import unwrap
+from finetune.errors import UserError, unwrap
 
 FormatFlag = Literal["auto", "chat", "text", "completions", "instruction"]
 
@@ -24,6 +24,8 @@ def validate(
     profile: Literal["none", "chat", "instruction", "code"] | None = None,
     max_errors: Annotated[int, Parameter(name="--max-errors")] = 20,
     json: bool = False,
+    show: int = 0,
+    ids: bool = False,
 ) -> int:
     """Check a recipe or a dataset without training.
 
@@ -50,12 +52,20 @@ def validate(
         How many bad rows to list.
     json
         Print the report as JSON instead of tables.
+    show
+        Print the first N rows token by token as training sees them, supervised tokens marked (colour on a terminal, ⟦brackets⟧ otherwise).
+    ids
+        With --show, print each token's id after it.
     """
     from finetune.shell import check, recipes, report
 
     is_recipe = Path(target).suffix in recipes.SUFFIXES
     flags = dict(model=model, template=template, format=format, max_seq_length=max_seq_length,
                  batch_size=batch_size, profile=profile, data=None if is_recipe else target)
+    if show < 0:
+        raise UserError(f"--show {show}: give how many rows to print (0 or more)")
+    if show and json:
+        raise UserError("--show prints rows for people to read; leave out --json")
     recipe = unwrap(recipes.load(target if is_recipe else None, flags))
     result = unwrap(check.run(recipe, available_gb=_available_gb()))
     if json:
@@ -63,8 +73,24 @@ def validate(
 
         print(msgspec.json.format(msgspec.json.encode(result)).decode())
     else:
+        if show > 0:
+            _show_rows(result, show, ids)
         report.show_check(result, report.console(), max_errors=max_errors)
     return 0 if result.ok else 2
+
+
+def _show_rows(result, n: int, ids: bool) -> None:
+    """`--show N`: the first N rows token by token (the resolved recipe, the model's tokenizer)."""
+    from returns.result import Failure, Success
+
+    from finetune.shell import report, show
+
+    out = report.console()
+    match show.tokenizer_for(result.recipe):
+        case Success(tokenizer):
+            show.show(show.gather(result.recipe, result.files, tokenizer, n), out, ids)
+        case Failure(message):
+            out.print(f"Cannot show rows without the model's tokenizer: {message}", markup=False)
 
 
 def list_data(*paths: str) -> int:
@@ -84,42 +110,26 @@ def list_data(*paths: str) -> int:
 
 def _available_gb() -> float:
     """Memory of the device training would use (system memory on CPU and Apple silicon)."""
-    from finetune.shell import backend
+    from finetune.api import _available_gb
 
-    return backend.select(None).memory_gb * 1e9 / 1024**3
-
+    return _available_gb()
 
 
 def start(
     model: str | None = None,
     data: str | None = None,
-    /,
     *,
     recipe: str | None = None,
-    template: str | None = None,
-    format: FormatFlag | None = None,
-    epochs: int | None = None,
-    iters: int | None = None,
-    batch_size: int | None = None,
-    grad_accumulation: int | None = None,
-    lora_rank: int | None = None,
-    lora_scale: float | None = None,
-    lora_alpha: float | None = None,
-    lora_layers: int | None = None,
-    learning_rate: float | None = None,
-    max_seq_length: int | None = None,
-    packing: bool | None = None,
-    profile: Literal["none", "chat", "instruction", "code"] | None = None,
-    seed: int | None = None,
-    output: str | None = None,
     resume: bool = False,
     test: bool = False,
     device: Literal["cpu", "gpu"] | None = None,
+    **settings,
 ) -> int:
     """Train LoRA adapters.
 
     Writes OUTPUT/adapters.safetensors and adapter_config.json (mlx-lm's format), recipe.toml,
-    metrics.jsonl and checkpoints/. Flags override the recipe; positionals override its model/data.
+    metrics.jsonl and checkpoints/. Runs validate's checks before loading weights. Every recipe
+    field is a flag; flags override the recipe; MODEL and DATA override its model and data.
 
     Parameters
     ----------
@@ -129,38 +139,6 @@ def start(
         Bundled dataset name, .jsonl/.json file, or directory with train/valid/test.jsonl.
     recipe
         TOML or YAML recipe to start from.
-    template
-        auto, plain, alpaca, chatml, llama2, llama3, tokenizer, a Jinja string or a file.
-    format
-        Force one row format instead of detecting each row's.
-    epochs
-        Passes over the training rows (instead of --iters).
-    iters
-        Optimizer steps (instead of --epochs).
-    batch_size
-        Rows per micro-batch.
-    grad_accumulation
-        Micro-batches per optimizer step (token-weighted).
-    lora_rank
-        Rank of the adapters.
-    lora_scale
-        Multiplier of the low-rank update (mlx-lm's scale).
-    lora_alpha
-        Alternative to --lora-scale: scale = alpha / rank.
-    lora_layers
-        Adapt the last N blocks (-1 = all).
-    learning_rate
-        Peak learning rate.
-    max_seq_length
-        Longest sequence in tokens; longer rows are truncated.
-    packing
-        Pack several rows per sequence with per-document attention.
-    profile
-        Defaults for chat, instruction or code data.
-    seed
-        Seed for LoRA init, batch order and dropout.
-    output
-        Run directory.
     resume
         Continue the run in OUTPUT from its latest checkpoint.
     test
@@ -168,17 +146,11 @@ def start(
     device
         cpu or gpu (Metal or CUDA); default: a GPU when MLX has one, else the CPU.
     """
-    from finetune.shell import recipes
+    from finetune import api
 
-    flags = dict(
-        model=model, data=data, template=template, format=format, epochs=epochs, iters=iters,
-        batch_size=batch_size, grad_accumulation=grad_accumulation, lora_rank=lora_rank,
-        lora_scale=lora_scale, lora_alpha=lora_alpha, lora_layers=lora_layers,
-        learning_rate=learning_rate, max_seq_length=max_seq_length, packing=packing,
-        profile=profile, seed=seed, output=output,
-    )
-    r = unwrap(recipes.load(recipe, flags))
-    outcome = _train(r, Path(r.output), resume, test, device=device)
+    r = api.recipe_of(recipe, **_settings(settings, model=model, data=data))
+    prepared = api.prepare(r, device, _log)
+    outcome = api.run(prepared, Path(r.output), resume=resume, test=test, log=_log)
     print(f"Adapters in {outcome.run_dir}: adapters.safetensors, adapter_config.json, recipe.toml, metrics.jsonl")
     return 0
 
@@ -186,16 +158,15 @@ def start(
 def quick(
     model: str | None = None,
     data: str | None = None,
-    /,
     *,
-    iters: int | None = None,
-    output: str | None = None,
     device: Literal["cpu", "gpu"] | None = None,
+    **settings,
 ) -> int:
     """A short LoRA run with sensible defaults, then a sample before and after.
 
     No MODEL: the built-in tiny model (random weights, a pipeline demo). No DATA: the bundled
-    SQL set. Each run gets a fresh directory under runs/.
+    SQL set. Each run gets a fresh directory under runs/ unless --output names one. Every recipe
+    field is a flag over the quick recipe (recipes/quick.toml).
 
     Parameters
     ----------
@@ -203,25 +174,82 @@ def quick(
         Local HF dir, hub id (local HF cache) or tiny.
     data
         Bundled dataset name, .jsonl/.json file, or directory with train/valid/test.jsonl.
-    iters
-        Optimizer steps (default: the quick recipe's).
-    output
-        Run directory (default: runs/quick, runs/quick-2, ...).
     device
         cpu or gpu (Metal or CUDA); default: a GPU when MLX has one, else the CPU.
     """
-    from finetune.shell import recipes
+    from finetune import api
+    from finetune.shell import recipes, samples
 
-    r = unwrap(recipes.load(recipes.bundled("quick"), dict(model=model, data=data, iters=iters, output=output)))
-    run_dir = Path(r.output) if output else _fresh(Path(r.output))
-    from finetune.shell import samples
-
-    prepared = _prepare(r, device)
+    given = _settings(settings, model=model, data=data)
+    r = api.recipe_of(recipes.bundled("quick"), **given)
+    run_dir = Path(r.output) if "output" in given else _fresh(Path(r.output))
+    prepared = api.prepare(r, device, _log)
     before = samples.show(prepared, "Before training")
-    outcome = _train(r, run_dir, False, False, prepared)
+    outcome = api.run(prepared, run_dir, resume=False, test=False, log=_log)
     samples.show(prepared, "After training", before)
     print(f"Adapters in {outcome.run_dir}. Try: ft generate {r.model.path} --adapter {outcome.run_dir} --prompt '...'")
     return 0
+
+
+def _settings(settings: dict, **positionals) -> dict:
+    """Recipe flags given (None = not given); MODEL/DATA positionals win over --model/--data."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    given.update({k: v for k, v in positionals.items() if v is not None})
+    return given
+
+
+def _with_recipe_flags(command):
+    """Give `command` (which takes **settings) one keyword flag per recipe field, from the Structs."""
+    import inspect
+
+    from cyclopts import Parameter
+
+    from finetune.core.flags import FLAGS
+
+    own = [p for p in inspect.signature(command).parameters.values() if p.kind != p.VAR_KEYWORD]
+    taken = {p.name for p in own}
+    extra = []
+    for flag in FLAGS:
+        if flag.name in taken:
+            continue
+        names = [flag.option, *("--" + a.replace("_", "-") for a in flag.aliases)]
+        hint = Annotated[flag.kind | None, Parameter(name=names, help=flag.help)]
+        extra.append(inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=hint))
+    command.__signature__ = inspect.Signature(own + extra)
+    command.__annotations__ = {**{p.name: p.annotation for p in own + extra}, "return": int}
+    return command
+
+
+def recipe(
+    out: str,
+    /,
+    *,
+    recipe: str | None = None,
+    **settings,
+) -> int:
+    """Write a recipe file (TOML, or YAML for .yaml/.yml) from a recipe and flags, without training.
+
+    Parameters
+    ----------
+    out
+        The file to write: .toml, .yaml or .yml.
+    recipe
+        TOML or YAML recipe to start from.
+    """
+    from finetune import api
+    from finetune.errors import UserError
+    from finetune.shell import recipes
+
+    if Path(out).suffix not in recipes.SUFFIXES:
+        raise UserError(f"{out}: a recipe file must end in .toml, .yaml or .yml")
+    written = recipes.save(api.recipe_of(recipe, **_settings(settings)), out)
+    print(f"Wrote {written}")
+    return 0
+
+
+start = _with_recipe_flags(start)
+quick = _with_recipe_flags(quick)
+recipe = _with_recipe_flags(recipe)
 
 
 def _fresh(base: Path) -> Path:
@@ -230,21 +258,6 @@ def _fresh(base: Path) -> Path:
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
-
-
-def _prepare(recipe, device: str | None = None):
-    from finetune.shell import backend, run
-
-    _log(backend.describe(backend.select(device)))
-    return unwrap(run.prepare_run(recipe, _log))
-
-
-def _train(recipe, run_dir: Path, resume: bool, test: bool, prepared=None, device: str | None = None):
-    from finetune.shell import run
-
-    unwrap(run.check_output(run_dir, resume))
-    prepared = prepared or _prepare(recipe, device)
-    return unwrap(run.train(prepared, run_dir, resume, _log, evaluate_test=test))
 
 
 def _log(line: str) -> None:

@@ -2,6 +2,8 @@
 
 Every field has a default that TOML can express (no `None`); `0` or `""` mean "not set" where a
 field is optional. Bounds live in `Meta` so a bad value is reported with its path (`$.train.iters`).
+Each field's `Meta(description=...)` is also its `ft train start/quick` flag's help, and
+`Meta(extra={"flag": ...})` names that flag where the default rule does not (`core/flags.py`).
 """
 
 from __future__ import annotations
@@ -9,10 +11,6 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
-
-PositiveInt = Annotated[int, Meta(ge=1)]
-NonNegInt = Annotated[int, Meta(ge=0)]
-NonNegFloat = Annotated[float, Meta(ge=0.0, le=1e9)]
 
 DataFormat = Literal["auto", "chat", "text", "completions", "instruction"]
 Supervise = Literal["assistant", "last-turn-only", "all"]
@@ -25,6 +23,12 @@ BUILTIN_TEMPLATES = ("auto", "plain", "alpaca", "chatml", "llama2", "llama3", "t
 ALL_LINEAR = "all-linear"
 
 
+def _field(description: str, flag: str = "", aliases: tuple[str, ...] = (), **bounds) -> Meta:
+    """A field's bounds, its help text and (when not the default rule's) its flag names."""
+    extra = {k: v for k, v in (("flag", flag), ("aliases", aliases)) if v}
+    return Meta(description=description, extra=extra or None, **bounds)
+
+
 class _Config(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Base: immutable, unknown fields refused, keyword-only."""
 
@@ -32,31 +36,35 @@ class _Config(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
 class ModelConfig(_Config):
     """Which base model to load and how."""
 
-    path: Annotated[str, Meta(min_length=1)] = "tiny"  # local dir, hub id, or "tiny"
-    revision: Annotated[str, Meta(min_length=1)] = "main"
-    dtype: Dtype = "auto"  # auto: float32 on CPU, the checkpoint's dtype on GPU
-    quantize_bits: Literal[0, 4, 8] = 0  # 0 = full precision base (4/8 = QLoRA)
+    path: Annotated[str, _field("Local HF dir, hub id (local HF cache) or tiny.", flag="model", min_length=1)] = "tiny"
+    revision: Annotated[str, _field("Hub revision (branch, tag or commit) of a hub id.", min_length=1)] = "main"
+    dtype: Annotated[Dtype, _field("Weights dtype; auto: float32 on the CPU, the checkpoint's own on a GPU.")] = "auto"
+    quantize_bits: Annotated[Literal[0, 4, 8], _field("Quantize a float base to 4 or 8 bits on load (QLoRA); 0 = keep it.")] = 0
+    quantize_group_size: Annotated[Literal[32, 64, 128], _field("Group size of that quantization.")] = 64
 
 
 class DataConfig(_Config):
     """Where the data is and how rows become token sequences."""
 
-    path: Annotated[str, Meta(min_length=1)] = "sql"  # bundled name, file, or split directory
-    format: DataFormat = "auto"  # auto-detected per row unless forced
-    template: Annotated[str, Meta(min_length=1)] = "auto"  # a built-in name, Jinja text or a file
-    supervise: Supervise = "assistant"  # which tokens carry loss
-    packing: bool = False
+    path: Annotated[str, _field("Bundled dataset name, .jsonl/.json file, or directory with train/valid/test.jsonl.", flag="data", min_length=1)] = "sql"
+    format: Annotated[DataFormat, _field("Force one row format instead of detecting each row's (mlx = text).")] = "auto"
+    template: Annotated[str, _field("auto, plain, alpaca, chatml, llama2, llama3, tokenizer, a Jinja string or a file.", min_length=1)] = "auto"
+    supervise: Annotated[Supervise, _field("Tokens that carry loss: every assistant turn, the last one, or all.")] = "assistant"
+    packing: Annotated[bool, _field("Pack several rows per sequence with per-document attention.")] = False
 
 
 class LoRAConfig(_Config):
     """Low-rank adapters: `y = W x + scale * (x A) B` (mlx-lm's convention)."""
 
-    rank: Annotated[int, Meta(ge=1, le=4096)] = 8
-    scale: Annotated[float, Meta(gt=0.0, le=1e6)] = 20.0
-    alpha: Annotated[float, Meta(ge=0.0, le=1e6)] = 0.0  # 0 = unset; else scale = alpha / rank
-    dropout: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.0
-    num_layers: Annotated[int, Meta(ge=-1)] = -1  # last N blocks; -1 = all
-    keys: tuple[Annotated[str, Meta(min_length=1)], ...] = (ALL_LINEAR,)
+    rank: Annotated[int, _field("Rank of the adapters.", ge=1, le=4096)] = 8
+    scale: Annotated[float, _field("Multiplier of the low-rank update (mlx-lm's scale).", gt=0.0, le=1e6)] = 20.0
+    alpha: Annotated[float, _field("Alternative to --lora-scale: scale = alpha / rank (0 = unset).", ge=0.0, le=1e6)] = 0.0
+    dropout: Annotated[float, _field("Dropout on the adapters' input.", flag="dropout", aliases=("lora-dropout",), ge=0.0, lt=1.0)] = 0.0
+    num_layers: Annotated[int, _field("Adapt the last N blocks (-1 = all).", flag="lora-layers", ge=-1)] = -1
+    keys: Annotated[
+        tuple[Annotated[str, Meta(min_length=1)], ...],
+        _field("Linear layers to adapt, comma-separated key paths (self_attn.q_proj,...) or all-linear."),
+    ] = (ALL_LINEAR,)
 
     def __post_init__(self) -> None:
         if self.num_layers == 0:
@@ -73,25 +81,25 @@ class LoRAConfig(_Config):
 class TrainingConfig(_Config):
     """Optimisation, schedule and cadence."""
 
-    iters: NonNegInt = 1000  # optimizer steps; 0 when epochs is set
-    epochs: NonNegInt = 0
-    batch_size: PositiveInt = 4
-    grad_accumulation: PositiveInt = 1
-    learning_rate: Annotated[float, Meta(gt=0.0, le=10.0)] = 1e-4
-    min_learning_rate: Annotated[float, Meta(ge=0.0, le=10.0)] = 0.0
-    optimizer: Optimizer = "adamw"
-    weight_decay: Annotated[float, Meta(ge=0.0, le=10.0)] = 0.0
-    schedule: Schedule = "cosine"
-    warmup: NonNegInt = 0  # steps of linear warmup
-    grad_clip: NonNegFloat = 1.0  # max global grad norm; 0 = off
-    max_seq_length: Annotated[int, Meta(ge=8, le=1_048_576)] = 2048
-    report_every: PositiveInt = 10
-    eval_every: NonNegInt = 200  # 0 = only at the end
-    val_batches: Annotated[int, Meta(ge=-1)] = 25  # -1 = the whole valid split
-    save_every: NonNegInt = 100  # 0 = only at the end
-    keep_checkpoints: PositiveInt = 3
-    grad_checkpoint: bool = False
-    seed: NonNegInt = 0
+    iters: Annotated[int, _field("Optimizer steps (instead of --epochs).", ge=0)] = 1000
+    epochs: Annotated[int, _field("Passes over the training rows (instead of --iters).", ge=0)] = 0
+    batch_size: Annotated[int, _field("Rows per micro-batch.", ge=1)] = 4
+    grad_accumulation: Annotated[int, _field("Micro-batches per optimizer step (token-weighted).", ge=1)] = 1
+    learning_rate: Annotated[float, _field("Peak learning rate.", gt=0.0, le=10.0)] = 1e-4
+    min_learning_rate: Annotated[float, _field("Learning rate at the end of a cosine or linear decay.", ge=0.0, le=10.0)] = 0.0
+    optimizer: Annotated[Optimizer, _field("adamw or adam.")] = "adamw"
+    weight_decay: Annotated[float, _field("AdamW's decoupled weight decay.", ge=0.0, le=10.0)] = 0.0
+    schedule: Annotated[Schedule, _field("Learning-rate decay after the warmup.")] = "cosine"
+    warmup: Annotated[int, _field("Steps of linear warmup.", ge=0)] = 0
+    grad_clip: Annotated[float, _field("Largest global gradient norm (0 = no clipping).", ge=0.0, le=1e9)] = 1.0
+    max_seq_length: Annotated[int, _field("Longest sequence in tokens; longer rows are truncated (0 = the model's context, at most 2048).", ge=0, le=1_048_576)] = 0
+    report_every: Annotated[int, _field("Steps between log lines and metrics rows.", ge=1)] = 10
+    eval_every: Annotated[int, _field("Steps between validation losses (0 = only at the end).", ge=0)] = 200
+    val_batches: Annotated[int, _field("Validation batches per evaluation (-1 = the whole valid split).", ge=-1)] = 25
+    save_every: Annotated[int, _field("Steps between checkpoints (0 = only at the end).", ge=0)] = 100
+    keep_checkpoints: Annotated[int, _field("Newest checkpoints kept.", ge=1)] = 3
+    grad_checkpoint: Annotated[bool, _field("Recompute each block's activations in the backward pass (less memory).")] = False
+    seed: Annotated[int, _field("Seed for LoRA init, batch order and dropout.", ge=0)] = 0
 
     def __post_init__(self) -> None:
         if self.iters and self.epochs:
@@ -104,14 +112,16 @@ class TrainingConfig(_Config):
             raise ValueError("min_learning_rate must not exceed learning_rate")
         if self.val_batches == 0:
             raise ValueError("val_batches must be -1 (all) or >= 1, got 0")
+        if 0 < self.max_seq_length < 8:
+            raise ValueError("max_seq_length must be 0 (the model's context) or >= 8")
 
 
 class Recipe(_Config):
     """A whole fine-tuning run."""
 
-    name: Annotated[str, Meta(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "run"
-    profile: Profile = "none"
-    output: Annotated[str, Meta(min_length=1)] = "runs/run"
+    name: Annotated[str, _field("Name of the run.", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "run"
+    profile: Annotated[Profile, _field("Defaults for chat, instruction or code data.")] = "none"
+    output: Annotated[str, _field("Run directory.", min_length=1)] = "runs/run"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     lora: LoRAConfig = LoRAConfig()

@@ -11,6 +11,7 @@ import msgspec
 from returns.result import Failure, Result, Success
 
 from finetune.core.config import Recipe
+from finetune.core.flags import VALUE_ALIASES
 
 Raw = Mapping[str, Any]
 Layer = tuple[str, Raw]  # (source label, raw table), e.g. ("recipes/sql.toml", {...})
@@ -21,59 +22,23 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "chat": {
         "data": {"format": "chat", "template": "auto", "supervise": "assistant"},
         "lora": {"rank": 16, "scale": 20.0},
-        "train": {"learning_rate": 1e-4, "max_seq_length": 2048, "warmup": 20},
+        "train": {"learning_rate": 1e-4, "warmup": 20},
     },
     "instruction": {
         "data": {"template": "alpaca", "supervise": "assistant"},
         "lora": {"rank": 8, "scale": 20.0},
-        "train": {"learning_rate": 2e-4, "max_seq_length": 1024, "warmup": 10},
+        "train": {"learning_rate": 2e-4, "warmup": 10},
     },
     "code": {
         "data": {"template": "auto", "supervise": "last-turn-only"},
         "lora": {"rank": 16, "scale": 10.0},
-        "train": {"learning_rate": 5e-5, "max_seq_length": 4096, "warmup": 20},
+        "train": {"learning_rate": 5e-5, "warmup": 20},
     },
-}
-
-# Command-line flag -> recipe field. The same names reach the same Struct fields.
-FLAG_PATHS: dict[str, tuple[str, ...]] = {
-    "model": ("model", "path"),
-    "data": ("data", "path"),
-    "template": ("data", "template"),
-    "format": ("data", "format"),
-    "packing": ("data", "packing"),
-    "epochs": ("train", "epochs"),
-    "iters": ("train", "iters"),
-    "batch_size": ("train", "batch_size"),
-    "grad_accumulation": ("train", "grad_accumulation"),
-    "learning_rate": ("train", "learning_rate"),
-    "max_seq_length": ("train", "max_seq_length"),
-    "seed": ("train", "seed"),
-    "lora_rank": ("lora", "rank"),
-    "lora_scale": ("lora", "scale"),
-    "lora_alpha": ("lora", "alpha"),
-    "lora_layers": ("lora", "num_layers"),
-    "profile": ("profile",),
-    "output": ("output",),
 }
 
 # Pairs where saying one in a higher layer withdraws the other from the layers below.
 _EXCLUSIVE = {("train", "iters"): ("train", "epochs"), ("lora", "alpha"): ("lora", "scale")}
 _EXCLUSIVE.update({b: a for a, b in list(_EXCLUSIVE.items())})
-
-
-def flags_layer(flags: Mapping[str, Any]) -> Raw:
-    """Turn `{flag: value}` (None = not given) into a nested raw table."""
-    out: dict[str, Any] = {}
-    for flag, value in flags.items():
-        if value is None:
-            continue
-        *parents, leaf = FLAG_PATHS[flag]
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = list(value) if isinstance(value, tuple) else value
-    return out
 
 
 def merge(lower: Raw, upper: Raw) -> dict[str, Any]:
@@ -105,6 +70,10 @@ def _derive(raw: dict[str, Any]) -> dict[str, Any]:
     train = out.get("train")
     if isinstance(train, Mapping) and train.get("epochs") and "iters" not in train:
         out["train"] = {**train, "iters": 0}
+    for (section, field), aliases in VALUE_ALIASES.items():  # e.g. format = "mlx" means "text"
+        table = out.get(section)
+        if isinstance(table, Mapping) and isinstance(table.get(field), str) and table[field] in aliases:
+            out[section] = {**table, field: aliases[table[field]]}
     return out
 
 
@@ -145,7 +114,12 @@ def explain(message: str, raw: Raw, layers: Sequence[Layer] = ()) -> str:
         what = f"unknown field{_suggest(field, path)}"
     else:
         what = what[:1].lower() + what[1:]
+        field = what.split(" ", 1)[0]
+        field_rule = field in _field_names(path) and " " in what  # a rule about one field
+        if field_rule:
+            path, what = f"{path}.{field}", what.split(" ", 1)[1]
         found, value = _lookup(raw, path)
+        found = found and not (field_rule and "got" in what)
         if what.startswith("invalid enum value"):
             choices = _choices(path)
             what = f"{value!r} is not one of {', '.join(map(repr, choices))}" if choices else what
@@ -172,14 +146,20 @@ def _choices(path: str) -> tuple[Any, ...]:
     return typing.get_args(field_type) if typing.get_origin(field_type) is typing.Literal else ()
 
 
-def _suggest(field: str, path: str) -> str:
-    parent = path.rsplit(".", 1)[0]
+def _field_names(path: str) -> list[str]:
+    """The field names of the Struct at `path` (`$`, `$.train`, ...); [] when it is no Struct."""
     struct: Any = Recipe
-    for part in parent.split(".")[1:]:
+    for part in path.split(".")[1:]:
         struct = next((f.type for f in msgspec.structs.fields(struct) if f.name == part), None)
         if struct is None or not isinstance(struct, type):
-            return ""
-    names = [f.name for f in msgspec.structs.fields(struct)]
+            return []
+    return [f.name for f in msgspec.structs.fields(struct)]
+
+
+def _suggest(field: str, path: str) -> str:
+    names = _field_names(path.rsplit(".", 1)[0])
+    if not names:
+        return ""
     close = difflib.get_close_matches(field, names, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
     return f" ({hint}expected one of: {', '.join(names)})"
@@ -217,3 +197,16 @@ def _source(path: str, layers: Sequence[Layer]) -> str:
 def to_builtins(recipe: Recipe) -> dict[str, Any]:
     """The recipe as plain tables (tuples become lists), ready for TOML."""
     return msgspec.json.decode(msgspec.json.encode(recipe))
+
+
+DEFAULT_MAX_SEQ_LENGTH = 2048
+
+
+def against_model(recipe: Recipe, context_length: int | None) -> Recipe:
+    """Resolve the defaults that depend on the model: `max_seq_length = 0` becomes its context
+    (at most 2048; 2048 when the model is unknown). Explicit values are kept for validation to judge."""
+    if recipe.train.max_seq_length:
+        return recipe
+    length = min(context_length or DEFAULT_MAX_SEQ_LENGTH, DEFAULT_MAX_SEQ_LENGTH)
+    train = msgspec.structs.replace(recipe.train, max_seq_length=length)
+    return msgspec.structs.replace(recipe, train=train)

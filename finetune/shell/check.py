@@ -9,8 +9,10 @@ from msgspec import Struct
 from returns.result import Failure, Result, Success
 
 from finetune.core import memory, modelinfo, prepare, templates, validate
+from finetune.core import recipe as core_recipe
 from finetune.core.config import Recipe
 from finetune.core.records import RowError, Sample
+from finetune.core.tokenize import Tokens
 from finetune.shell import datasets, resolve
 
 
@@ -62,8 +64,27 @@ def read_split(recipe: Recipe, path: Path, tok: Tokenizing | None, chosen: dict[
     return SplitData(len(rows) + len(read_errors), samples, encoded, errors)
 
 
+class Inspection(Struct, frozen=True):
+    """What `validate` reports, plus what training needs from the same reading: the tokenizer and
+    every split's token sequences (rows with nothing to learn dropped)."""
+
+    report: Report
+    tokenizer: Any = None
+    tokens: dict[str, list[Tokens]] = {}
+
+
 def run(recipe: Recipe, available_gb: float = 0.0) -> Result[Report, str]:
     """Everything `validate` says; Failure only when the data cannot be found at all."""
+    return inspect(recipe, available_gb).map(lambda i: i.report)
+
+
+def inspect(recipe: Recipe, available_gb: float = 0.0) -> Result[Inspection, str]:
+    """Read the model's config and tokenizer (no weights) and every split; run the pure checks.
+
+    `ft train validate` shows the report; `ft train start` and `finetune.train` stop on its errors
+    and train on its tokens, so the two can never disagree. Defaults that depend on the model
+    (`max_seq_length = 0`) are resolved here, and the report's recipe is the resolved one.
+    """
     located = datasets.locate(recipe.data.path)
     if isinstance(located, Failure):
         return located
@@ -75,12 +96,15 @@ def run(recipe: Recipe, available_gb: float = 0.0) -> Result[Report, str]:
             facts, tok = facts_, tok_
         case Failure(message):
             model_findings.append(validate.Finding("error", "$.model.path", message))
+    recipe = core_recipe.against_model(recipe, facts.context_length if facts else None)
     chosen: dict[str, str] = {}
     splits: dict[str, prepare.SplitStats] = {}
     row_errors: list[FileError] = []
+    tokens: dict[str, list[Tokens]] = {}
     for split, path in files.items():
         data = read_split(recipe, path, tok, chosen)
         row_errors += [FileError(str(path), e) for e in data.errors]
+        tokens[split] = [e.tokens for e in data.encoded if e.tokens.supervised]
         splits[split] = (
             prepare.summarise(data.rows, data.encoded, data.errors, recipe.train.max_seq_length)
             if tok else prepare.summarise_untokenized(data.rows, data.samples, data.errors)
@@ -89,11 +113,25 @@ def run(recipe: Recipe, available_gb: float = 0.0) -> Result[Report, str]:
     seq_len = min(recipe.train.max_seq_length, -(-longest // 32) * 32) if longest else 0
     estimate = memory.estimate(facts, recipe, seq_len) if facts else None
     findings = model_findings + validate.check(recipe, splits, facts, estimate, available_gb)
-    return Success(Report(
+    report = Report(
         recipe=recipe, files={k: str(v) for k, v in files.items()}, splits=splits,
         row_errors=row_errors, findings=findings, templates=chosen,
         model=recipe.model.path, facts=facts, estimate=estimate, seq_len=seq_len,
-    ))
+    )
+    return Success(Inspection(report, tok.tokenizer if tok else None, tokens))
+
+
+def refusal(report: Report) -> str | None:
+    """The one line `ft train start` stops with when validate would exit 2, else None."""
+    errors = [f for f in report.findings if f.level == "error"]
+    if report.row_errors:
+        first, n = report.row_errors[0], len(report.row_errors)
+        more = f" (and {n - 1} more bad rows; `ft train validate` lists them all)" if n > 1 else ""
+        return f"{first}{more}"
+    if not errors:
+        return None
+    more = f" (and {len(errors) - 1} more; `ft train validate` lists them all)" if len(errors) > 1 else ""
+    return f"{errors[0].field}: {errors[0].message}{more}"
 
 
 def _model(recipe: Recipe) -> Result[tuple[modelinfo.ModelFacts, Tokenizing], str]:

@@ -8,6 +8,7 @@ from typing import Any
 
 from returns.result import Failure, Result, Success
 
+from finetune.core import flags as core_flags
 from finetune.core import recipe as core_recipe
 from finetune.core import tomlout
 from finetune.core.config import Recipe
@@ -57,13 +58,19 @@ def load(path: str | Path | None, flags: dict[str, Any] | None = None) -> Result
             case Failure(message):
                 return Failure(message)
     if flags:
-        layers.append(("command line", core_recipe.flags_layer(flags)))
+        layers.append(("command line", core_flags.layer(flags)))
     return core_recipe.resolve(layers)
 
 
 def save(recipe: Recipe, path: str | Path) -> Path:
-    """Write the resolved recipe as TOML (atomically); loading it gives the same Recipe."""
-    return write_text(path, tomlout.dumps(core_recipe.to_builtins(recipe)))
+    """Write the resolved recipe as TOML, or YAML for a .yaml/.yml path (atomically); loading it
+    gives the same Recipe."""
+    raw = core_recipe.to_builtins(recipe)
+    if Path(path).suffix in (".yaml", ".yml"):
+        import yaml
+
+        return write_text(path, yaml.safe_dump(raw, sort_keys=False))
+    return write_text(path, tomlout.dumps(raw))
 
 
 def bundled(name: str) -> Path:

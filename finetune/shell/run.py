@@ -23,7 +23,7 @@ from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
 from finetune.errors import Interrupted
 from finetune.models import lora as lora_modules
-from finetune.shell import adapters, check, checkpoints, plot, recipes, report, trainer
+from finetune.shell import adapters, check, checkpoints, distributed, plot, recipes, report, trainer
 
 Log = Callable[[str], None]
 # Recipe fields that may change between a checkpoint and its resumption.
@@ -121,9 +121,15 @@ def fingerprint(recipe: Recipe) -> dict[str, Any]:
 
 
 def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test: bool = False) -> Result[Outcome, str]:
-    """Train (or continue) in `run_dir`; every file lands atomically."""
+    """Train (or continue) in `run_dir`; every file lands atomically. Rank 0 alone writes and logs."""
     recipe, model = prepared.recipe, prepared.model
     cfg = recipe.train
+    world = distributed.setup()
+    match _join(prepared, world):
+        case Failure(message):
+            return Failure(message)
+    lead = world.rank == 0
+    log = log if lead else (lambda line: None)
     train_data = trainer.Data(prepared.splits["train"], plan(prepared.splits["train"], recipe))
     valid = prepared.splits.get("valid")
     valid_data = trainer.Data(valid, plan(valid, recipe)) if valid else None
@@ -133,24 +139,29 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
     mx.random.seed(cfg.seed)
     cursor = trainer.Cursor()
     metrics: list[dict[str, Any]] = []
-    if resume:
-        match _restore(prepared, run_dir, optimizer):
+    if resume:  # rank 0 reads the checkpoint (other hosts have none) and hands it to every rank
+        restored = _restore(prepared, run_dir, optimizer) if lead else Success((cursor, metrics))
+        match distributed.all_ok(world, restored):
             case Success((cursor, metrics)):
+                cursor = _broadcast_state(model, optimizer, cursor, world)
                 log(f"Resuming at step {cursor.step} of {steps} from {run_dir}")
             case Failure(message):
                 return Failure(message)
-    else:
+    elif lead:
         report.start_metrics(run_dir)
-    recipes.save(recipe, run_dir / "recipe.toml")
+    if lead:
+        recipes.save(recipe, run_dir / "recipe.toml")
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
     log(f"Training {trainable:,} LoRA parameters ({trainable / total:.3%} of {total:,}) for {steps} steps "
-        f"on {len(train_data.examples):,} rows in {len(train_data.plan):,} batches")
+        f"on {len(train_data.examples):,} rows in {len(train_data.plan):,} batches"
+        + (f", {distributed.describe(world)}" if world.size > 1 else ""))
 
     def on_report(r: trainer.Report) -> None:
-        row = msgspec.to_builtins(r)
+        row = {**msgspec.to_builtins(r), "world_size": world.size, "distributed_backend": world.backend}
         metrics.append(row)
-        report.append_metrics(run_dir, row)
+        if lead:
+            report.append_metrics(run_dir, row)
         log(f"Iter {r.step}: Train loss {r.train_loss:.3f}, Learning Rate {r.learning_rate:.3e}, "
             f"It/sec {r.iterations_per_second:.3f}, Tokens/sec {r.tokens_per_second:.3f}, "
             f"Trained Tokens {r.trained_tokens}, Peak mem {r.peak_memory_gb:.3f} GB")
@@ -158,6 +169,8 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
             log(f"Iter {r.step}: Val loss {r.val_loss:.3f}")
 
     def on_save(c: trainer.Cursor) -> None:
+        if not lead:
+            return
         params = trainer.flat_trainable(model)
         adapters.save(run_dir, params, prepared.spec, prepared.kind)
         state = {
@@ -174,8 +187,13 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
             cursor = trainer.train(
                 model, optimizer, train_data, valid_data, cfg, steps, cursor,
                 on_report=lambda r: (on_report(r), advance(r)),
-                on_save=on_save, on_step=lambda c: advance(None), on_log=log,
+                on_save=on_save, on_step=lambda c: advance(None), on_log=log, world=world,
             )
+    except RuntimeError as err:  # a collective failed: name the lost rank instead of a trace
+        lost = distributed.lost_peer(err, world, run_dir)
+        if lost is None:
+            raise
+        raise lost from None
     except trainer.Interrupted as stop:
         raise Interrupted(f"interrupted at step {stop.args[0]}: checkpoint saved in {run_dir}; continue with --resume") from None
     curve = plot.text_curve(metrics)
@@ -185,7 +203,7 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
     test_loss = None
     if evaluate_test and prepared.splits.get("test"):
         test = prepared.splits["test"]
-        test_loss = trainer.evaluate(model, trainer.Data(test, plan(test, recipe)), cfg.max_seq_length, -1)
+        test_loss = trainer.evaluate(model, trainer.Data(test, plan(test, recipe)), cfg.max_seq_length, -1, world)
         log(f"Test loss {test_loss:.3f}, Test ppl {math.exp(test_loss):.3f}")
     return Success(Outcome(
         run_dir=str(run_dir), steps=cursor.step, train_loss=last.get("train_loss", math.nan),
@@ -267,6 +285,32 @@ def _restore(prepared: Prepared, run_dir: Path, optimizer: optim.Optimizer) -> R
     return Success((cursor, report.metrics_until(run_dir, cursor.step)))
 
 
+def _join(prepared: Prepared, world: distributed.World) -> Result[None, str]:
+    """Before anything is written: every rank has the same recipe, data and model, and a row."""
+    if world.size == 1:
+        return Success(None)
+    digest = distributed.run_digest(prepared.recipe, prepared.splits, prepared.model)
+    match distributed.agree(world, "the recipe, data or model", digest):
+        case Failure(message):
+            return Failure(message)
+    rows = prepared.recipe.train.batch_size
+    if world.size > rows:
+        return Failure(f"$.train.batch_size: {rows} rows per batch cannot be shared by {world.size} ranks "
+                       f"(a rank would never train); use --batch-size {world.size} or more, or fewer ranks")
+    return Success(None)
+
+
+def _broadcast_state(model: nn.Module, optimizer: optim.Optimizer, cursor: trainer.Cursor, world: distributed.World) -> trainer.Cursor:
+    """Rank 0's restored adapters, optimizer state and cursor on every rank."""
+    if world.size == 1:
+        return cursor
+    model.update(distributed.broadcast(model.trainable_parameters(), world))
+    optimizer.state = distributed.broadcast(optimizer.state, world)
+    numbers = mx.array([cursor.step, cursor.batch_index, cursor.trained_tokens], dtype=mx.int64)
+    step, batch_index, trained = distributed.broadcast(numbers, world).tolist()
+    return trainer.Cursor(step=step, batch_index=batch_index, trained_tokens=trained)
+
+
 def _first_difference(old: Any, new: Any, path: str = "$") -> str:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
@@ -276,7 +320,9 @@ def _first_difference(old: Any, new: Any, path: str = "$") -> str:
 
 
 def check_output(run_dir: Path, resume: bool) -> Result[None, str]:
-    """Refuse to overwrite a finished or started run unless resuming it."""
+    """Refuse to overwrite a finished or started run unless resuming it (rank 0 decides)."""
+    if distributed.setup().rank > 0:  # other hosts hold no run directory
+        return Success(None)
     started = (run_dir / "adapters.safetensors").exists() or bool(checkpoints.complete(run_dir))
     if resume and not checkpoints.complete(run_dir):
         return Failure(f"{run_dir}: no checkpoint to resume from")

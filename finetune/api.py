@@ -1,0 +1,133 @@
+"""The Python training API: `finetune.train`, `finetune.validate`, with the CLI's checks and errors.
+
+`ft train start` is `finetune.train` plus printing; both take every recipe field by its flag
+name (`lora_rank=16`, `batch_size=8`, `data="sql"`), layered over an optional recipe file or
+`Recipe`. Bad input raises `finetune.UserError` carrying the CLI's one-line message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from msgspec import Struct
+
+from finetune.core import flags as core_flags
+from finetune.core import recipe as core_recipe
+from finetune.core.config import Recipe
+from finetune.errors import UserError, unwrap
+
+Log = Callable[[str], None]
+
+
+class Run(Struct, frozen=True, kw_only=True):
+    """A finished (or resumed and finished) training run."""
+
+    run_dir: Path
+    recipe: Recipe  # the resolved recipe, as recipe.toml records it
+    steps: int
+    train_loss: float
+    val_loss: float | None
+    test_loss: float | None
+    trainable: int  # LoRA parameters trained
+    metrics: list[dict[str, Any]]  # the rows of metrics.jsonl
+    plan: dict[str, Any]  # batches, rows and steps the run was planned with
+
+
+def recipe_of(recipe: str | Path | Recipe | None = None, **overrides: Any) -> Recipe:
+    """A recipe file (or `Recipe`, or nothing) with flag-named overrides on top, decoded once."""
+    unknown = [k for k in overrides if k not in core_flags.BY_NAME]
+    if unknown:
+        names = list(core_flags.BY_NAME)
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UserError(f"{unknown[0]!r} is not a recipe setting ({hint}see `ft train start --help`)")
+    from finetune.shell import recipes
+
+    if isinstance(recipe, Recipe):
+        layers = [("recipe", core_recipe.to_builtins(recipe))]
+        if overrides:
+            layers.append(("arguments", core_flags.layer(overrides)))
+        return unwrap(core_recipe.resolve(layers))
+    return unwrap(recipes.load(recipe, overrides))
+
+
+def validate(recipe: str | Path | Recipe | None = None, **overrides: Any):
+    """Check a recipe and its data and model without training; returns validate's `Report`.
+
+    `report.ok` is False when `ft train validate` would exit 2; `report.findings` say why.
+    """
+    from finetune.shell import check
+
+    return unwrap(check.run(recipe_of(recipe, **overrides), available_gb=_available_gb()))
+
+
+def train(
+    recipe: str | Path | Recipe | None = None,
+    *,
+    output: str | Path | None = None,
+    resume: bool = False,
+    test: bool = False,
+    device: str | None = None,
+    log: Log | None = None,
+    **overrides: Any,
+) -> Run:
+    """Train LoRA adapters as `ft train start` does; returns the `Run`.
+
+    `output` (or the recipe's `output`) is the run directory; `resume` continues it; `test`
+    evaluates the test split at the end; `device` is "cpu", "gpu" or None (the best one);
+    `log` receives the progress lines (default: none).
+    """
+    resolved = recipe_of(recipe, **({"output": str(output)} if output else {}), **overrides)
+    prepared = prepare(resolved, device, log or _quiet)
+    return run(prepared, Path(resolved.output), resume=resume, test=test, log=log or _quiet)
+
+
+def prepare(recipe: Recipe, device: str | None, log: Log):
+    """Select the device, run validate's checks, load the model and attach fresh LoRA."""
+    from finetune.shell import backend
+    from finetune.shell import run as shell_run
+
+    info = backend.select(device)
+    log(backend.describe(info))
+    return unwrap(shell_run.prepare_run(recipe, log, available_gb=info.memory_gb * 1e9 / 1024**3))
+
+
+def run(prepared, run_dir: Path, *, resume: bool, test: bool, log: Log) -> Run:
+    """Train a prepared model into `run_dir` (refusing to overwrite a run unless resuming)."""
+    from finetune.shell import run as shell_run
+
+    unwrap(shell_run.check_output(run_dir, resume))
+    outcome = unwrap(shell_run.train(prepared, run_dir, resume, log, evaluate_test=test))
+    metrics_file = run_dir / "metrics.jsonl"
+    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] if metrics_file.is_file() else []
+    train_rows = len(prepared.splits["train"])
+    plan = {
+        "rows": train_rows,
+        "batches": len(shell_run.plan(prepared.splits["train"], prepared.recipe)),
+        "steps": outcome.steps,
+        "batch_size": prepared.recipe.train.batch_size,
+        "grad_accumulation": prepared.recipe.train.grad_accumulation,
+    }
+    return Run(
+        run_dir=Path(outcome.run_dir), recipe=prepared.recipe, steps=outcome.steps,
+        train_loss=outcome.train_loss, val_loss=outcome.val_loss, test_loss=outcome.test_loss,
+        trainable=outcome.trainable, metrics=metrics, plan=plan,
+    )
+
+
+def _available_gb() -> float:
+    """Memory of the device training would use (system memory on the CPU and Apple silicon)."""
+    from finetune.shell import backend
+
+    return backend.select(None).memory_gb * 1e9 / 1024**3
+
+
+def _quiet(line: str) -> None:
+    del line
+
+
+__all__ = ["Run", "recipe_of", "train", "validate"]
