@@ -213,3 +213,8 @@ def ours_to_mlx(model_type: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
     if model_type != "gpt2":
         return dict(tensors)
     return {("model." + k.removeprefix("transformer.") if k.startswith("transformer.") else k): v for k, v in tensors.items()}
+
+
+def on_load(bits: int, group_size: int) -> Quant | None:
+    """The recipe's `quantize_bits`/`quantize_group_size` (0 bits: keep the float base)."""
+    return Quant(default=Params(group_size=group_size, bits=bits)) if bits else None

@@ -56,7 +56,9 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0) -> Result[P
     Errors stop here with validate's message; warnings are logged. The prepared recipe is the
     resolved one (model-dependent defaults filled in), which is what recipe.toml records.
     """
+    from finetune.core import quantization
     from finetune.shell.load import load_model
+    from finetune.shell.quantized import describe as describe_quantization
 
     match check.inspect(recipe, available_gb):
         case Success(inspection):
@@ -72,15 +74,14 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0) -> Result[P
     recipe = inspection.report.recipe
     splits = {k: v for k, v in inspection.tokens.items() if v}
     log(f"Loading {recipe.model.path} ...")
-    match load_model(recipe.model.path, revision=recipe.model.revision, dtype=recipe.model.dtype):
+    on_load = quantization.on_load(recipe.model.quantize_bits, recipe.model.quantize_group_size)
+    match load_model(recipe.model.path, revision=recipe.model.revision, dtype=recipe.model.dtype, quantize=on_load):
         case Success((model, tok)):
             pass
         case Failure(message):
             return Failure(message)
-    if recipe.model.quantize_bits:
-        bits = recipe.model.quantize_bits
-        nn.quantize(model, group_size=64, bits=bits, class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0)
-        log(f"Quantized the base model's linear layers to {bits} bits (QLoRA)")
+    if base := describe_quantization(model):  # QLoRA: the base stays quantized, LoRA trains in float32
+        log(f"Base quantized {'on load' if on_load else 'as stored'}: {base.summary()} (QLoRA)")
     block = lora_modules.block_linears(model)
     keys = lora.resolve_keys(recipe.lora.keys, block)
     unknown = [k for k in keys if k not in block]
@@ -95,6 +96,7 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0) -> Result[P
     spec = AdapterSpec(
         rank=recipe.lora.rank, scale=recipe.lora.scale, dropout=recipe.lora.dropout, keys=keys,
         num_layers=recipe.lora.num_layers, model=recipe.model.path,
+        base_quantization=quantization.record(base, on_load=on_load is not None),
     )
     return Success(Prepared(recipe, model, tok, splits, spec, adapters.model_kind(model)))
 
