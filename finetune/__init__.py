@@ -10,10 +10,23 @@ _boot_blas()
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    """`finetune.load` is imported on first use, so `import finetune` stays light."""
-    if name == "load":
-        from finetune.shell.load import load
+from finetune.errors import UserError  # noqa: E402  (bad input: the CLI's one-line message)
 
-        return load
+_API = {
+    "load": "finetune.shell.load",
+    "train": "finetune.api", "validate": "finetune.api", "evaluate": "finetune.api",
+    "generate": "finetune.api", "recipe_of": "finetune.api", "Run": "finetune.api",
+    "Recipe": "finetune.core.config", "ModelConfig": "finetune.core.config",
+    "DataConfig": "finetune.core.config", "LoRAConfig": "finetune.core.config",
+    "TrainingConfig": "finetune.core.config",
+}
+__all__ = ["UserError", *_API]
+
+
+def __getattr__(name: str):
+    """The API is imported on first use, so `import finetune` stays light (no MLX, no transformers)."""
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'finetune' has no attribute {name!r}")

@@ -119,6 +119,43 @@ def run(prepared, run_dir: Path, *, resume: bool, test: bool, log: Log) -> Run:
     )
 
 
+def evaluate(run: Run | str | Path, split: str = "test", model: Any = None) -> float:
+    """Token-weighted loss of a run's adapters on one split of its recipe's data (perplexity: exp).
+
+    `model` reuses an already loaded `finetune.load(..., adapter=run)` instead of loading again.
+    """
+    from finetune.shell import check, trainer
+    from finetune.shell import run as shell_run
+    from finetune.shell.load import load
+
+    run_dir = run.run_dir if isinstance(run, Run) else Path(run)
+    resolved = recipe_of(run_dir / "recipe.toml")
+    inspection = unwrap(check.inspect(resolved))
+    rows = inspection.tokens.get(split)
+    if not rows:
+        raise UserError(f"{resolved.data.path}: no {split} split with supervised rows to evaluate")
+    if model is None:
+        model, _ = load(resolved.model.path, adapter=str(run_dir), revision=resolved.model.revision)
+    data = trainer.Data(rows, shell_run.plan(rows, inspection.report.recipe))
+    return trainer.evaluate(model, data, inspection.report.recipe.train.max_seq_length, -1)
+
+
+def generate(model: Any, tokenizer: Any, prompt: str, *, max_tokens: int = 64, temp: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, template: str | None = None) -> str:
+    """The model's continuation of `prompt` (raw text, or a user turn rendered with `template`)."""
+    from finetune.core import templates
+    from finetune.shell.generate import build_prompt, decoder
+    from finetune.shell.generate import generate as tokens_after
+
+    chosen = None
+    if template is not None:
+        chosen = unwrap(templates.resolve(template, "chat", tokenizer.chat_template or ""))
+    built = unwrap(build_prompt(tokenizer, text=prompt, template=chosen))
+    ids = list(tokens_after(model, built.ids, max_tokens=max_tokens, temp=temp, top_p=top_p,
+                            seed=seed, stop_ids=built.stop_ids))
+    return decoder(tokenizer)(ids)
+
+
 def _available_gb() -> float:
     """Memory of the device training would use (system memory on the CPU and Apple silicon)."""
     from finetune.shell import backend
@@ -130,4 +167,4 @@ def _quiet(line: str) -> None:
     del line
 
 
-__all__ = ["Run", "recipe_of", "train", "validate"]
+__all__ = ["Run", "evaluate", "generate", "recipe_of", "train", "validate"]

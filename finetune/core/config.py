@@ -48,7 +48,7 @@ class DataConfig(_Config):
 
     path: Annotated[str, _field("Bundled dataset name, .jsonl/.json file, or directory with train/valid/test.jsonl.", flag="data", min_length=1)] = "sql"
     format: Annotated[DataFormat, _field("Force one row format instead of detecting each row's (mlx = text).")] = "auto"
-    template: Annotated[str, _field("auto, plain, alpaca, chatml, llama2, llama3, tokenizer, a Jinja string or a file.", min_length=1)] = "auto"
+    template: Annotated[str, _field("Template: auto, plain, alpaca, chatml, llama2, llama3, tokenizer, a Jinja string or a file.", min_length=1)] = "auto"
     supervise: Annotated[Supervise, _field("Tokens that carry loss: every assistant turn, the last one, or all.")] = "assistant"
     packing: Annotated[bool, _field("Pack several rows per sequence with per-document attention.")] = False
 
@@ -87,7 +87,7 @@ class TrainingConfig(_Config):
     grad_accumulation: Annotated[int, _field("Micro-batches per optimizer step (token-weighted).", ge=1)] = 1
     learning_rate: Annotated[float, _field("Peak learning rate.", gt=0.0, le=10.0)] = 1e-4
     min_learning_rate: Annotated[float, _field("Learning rate at the end of a cosine or linear decay.", ge=0.0, le=10.0)] = 0.0
-    optimizer: Annotated[Optimizer, _field("adamw or adam.")] = "adamw"
+    optimizer: Annotated[Optimizer, _field("Optimizer: adamw or adam.")] = "adamw"
     weight_decay: Annotated[float, _field("AdamW's decoupled weight decay.", ge=0.0, le=10.0)] = 0.0
     schedule: Annotated[Schedule, _field("Learning-rate decay after the warmup.")] = "cosine"
     warmup: Annotated[int, _field("Steps of linear warmup.", ge=0)] = 0
