@@ -12,6 +12,8 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import msgspec
+import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from msgspec import Struct
 
@@ -19,6 +21,8 @@ from finetune.core import batching
 from finetune.core.config import TrainingConfig
 from finetune.core.losses import supervised_ce
 from finetune.core.tokenize import Tokens
+from finetune.shell import distributed
+from finetune.shell.distributed import World
 
 
 class Cursor(Struct, kw_only=True):
@@ -48,27 +52,44 @@ class Report(Struct, frozen=True, kw_only=True):
     val_loss: float | None = None
 
 
-def batch_arrays(data: Data, index: int, max_length: int) -> tuple[batching.Batch, tuple[mx.array, ...]]:
-    """The plan's batch `index` as numpy (for counts) and as MLX arrays (for the step)."""
-    rows = [[data.examples[i] for i in row] for row in data.plan[index]]
+def batch_arrays(
+    data: Data, index: int, max_length: int, part: int = 0, parts: int = 1
+) -> tuple[batching.Batch, tuple[mx.array, ...]]:
+    """Share `part` of `parts` of the plan's batch `index`, as numpy (for counts) and MLX arrays.
+
+    An empty share (more parts than rows) is the batch's first row with every weight 0: it
+    adds nothing to the sums yet still runs the same step, so its rank joins the collectives.
+    """
+    share = batching.shares(data.plan[index], parts)[part]
+    rows = [[data.examples[i] for i in row] for row in share or data.plan[index][:1]]
     b = batching.make_batch(rows, max_length)
+    if not share:
+        b = msgspec.structs.replace(b, weights=np.zeros_like(b.weights), tokens=0, supervised=0)
     arrays = (b.inputs, b.select, b.targets, b.weights)
     if b.segments is not None:
         arrays += (b.segments, b.positions)
     return b, tuple(mx.array(a) for a in arrays)
 
 
-def evaluate(model: nn.Module, data: Data, max_length: int, num_batches: int) -> float:
-    """Token-weighted mean loss over the first `num_batches` batches (-1 = all), in plan order."""
+def evaluate(model: nn.Module, data: Data, max_length: int, num_batches: int, world: World = distributed.SINGLE) -> float:
+    """Token-weighted mean loss over the first `num_batches` batches (-1 = all), in plan order.
+
+    Each rank evaluates its share of every batch; the sums are added across ranks.
+    """
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
     n = len(data.plan) if num_batches < 0 else min(num_batches, len(data.plan))
     for i in range(n):
-        _, arrays = batch_arrays(data, i, max_length)
+        if not batching.shares(data.plan[i], world.size)[world.rank]:
+            continue
+        _, arrays = batch_arrays(data, i, max_length, world.rank, world.size)
         loss, tokens = supervised_ce(model, *arrays)
         total, count = total + loss, count + tokens
         mx.eval(total, count)
     model.train()
+    if world.size > 1:
+        summed, tokens = distributed.sum_values([total.item(), count.item()])
+        return summed / max(tokens, 1.0)
     return (total / mx.maximum(count, 1.0)).item()
 
 
@@ -88,12 +109,15 @@ def train(
     on_save: Callable[[Cursor], None],
     on_step: Callable[[Cursor], None] = lambda c: None,
     on_log: Callable[[str], None] = lambda line: print(line, flush=True),
+    world: World = distributed.SINGLE,
 ) -> Cursor:
     """Run optimizer steps `cursor.step + 1 .. total_steps`; returns the final cursor.
 
     One compiled function per step (gradient, accumulation, clipping, update) with explicit
     state, one `mx.eval` per micro-batch. Batches come from `(seed, batch_index)` alone, so a
-    resumed run sees exactly the batches the uninterrupted run would have.
+    resumed run sees exactly the batches the uninterrupted run would have. With several ranks
+    each takes its share of every batch, and the update's gradients and token counts are
+    summed across ranks inside the compiled step before the one division.
     """
     state = [model.state, optimizer.state, mx.random.state]
     loss_and_grad = nn.value_and_grad(model, supervised_ce)
@@ -109,11 +133,13 @@ def train(
             tokens_total = tokens
         if not do_update:
             return loss, tokens, grad, tokens_total
+        if world.size > 1:
+            grad, tokens_total = distributed.sum_tree((grad, tokens_total))
         grad = tree_map(lambda g: g / mx.maximum(tokens_total, 1.0), grad)  # token-weighted mean
         if clip > 0:
             grad, _ = optim.clip_grad_norm(grad, clip)
         optimizer.update(model, grad)
-        return loss, tokens, None, None
+        return loss, tokens, None, tokens_total  # all ranks' supervised tokens of this step
 
     plan_size = len(train_data.plan)
     window = _Window()
@@ -122,22 +148,23 @@ def train(
     with stop:
         if valid_data and cursor.step == 0 and cfg.eval_every:
             tic = time.perf_counter()
-            val = evaluate(model, valid_data, cfg.max_seq_length, cfg.val_batches)
+            val = evaluate(model, valid_data, cfg.max_seq_length, cfg.val_batches, world)
             on_log(f"Iter 0: Val loss {val:.3f}, Val took {time.perf_counter() - tic:.3f}s")
         while cursor.step < total_steps:
             tic = time.perf_counter()
             acc_grad = acc_tokens = None
             # Dropout's randomness follows from (seed, step) alone, so a resumed run draws the
             # same masks as an uninterrupted one without saving the generator's state.
-            mx.random.seed(cfg.seed * 1_000_003 + cursor.step)
+            # Ranks draw different masks (their rows differ); one process keeps its old seeds.
+            mx.random.seed((cfg.seed * 1_000_003 + cursor.step) * world.size + world.rank)
             for micro in range(accum):
                 index = batching.batch_at(plan_size, cfg.seed, cursor.batch_index)
-                numbers, arrays = batch_arrays(train_data, index, cfg.max_seq_length)
+                numbers, arrays = batch_arrays(train_data, index, cfg.max_seq_length, world.rank, world.size)
                 loss, tokens, acc_grad, acc_tokens = step(arrays, acc_grad, acc_tokens, micro == accum - 1)
                 mx.eval(state, loss, tokens, acc_grad, acc_tokens)
                 cursor.batch_index += 1
-                cursor.trained_tokens += numbers.supervised
                 window.add(loss.item(), tokens.item(), numbers)
+            cursor.trained_tokens += int(acc_tokens.item())
             cursor.step += 1
             window.steps += 1
             window.seconds += time.perf_counter() - tic
@@ -145,10 +172,10 @@ def train(
             last = cursor.step == total_steps
             val = None
             if valid_data and ((cfg.eval_every and cursor.step % cfg.eval_every == 0) or last):
-                val = evaluate(model, valid_data, cfg.max_seq_length, cfg.val_batches)
+                val = evaluate(model, valid_data, cfg.max_seq_length, cfg.val_batches, world)
             if cursor.step % cfg.report_every == 0 or last or val is not None:
                 lr = float(optimizer.learning_rate.item())
-                on_report(window.report(cursor, plan_size, lr, val))
+                on_report(window.report(cursor, plan_size, lr, val, world))
                 window = _Window()
             if (cfg.save_every and cursor.step % cfg.save_every == 0) or last:
                 on_save(cursor)
@@ -172,7 +199,11 @@ class _Window:
         self.processed += batch.tokens
         self.slots += batch.inputs.size
 
-    def report(self, cursor: Cursor, plan_size: int, lr: float, val: float | None) -> Report:
+    def report(self, cursor: Cursor, plan_size: int, lr: float, val: float | None, world: World) -> Report:
+        if world.size > 1:  # every rank reports at the same steps: the sums are the whole batches'
+            sums = [self.loss, self.tokens, self.supervised, self.processed, self.slots]
+            self.loss, self.tokens, *counts = distributed.sum_values(sums)
+            self.supervised, self.processed, self.slots = (int(c) for c in counts)
         seconds = max(self.seconds, 1e-9)
         return Report(
             step=cursor.step,

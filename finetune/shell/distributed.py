@@ -1,0 +1,151 @@
+"""Data parallel over `mx.distributed`: the world, sums across ranks, agreement, lost peers.
+
+Ranks come from MLX's own launcher (`mlx.launch`: ring, MPI, JACCL, NCCL). The batch plan is
+global; each rank trains on its share of every batch, gradients and token counts are summed
+across ranks and divided once, and rank 0 alone writes and prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from functools import cache
+from typing import Any
+
+import mlx.core as mx
+import msgspec
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from msgspec import Struct
+from returns.result import Failure, Result, Success
+
+from finetune.errors import UserError
+
+
+class World(Struct, frozen=True):
+    rank: int
+    size: int
+    backend: str  # "ring" | "mpi" | "nccl" | "jaccl" | "none" (one process)
+
+
+SINGLE = World(0, 1, "none")
+
+
+@cache
+def setup() -> World:
+    """Join the launcher's group (one process when not launched); ranks above 0 print nothing.
+
+    Errors still reach stderr from every rank, so a failure on one host is never hidden.
+    """
+    group = mx.distributed.init()
+    if group.size() == 1:
+        return SINGLE
+    world = World(group.rank(), group.size(), _backend())
+    if world.rank > 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+    return world
+
+
+def _backend() -> str:
+    """Which backend `mx.distributed.init()` found, from the environment its launchers set."""
+    env = os.environ
+    if "MLX_IBV_DEVICES" in env or "MLX_JACCL_COORDINATOR" in env:
+        return "jaccl"
+    if "NCCL_HOST_IP" in env:
+        return "nccl"
+    if "MLX_HOSTFILE" in env:
+        return "ring"
+    if any(k in env for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MLX_MPI_LIBNAME")):
+        return "mpi"
+    return "unknown"
+
+
+def describe(world: World) -> str:
+    return "one process" if world.size == 1 else f"{world.size} ranks over {world.backend}"
+
+
+def sum_tree(tree: Any) -> Any:
+    """Sum every array of `tree` over all ranks in one all_sum (float32 on the wire)."""
+    flat = tree_flatten(tree)
+    sizes = [v.size for _, v in flat]
+    joined = mx.distributed.all_sum(mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in flat]))
+    offsets = [sum(sizes[:i]) for i in range(1, len(sizes))]
+    parts = mx.split(joined, offsets) if offsets else [joined]
+    return tree_unflatten([(k, p.reshape(v.shape).astype(v.dtype)) for (k, v), p in zip(flat, parts, strict=True)])
+
+
+def sum_values(values: list[float]) -> list[float]:
+    """Sum a few Python numbers (token counts, loss sums) over all ranks, in float64 on the CPU."""
+    summed = mx.distributed.all_sum(mx.array(values, dtype=mx.float64), stream=mx.cpu)
+    return [float(v) for v in summed.tolist()]
+
+
+def broadcast(tree: Any, world: World) -> Any:
+    """Rank 0's values of `tree` on every rank (the others contribute zeros to a sum)."""
+    if world.size == 1:
+        return tree
+    def share(v: Any) -> Any:
+        if not isinstance(v, mx.array):
+            return v
+        return mx.distributed.all_sum(v if world.rank == 0 else mx.zeros_like(v), stream=mx.cpu)
+
+    out = tree_map(share, tree)
+    mx.eval(out)
+    return out
+
+
+def agree(world: World, what: str, digest: bytes) -> Result[None, str]:
+    """Every rank holds the same `digest` of `what`, or a Failure naming the ranks that differ."""
+    if world.size == 1:
+        return Success(None)
+    mine = mx.array(list(digest), dtype=mx.uint8)
+    every = mx.distributed.all_gather(mine, stream=mx.cpu).reshape(world.size, -1).tolist()
+    differ = [r for r, d in enumerate(every) if d != every[0]]
+    if not differ:
+        return Success(None)
+    ranks = ", ".join(str(r) for r in differ)
+    return Failure(
+        f"rank {ranks} and rank 0 disagree about {what}; start every rank with the same recipe, "
+        "data and model (same files on every host)"
+    )
+
+
+def all_ok(world: World, result: Result[Any, str]) -> Result[Any, str]:
+    """`result` where every rank succeeded; else a Failure (its own message, or the failing ranks)."""
+    if world.size == 1:
+        return result
+    flags = [0.0] * world.size
+    flags[world.rank] = float(isinstance(result, Failure))
+    failed = [r for r, f in enumerate(sum_values(flags)) if f]
+    if not failed or isinstance(result, Failure):
+        return result
+    return Failure(f"rank {', '.join(map(str, failed))} stopped (its error is above); this rank stops with it")
+
+
+def run_digest(recipe: Any, splits: dict[str, list[Any]], model: Any) -> bytes:
+    """A hash of what every rank must share: the recipe (but paths), the tokens, the model's shapes."""
+    raw = msgspec.json.decode(msgspec.json.encode(recipe))
+    for key in ("name", "output"):
+        raw.pop(key, None)
+    for section, key in (("model", "path"), ("data", "path")):
+        raw.get(section, {}).pop(key, None)  # hosts may keep the same files in different places
+    h = hashlib.sha256(msgspec.json.encode(raw))
+    for split in sorted(splits):
+        h.update(split.encode())
+        for t in splits[split]:
+            h.update(msgspec.json.encode((t.ids, t.mask)))
+    for name, value in tree_flatten(model.parameters()):
+        h.update(f"{name}:{value.shape}:{value.dtype}".encode())
+    return h.digest()
+
+
+def lost_peer(err: RuntimeError, world: World, run_dir: Any) -> UserError | None:
+    """A one-line error when a collective failed because another rank died; None otherwise."""
+    if world.size == 1 or "peer" not in str(err) and "connection" not in str(err):
+        return None
+    left, right = (world.rank - 1) % world.size, (world.rank + 1) % world.size
+    peers = f"rank {left}" if left == right else f"rank {left} or rank {right}"
+    return UserError(
+        f"rank {world.rank}: lost the connection to {peers} (it died or was stopped); "
+        f"the last checkpoint in {run_dir} is intact: continue with --resume (any number of ranks)"
+    )
