@@ -147,3 +147,14 @@ def test_show_refuses_a_negative_count_and_json(capsys, tmp_path, model_dir):
     assert code == 2 and "--show -1" in one_line_error(err)
     code, out, err = run_cli(capsys, "train", "validate", data, "--model", model_dir, "--show", "2", "--json")
     assert code == 2 and "--json" in one_line_error(err) and out == ""
+
+
+def test_without_a_tokenizer_show_says_so_and_validate_fails(capsys, tmp_path, model_dir):
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "config.json").write_text((model_dir / "config.json").read_text())  # no tokenizer files
+    data = jsonl(tmp_path / "sql.jsonl", SQL)
+    code, out, _ = run_cli(capsys, "train", "validate", data, "--model", broken, "--show", "2")
+    assert code == 2
+    assert "Cannot show rows: the model's tokenizer did not load" in out and "Row 1" not in out
+    assert "cannot load the tokenizer" in out.replace("\n", " ")

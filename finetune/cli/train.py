@@ -67,30 +67,28 @@ def validate(
     if show and json:
         raise UserError("--show prints rows for people to read; leave out --json")
     recipe = unwrap(recipes.load(target if is_recipe else None, flags))
-    result = unwrap(check.run(recipe, available_gb=_available_gb()))
+    inspection = unwrap(check.inspect(recipe, available_gb=_available_gb()))
+    result = inspection.report
     if json:
         import msgspec
 
         print(msgspec.json.format(msgspec.json.encode(result)).decode())
     else:
         if show > 0:
-            _show_rows(result, show, ids)
+            _show_rows(result, inspection.tokenizer, show, ids)
         report.show_check(result, report.console(), max_errors=max_errors)
     return 0 if result.ok else 2
 
 
-def _show_rows(result, n: int, ids: bool) -> None:
+def _show_rows(result, tokenizer, n: int, ids: bool) -> None:
     """`--show N`: the first N rows token by token (the resolved recipe, the model's tokenizer)."""
-    from returns.result import Failure, Success
-
     from finetune.shell import report, show
 
     out = report.console()
-    match show.tokenizer_for(result.recipe):
-        case Success(tokenizer):
-            show.show(show.gather(result.recipe, result.files, tokenizer, n), out, ids)
-        case Failure(message):
-            out.print(f"Cannot show rows without the model's tokenizer: {message}", markup=False)
+    if tokenizer is None:
+        out.print("Cannot show rows: the model's tokenizer did not load (the findings below say why).")
+        return
+    show.show(show.gather(result.recipe, result.files, tokenizer, n), out, ids)
 
 
 def list_data(*paths: str) -> int:

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from msgspec import Struct
-from returns.result import Failure, Result, Success
 from rich.console import Console
 from rich.text import Text
 
 from finetune.core import prepare
 from finetune.core.config import Recipe
-from finetune.shell import check, datasets, resolve
+from finetune.shell import check, datasets
 
 OPEN, CLOSE, SEP = "⟦", "⟧", "¦"  # rare in data, so the marks cannot be mistaken for the text
 NEWLINE = "↵"
@@ -54,19 +53,6 @@ def gather(recipe: Recipe, files: dict[str, str], tokenizer: Any, n: int) -> lis
         if len(out) >= n:
             break
     return out
-
-
-def tokenizer_for(recipe: Recipe) -> Result[Any, str]:
-    """The recipe's model's tokenizer (no weights are read)."""
-    from finetune.shell.tokenizer import load_tokenizer
-
-    def load(directory: Path) -> Result[Any, str]:
-        try:
-            return Success(load_tokenizer(directory))
-        except Exception as err:  # transformers raises OSError/ValueError/... for broken files
-            return Failure(f"{directory}: cannot load the tokenizer ({type(err).__name__}: {err})")
-
-    return resolve.model_dir(recipe.model.path, recipe.model.revision).bind(load)
 
 
 def pieces(ids: tuple[int, ...], decode: Callable[[list[int]], str]) -> tuple[str, ...]:
