@@ -226,12 +226,13 @@ def quantized(tmp_path_factory, bases, tok):
     return d, adapter, config, source
 
 
-def test_a_quantized_base_needs_dequantize(tmp_path, capsys, quantized):
+def test_a_quantized_base_fuses_into_a_model_quantized_the_same_way(tmp_path, capsys, quantized):
     d, adapter, _, _ = quantized
-    code, _, err = run_cli(capsys, "fuse", d, "--adapter", adapter, "--output", tmp_path / "o")
-    assert code == 2
-    line = one_line_error(err)
-    assert "quantized (4-bit, group size 32)" in line and "--dequantize" in line
+    code, stdout, err = run_cli(capsys, "fuse", d, "--adapter", adapter, "--output", tmp_path / "o")
+    assert code == 0, err
+    assert "quantized 4-bit affine, group size 32" in stdout
+    written = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert written["quantization"]["bits"] == 4 and written["quantization_config"] == written["quantization"]
 
 
 def test_dequantize_then_fuse_matches_the_adapter_on_the_quantized_model(tmp_path, capsys, quantized):
@@ -276,10 +277,12 @@ def test_sizes_shards_and_configs():
     assert written["dtype"] == written["torch_dtype"] == "bfloat16" and written["rope_theta"] == 500.0
     assert "quantization" not in written and llama["torch_dtype"] == "float32"  # argument untouched
     assert fusing.fused_config({"model_type": "gpt2", "n_positions": 64}, "float32")["n_ctx"] == 64
-    bnb = fusing.quantization({"quantization_config": {"quant_method": "bitsandbytes"}})
+    from finetune.core import quantization
+
+    bnb = quantization.from_config({"quantization_config": {"quant_method": "bitsandbytes"}})
     assert "quantized with 'bitsandbytes'" in bnb.failure()
-    assert fusing.quantization({"quantization": {"bits": 8, "group_size": 32}}).unwrap().bits == 8
-    assert fusing.quantization({}).unwrap() is None
+    assert quantization.from_config({"quantization": {"bits": 8, "group_size": 32}}).unwrap().bits == 8
+    assert quantization.from_config({}).unwrap() is None
 
 
 def test_the_verdict_refuses_non_finite_vanished_and_drifting_logits():

@@ -11,7 +11,7 @@ import mlx.nn as nn
 import mlx_lm
 import pytest
 from cli_run import error_line, run_cli
-from lora_models import make_tokenizer, max_diff, mlx_logits, ours
+from lora_models import make_tokenizer, max_diff, mlx_logits, ours, random_adapter
 from mlx.utils import tree_flatten
 from test_quantized import float_source, mlx_convert
 
@@ -107,3 +107,46 @@ def test_only_lora_trains_in_float32_on_a_quantized_base(bases, q4_run):
     assert {v.dtype for v in trainable.values()} == {mx.float32}
     packed = [v for k, v in tree_flatten(model.parameters()) if k.endswith("q_proj.linear.weight")]
     assert packed and all(v.dtype == mx.uint32 for v in packed)
+
+
+# ---------------------------------------------------------------------------------------------
+# ft fuse on quantized bases
+
+
+def test_fusing_into_a_quantized_base_writes_a_model_quantized_like_it(tmp_path, capsys, bases):
+    adapter = random_adapter(bases["float"], tmp_path / "adapter", b_std=0.2)
+    out = tmp_path / "fused"
+    code, stdout, err = run_cli(capsys, "fuse", bases["q4"], "--adapter", adapter, "--output", out)
+    assert code == 0, err
+    written = json.loads((out / "config.json").read_text())
+    assert written["quantization"] == written["quantization_config"]
+    assert (written["quantization"]["bits"], written["quantization"]["group_size"]) == (4, 32)
+    fused = mlx_logits(ours(out))
+    reference, _ = mlx_lm.load(str(out))
+    assert max_diff(fused, mlx_logits(reference)) <= 1e-5  # mlx-lm reads it as we do
+    adapted, base = mlx_logits(ours(bases["q4"], adapter)), mlx_logits(ours(bases["q4"]))
+    assert max_diff(fused, adapted) < max_diff(base, adapted)  # closer to the adapter model than the base
+
+
+def test_an_update_lost_in_requantization_is_refused_and_dequantize_keeps_it(tmp_path, capsys, bases):
+    adapter = random_adapter(bases["float"], tmp_path / "adapter", b_std=1e-3)
+    code, _, err = run_cli(capsys, "fuse", bases["q4"], "--adapter", adapter, "--output", tmp_path / "q")
+    assert code == 2
+    line = error_line(err)
+    assert "the adapter's effect rounds away re-quantized (4-bit affine, group size 32)" in line
+    assert "fuse with --dequantize" in line and not (tmp_path / "q").exists()
+    out = tmp_path / "float"
+    code, stdout, err = run_cli(capsys, "fuse", bases["q4"], "--adapter", adapter, "--output", out, "--dequantize")
+    assert code == 0, err
+    assert "quantization" not in json.loads((out / "config.json").read_text())
+    assert max_diff(mlx_logits(ours(out)), mlx_logits(ours(bases["q4"], adapter))) <= 1e-4
+
+
+def test_fusing_a_quantize_on_load_run_rebuilds_its_base(tmp_path, capsys, bases):
+    run = train(capsys, bases["float"], bases["data"], tmp_path / "run", "--quantize-bits", "8",
+                "--quantize-group-size", "32")
+    out = tmp_path / "fused"
+    code, stdout, err = run_cli(capsys, "fuse", bases["float"], "--adapter", run, "--output", out, "--dequantize")
+    assert code == 0, err
+    expected = mlx_logits(ours(bases["float"], run))  # the 8-bit base it trained on, with the adapter
+    assert max_diff(mlx_logits(ours(out)), expected) <= 1e-4

@@ -28,8 +28,8 @@ def fuse(
     """Merge every LoRA pair into its base weight and write a complete HF model directory.
 
     The fused model's logits are checked against the adapter model's before anything is written:
-    an adapter whose effect rounds away in the output dtype, or a fused model that disagrees
-    beyond the dtype's tolerance, is refused (exit 2) and OUTPUT is left untouched.
+    an adapter whose effect rounds away in the output dtype (or in re-quantization), or a fused
+    model that disagrees beyond the dtype's tolerance, is refused (exit 2) and OUTPUT is left untouched.
 
     Parameters
     ----------
@@ -42,7 +42,7 @@ def fuse(
     dtype
         Dtype of the written weights; default: the base checkpoint's own.
     dequantize
-        Dequantize an MLX-quantized base first (required to fuse into a quantized model).
+        Write float weights for a quantized base (default: quantized like the base, as mlx-lm does).
     data
         Dataset whose first rows the logit check uses (default: a fixed prompt).
     rows
@@ -78,6 +78,7 @@ def fuse(
             raise UserError(message)
     files = f"{len(done.files)} weight file{'s' if len(done.files) > 1 else ''}"
     print(f"Fused {done.layers} LoRA layers into {done.output} ({done.dtype}"
-          f"{', dequantized' if done.dequantized else ''}; {files}, {done.size / 1e6:.1f} MB)")
+          f"{', dequantized' if done.dequantized else ''}"
+          f"{', quantized ' + done.quantization if done.quantization else ''}; {files}, {done.size / 1e6:.1f} MB)")
     print(done.check.summary())
     return 0

@@ -19,6 +19,7 @@ from returns.result import Failure, Result, Success
 
 from finetune.core import lora
 from finetune.core.convert import mlx_to_hf
+from finetune.core.quantization import Params, Quant, without_quantization
 from finetune.core.records import Sample
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -29,64 +30,33 @@ VANISHED = 0.5
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD = "2GB"
-_QUANT_KEYS = ("quantization", "quantization_config")
 
 
-class Quant(Struct, frozen=True, kw_only=True):
-    """MLX (mlx-lm) quantization of a checkpoint: `<path>.weight` packed, `.scales`, `.biases`."""
-
-    group_size: int
-    bits: int
-    overrides: dict[str, Any] = {}  # module path -> {group_size, bits} or False (mlx-lm's per-layer)
-
-    def params(self, path: str) -> dict[str, int]:
-        own = self.overrides.get(path)
-        if isinstance(own, Mapping):
-            return {"group_size": int(own.get("group_size", self.group_size)), "bits": int(own.get("bits", self.bits))}
-        return {"group_size": self.group_size, "bits": self.bits}
-
-
-def quantization(config: Mapping[str, Any]) -> Result[Quant | None, str]:
-    """The checkpoint's MLX quantization (None when full precision); other schemes fail."""
-    q = config.get("quantization")
-    if q is None:
-        q = config.get("quantization_config")
-        if q is None:
-            return Success(None)
-        if not isinstance(q, Mapping) or "quant_method" in q or "bits" not in q:
-            method = q.get("quant_method", "unknown") if isinstance(q, Mapping) else "unknown"
-            return Failure(f"config.json: quantized with {method!r}; FineTune reads only MLX-quantized "
-                           "checkpoints (config 'quantization'); dequantize it with transformers first")
-    if not isinstance(q, Mapping) or not isinstance(q.get("bits"), int):
-        return Failure("config.json: 'quantization' must be an object with integer 'bits' and 'group_size'")
-    if q.get("mode", "affine") != "affine":
-        return Failure(f"config.json: quantization mode {q.get('mode')!r} is not supported (only 'affine')")
-    fields = ("group_size", "bits", "mode")
-    return Success(Quant(
-        group_size=int(q.get("group_size", 64)), bits=int(q["bits"]),
-        overrides={k: v for k, v in q.items() if k not in fields},
-    ))
-
-
-def dense_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config without quantization fields."""
-    return {k: v for k, v in config.items() if k not in _QUANT_KEYS}
-
-
-def quantized_paths(weights: Mapping[str, mx.array]) -> list[str]:
-    """Module paths stored quantized (those with `.scales`), sorted."""
-    return sorted(k[: -len(".scales")] for k in weights if k.endswith(".scales"))
-
-
-def dequantize(weights: Mapping[str, mx.array], quant: Quant) -> dict[str, mx.array]:
-    """Every quantized `<path>.weight` (with `.scales`, `.biases`) as a dense matrix."""
+def dequantize(weights: Mapping[str, mx.array], plan: Mapping[str, Params]) -> dict[str, mx.array]:
+    """Every planned quantized `<path>.weight` (with `.scales`, `.biases`) as a dense matrix."""
     out = dict(weights)
-    for path in quantized_paths(weights):
-        p = quant.params(path)
+    for path, p in plan.items():
         scales, biases = out.pop(f"{path}.scales"), out.pop(f"{path}.biases", None)
         out[f"{path}.weight"] = mx.dequantize(
-            weights[f"{path}.weight"], scales, biases, group_size=p["group_size"], bits=p["bits"]
+            weights[f"{path}.weight"], scales, biases, group_size=p.group_size, bits=p.bits, mode=p.mode
         )
+    return out
+
+
+def requantize(
+    dense: Mapping[str, mx.array], packed: Mapping[str, mx.array], plan: Mapping[str, Params],
+    changed: set[str],
+) -> dict[str, mx.array]:
+    """`dense` with every planned module quantized again: a `changed` one from its dense weight,
+    the others as they were stored (`packed`: their weight, scales and biases)."""
+    out = dict(dense)
+    for path, p in plan.items():
+        names = [f"{path}.{leaf}" for leaf in ("weight", "scales", "biases")]
+        if path in changed:
+            parts = mx.quantize(dense[f"{path}.weight"], group_size=p.group_size, bits=p.bits, mode=p.mode)
+        else:
+            parts = tuple(packed[n] for n in names if n in packed)
+        out.update(zip(names, parts, strict=False))
     return out
 
 
@@ -113,13 +83,16 @@ def hf_tensors(model_type: str, config: Mapping[str, Any], weights: Mapping[str,
     return hf
 
 
-def fused_config(config: Mapping[str, Any], dtype: str) -> dict[str, Any]:
-    """The written config.json: the dtype fields updated, quantization gone.
+def fused_config(config: Mapping[str, Any], dtype: str, quant: Quant | None = None) -> dict[str, Any]:
+    """The written config.json: the dtype fields updated, the quantization `quant` (mlx-lm writes
+    it under both names) or none.
 
     Fields transformers 5 no longer writes but mlx-lm still reads are added back from their new
     homes: a top-level `rope_theta` (from `rope_parameters`) and GPT-2's `n_ctx` (= n_positions).
     """
-    out = dense_config(config)
+    out = without_quantization(config)
+    if quant is not None:
+        out["quantization"] = out["quantization_config"] = quant.as_config()
     out["dtype"] = dtype
     if "torch_dtype" in out:
         out["torch_dtype"] = dtype
@@ -192,11 +165,16 @@ class Check(Struct, frozen=True, kw_only=True):
     cast_noise: float  # the base rounded to `dtype` vs the base
     logit_scale: float  # largest |logit| of the adapter model
     kept: float  # share of the adapter's effect the fused model keeps (projection; 1 = all)
+    quantized: str = ""  # the re-quantization of a quantized base's fused layers ("" = float output)
+
+    @property
+    def stored_as(self) -> str:
+        return f"re-quantized ({self.quantized})" if self.quantized else f"in {self.dtype}"
 
     def summary(self) -> str:
         return (f"check on {self.rows} rows: fused vs adapter logits max |diff| {self.fused_vs_adapter:.2e} "
                 f"(tolerance {self.tolerance:.2e}); the adapter moves logits by up to {self.adapter_effect:.2e}, "
-                f"{self.fused_effect:.2e} after fusing in {self.dtype} ({self.kept:.0%} of its effect kept)")
+                f"{self.fused_effect:.2e} after fusing {self.stored_as} ({self.kept:.0%} of its effect kept)")
 
 
 def _max_abs(xs: Sequence[mx.array], ys: Sequence[mx.array]) -> float:
@@ -205,32 +183,42 @@ def _max_abs(xs: Sequence[mx.array], ys: Sequence[mx.array]) -> float:
 
 def measure(
     base: Sequence[mx.array], adapter: Sequence[mx.array], base_cast: Sequence[mx.array],
-    fused: Sequence[mx.array], dtype: str,
+    fused: Sequence[mx.array], dtype: str, quantized: str = "",
 ) -> Check:
-    """Compare the four models' logits (one array per row) and set the dtype's tolerance."""
+    """Compare the four models' logits (one array per row) and set the dtype's tolerance.
+
+    For re-quantized output (`quantized`), `base_cast` is the base with the same layers
+    re-quantized (re-quantizing is not idempotent: that noise is the format's); quantizing the
+    fused weights afresh adds more, so the fused model may also be as far from the adapter model
+    as the base is, but no farther.
+    """
     scale = max((mx.abs(a).max().item() for a in adapter), default=0.0)
     noise = _max_abs(base_cast, base)
     effect = [a - b for a, b in zip(adapter, base, strict=True)]
     survived = [f - c for f, c in zip(fused, base_cast, strict=True)]
     norm = sum((e * e).sum().item() for e in effect)
     along = sum((s * e).sum().item() for s, e in zip(survived, effect, strict=True))
+    effect_size = _max_abs(adapter, base)
     return Check(
         rows=len(base), dtype=dtype, fused_vs_adapter=_max_abs(fused, adapter),
-        tolerance=RTOL[dtype] * max(1.0, scale) + 3.0 * noise, adapter_effect=_max_abs(adapter, base),
+        tolerance=RTOL[dtype] * max(1.0, scale) + 3.0 * noise + (effect_size if quantized else 0.0),
+        adapter_effect=effect_size,
         fused_effect=_max_abs(fused, base_cast), cast_noise=noise, logit_scale=scale,
-        kept=along / norm if norm > 0 else 1.0,
+        kept=along / norm if norm > 0 else 1.0, quantized=quantized,
     )
 
 
 def verdict(check: Check) -> Result[Check, str]:
     """Refuse a fused model whose adapter effect vanished or whose logits drift past tolerance."""
     hint = "; fuse with --dtype float32" if check.dtype != "float32" else ""
+    if check.quantized:
+        hint = "; fuse with --dequantize to keep it in float weights"
     if not math.isfinite(check.fused_vs_adapter + check.fused_effect):
         return Failure(f"the fused model's logits are not finite in {check.dtype} (weights out of its range){hint}")
     significant = check.adapter_effect > RTOL["float32"] * max(1.0, check.logit_scale)
     if significant and check.kept < VANISHED:
         return Failure(
-            f"the adapter's effect rounds away in {check.dtype}: the fused model's logits differ from the "
+            f"the adapter's effect rounds away {check.stored_as}: the fused model's logits differ from the "
             f"base model's by at most {check.fused_effect:.2e}, the adapter model's by {check.adapter_effect:.2e} "
             f"(only {max(check.kept, 0.0):.0%} of the adapter's effect survives; its LoRA update is tiny next to "
             f"the base weights){hint}"
@@ -238,6 +226,6 @@ def verdict(check: Check) -> Result[Check, str]:
     if check.fused_vs_adapter > check.tolerance:
         return Failure(
             f"the fused model disagrees with the adapter model: max |logit difference| "
-            f"{check.fused_vs_adapter:.2e} > tolerance {check.tolerance:.2e} in {check.dtype}{hint}"
+            f"{check.fused_vs_adapter:.2e} > tolerance {check.tolerance:.2e} {check.stored_as}{hint}"
         )
     return Success(check)

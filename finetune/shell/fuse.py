@@ -1,7 +1,8 @@
 """`ft fuse`: merge an adapter into its base model and write a complete HF model directory.
 
-load base (float32; MLX-quantized bases dequantized) -> logits -> attach the adapter -> logits ->
-fuse every LoRA pair in float32 -> round to the output dtype -> check logits -> write config,
+load base + adapter (float32 compute; a quantized base stays quantized) -> adapter and base logits ->
+fuse every LoRA pair in float32 (quantized layers dequantized) -> round to the output dtype, and
+re-quantize a quantized base's fused layers unless --dequantize -> check logits -> write config,
 safetensors shards (+ index), tokenizer and generation files into a temporary directory -> rename.
 """
 
@@ -19,10 +20,11 @@ from mlx.utils import tree_flatten
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
-from finetune.core import fusing
-from finetune.core.convert import cast_weights
+from finetune.core import fusing, quantization
+from finetune.core.quantization import Params, without_quantization
 from finetune.models.lora import LoRALinear
-from finetune.shell import resolve, weights
+from finetune.shell import quantized, resolve, weights
+from finetune.shell.weights import cast_weights
 
 Log = Callable[[str], None]
 PROMPT = ("The quick brown fox jumps over the lazy dog. SELECT name, age FROM users WHERE id = 42;\n"
@@ -38,6 +40,7 @@ class Fused(Struct, frozen=True, kw_only=True):
     size: int  # bytes of weights written
     check: fusing.Check
     dequantized: bool = False
+    quantization: str = ""  # how the written weights are quantized ("" = float)
 
 
 def fuse(
@@ -54,37 +57,21 @@ def fuse(
     revision: str = "main",
     log: Log = lambda _: None,
 ) -> Result[Fused, str]:
-    """Fuse `adapter` into `model_spec` and write `output`, or a one-line reason (nothing written)."""
-    from finetune.shell.adapters import attach
-    from finetune.shell.load import check_config
+    """Fuse `adapter` into `model_spec` and write `output`, or a one-line reason (nothing written).
 
-    if output.exists() and not output.is_dir():
-        return Failure(f"{output}: exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        return Failure(f"{output}: already exists and is not empty; pass --force to replace it")
-    match resolve.model_dir(model_spec, revision).bind(
-        lambda d: resolve.read_config(d).bind(lambda c: check_config(c, model_spec)).map(lambda c: (d, c))
-    ):
+    A quantized base (as stored, or as the adapter records it was quantized on load) gives a
+    fused model quantized the same way, unless `dequantize`.
+    """
+    from finetune.shell.load import load_model
+
+    match _target(model_spec, revision, adapter, output, force):
         case Success((directory, config)):
             pass
         case failure:
             return failure
-    for other in (directory, adapter):
-        if other.exists() and output.resolve() == other.resolve():
-            return Failure(f"{output}: is the {'model' if other == directory else 'adapter'} directory itself; choose another --output")
-    match fusing.quantization(config).alt(lambda m: f"{directory}/{m}"):
-        case Success(quant):
-            pass
-        case failure:
-            return failure
-    if quant is not None and not dequantize:
-        return Failure(f"{model_spec} is quantized ({quant.bits}-bit, group size {quant.group_size}): merging LoRA "
-                       "into quantized weights would lose the adapter; pass --dequantize to write a "
-                       "full-precision fused model")
     target = dtype or _default_dtype(directory, config)
-
-    log(f"Loading {model_spec} ...")
-    match _load_base(model_spec, revision, directory, config, quant):
+    log(f"Loading {model_spec} with {adapter} ...")
+    match load_model(model_spec, revision=revision, dtype="float32", adapter=str(adapter)):
         case Success((model, tokenizer)):
             pass
         case failure:
@@ -94,29 +81,66 @@ def fuse(
             pass
         case failure:
             return failure
-    base_logits = _logits(model, ids)
-    log(f"Attaching {adapter} ...")
-    match attach(model, adapter):
-        case Success(_):
-            pass
-        case failure:
-            return failure
-    adapter_logits = _logits(model, ids)
-
-    log(f"Fusing into {target} ...")
-    dense, pairs, scale = _dense_weights(model, quant)
-    fused32 = fusing.fuse_all(dense, pairs, scale)
-    stored, base_stored = cast_weights(fused32, getattr(mx, target)), cast_weights(dense, getattr(mx, target))
-    plain = fusing.dense_config(config)
+    adapter_logits, base_logits = _logits(model, ids), _base_logits(model, ids)
+    plan = {p: q for p, q in quantized.layers(model).items() if q is not None}
+    quant = None if dequantize else quantized.describe(model)
+    log(f"Fusing into {target}{' (re-quantized: ' + quant.summary() + ')' if quant else ''} ...")
+    dense, pairs, scale = _dense_weights(model, plan)
+    stored = cast_weights(fusing.fuse_all(dense, pairs, scale), getattr(mx, target))
+    base_stored = cast_weights(dense, getattr(mx, target))
+    if quant is not None:
+        packed = _own_names(model)
+        stored = fusing.requantize(stored, packed, plan, set(pairs))
+        base_stored = fusing.requantize(base_stored, packed, plan, set(pairs))  # the format's own noise
+    keep = plan if quant is not None else {}
+    plain = without_quantization(config)
     check = fusing.measure(
-        base_logits, adapter_logits, _logits(_reloaded(plain, base_stored), ids),
-        _logits(_reloaded(plain, stored), ids), target,
+        base_logits, adapter_logits, _logits(_reloaded(plain, base_stored, keep), ids),
+        _logits(_reloaded(plain, stored, keep), ids), target, quant.summary() if quant else "",
     )
     match fusing.verdict(check):
         case Failure(message):
             return Failure(f"refusing to write {output}: {message}")
+    kind = config["model_type"]
+    if quant is not None:  # mlx-lm's layout, as its own fuse writes a quantized model
+        tensors, metadata = quantization.ours_to_mlx(kind, cast_weights(stored, getattr(mx, target))), "mlx"
+    else:
+        tensors, metadata = fusing.hf_tensors(kind, config, stored), "pt"
+    names = _write(output, directory, tensors, fusing.fused_config(config, target, quant), metadata,
+                   max_shard_bytes, force, log)
+    return Success(Fused(
+        output=str(output), dtype=target, layers=len(pairs), files=names,
+        size=sum(v.nbytes for v in tensors.values()), check=check,
+        dequantized=bool(plan) and quant is None, quantization=quant.summary() if quant else "",
+    ))
 
-    tensors = fusing.hf_tensors(config["model_type"], config, stored)
+
+def _target(spec: str, revision: str, adapter: Path, output: Path, force: bool) -> Result[tuple[Path, dict], str]:
+    """The base's directory and config, after checking OUTPUT can be written."""
+    from finetune.shell.load import check_config
+
+    if output.exists() and not output.is_dir():
+        return Failure(f"{output}: exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        return Failure(f"{output}: already exists and is not empty; pass --force to replace it")
+    match resolve.model_dir(spec, revision).bind(
+        lambda d: resolve.read_config(d).bind(lambda c: check_config(c, spec)).map(lambda c: (d, c))
+    ):
+        case Success((directory, config)):
+            pass
+        case failure:
+            return failure
+    for other in (directory, adapter):
+        if other.exists() and output.resolve() == other.resolve():
+            return Failure(f"{output}: is the {'model' if other == directory else 'adapter'} directory itself; choose another --output")
+    return Success((directory, dict(config)))
+
+
+def _write(output: Path, directory: Path, tensors: dict[str, mx.array], config: dict, metadata: str,
+           max_shard_bytes: int, force: bool, log: Log) -> list[str]:
+    """Config, weight shards (+ index) and the base's tokenizer files, as one rename."""
+    from finetune.shell.paths import write_dir
+
     sizes = {k: v.nbytes for k, v in tensors.items()}
     plan = fusing.shard_plan(sizes, max_shard_bytes)
     names = fusing.shard_names(len(plan))
@@ -124,20 +148,15 @@ def fuse(
 
     def build(tmp: Path) -> None:
         for shard, name in zip(plan, names, strict=True):
-            mx.save_safetensors(str(tmp / name), {k: tensors[k] for k in shard}, metadata={"format": "pt"})
+            mx.save_safetensors(str(tmp / name), {k: tensors[k] for k in shard}, metadata={"format": metadata})
         if len(plan) > 1:
             _write_json(tmp / fusing.INDEX, fusing.index_json(plan, sizes))
-        _write_json(tmp / "config.json", fusing.fused_config(config, target))
+        _write_json(tmp / "config.json", config)
         for f in side_files(directory):
             shutil.copyfile(f, tmp / f.name)  # follows the HF cache's symlinks
 
-    from finetune.shell.paths import write_dir
-
     write_dir(output, build, force)
-    return Success(Fused(
-        output=str(output), dtype=target, layers=len(pairs), files=names, size=sum(sizes.values()),
-        check=check, dequantized=quant is not None,
-    ))
+    return names
 
 
 def side_files(directory: Path) -> list[Path]:
@@ -154,37 +173,6 @@ def _default_dtype(directory: Path, config: dict) -> str:
     """The checkpoint's own float dtype (so the fused model is the base's size), else float32."""
     found = weights.checkpoint_dtype(directory) or config.get("dtype") or config.get("torch_dtype")
     return found if found in fusing.DTYPES else "float32"
-
-
-def _load_base(spec: str, revision: str, directory: Path, config: dict, quant: fusing.Quant | None) -> Result[tuple[nn.Module, Any], str]:
-    """The base model in float32, or with its MLX-quantized layers as stored."""
-    from finetune.shell.load import load_model
-
-    if quant is None:
-        return load_model(spec, revision=revision, dtype="float32")
-    from finetune.models import build
-    from finetune.shell.tokenizer import load_tokenizer
-
-    if config.get("model_type") == "gpt2":
-        return Failure(f"{spec}: quantized GPT-2 checkpoints are not supported")
-    match weights.read_checkpoint(directory):
-        case Success(tensors):
-            pass
-        case failure:
-            return failure
-    model = build(fusing.dense_config(config))
-    quantized = set(fusing.quantized_paths(tensors))
-    nn.quantize(model, class_predicate=lambda p, _: quant.params(p) if p in quantized else False)
-    try:
-        model.load_weights(list(tensors.items()), strict=True)
-        mx.eval(model.parameters())
-    except (ValueError, RuntimeError) as err:
-        return Failure(f"{spec}: cannot load the quantized weights from {directory} ({err})")
-    model.eval()
-    try:
-        return Success((model, load_tokenizer(directory)))
-    except Exception as err:  # transformers raises several types for missing files
-        return Failure(f"{spec}: cannot load the tokenizer from {directory} ({err})")
 
 
 def _check_rows(tokenizer: Any, data: str | None, rows: int, vocab: int) -> Result[list[list[int]], str]:
@@ -215,12 +203,22 @@ def _logits(model: nn.Module, rows: list[list[int]]) -> list[mx.array]:
     return out
 
 
-def _dense_weights(model: nn.Module, quant: fusing.Quant | None) -> tuple[dict[str, mx.array], dict[str, tuple[mx.array, mx.array]], float]:
-    """The base weights under their own names (dequantized, float32), the LoRA pairs and scale."""
-    wrapped = {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
-    pairs = {path: (m.lora_a, m.lora_b) for path, m in wrapped.items()}
-    scales = {m.scale for m in wrapped.values()}
-    assert len(scales) <= 1, "one adapter has one scale"
+def _base_logits(model: nn.Module, rows: list[list[int]]) -> list[mx.array]:
+    """The base model's logits: every LoRA layer's scale set to 0 for the call (exactly the base)."""
+    wrapped = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
+    scales = [m.scale for m in wrapped]
+    for m in wrapped:
+        m.scale = 0.0
+    try:
+        return _logits(model, rows)
+    finally:
+        for m, s in zip(wrapped, scales, strict=True):
+            m.scale = s
+
+
+def _own_names(model: nn.Module) -> dict[str, mx.array]:
+    """The model's base tensors under their own names (a LoRA layer's base under its path)."""
+    wrapped = {path for path, m in model.named_modules() if isinstance(m, LoRALinear)}
     flat: dict[str, mx.array] = {}
     for name, value in tree_flatten(model.parameters()):
         path, _, leaf = name.rpartition(".")
@@ -228,16 +226,26 @@ def _dense_weights(model: nn.Module, quant: fusing.Quant | None) -> tuple[dict[s
             continue
         owner = path.removesuffix(".linear")
         flat[f"{owner}.{leaf}" if owner in wrapped else name] = value
-    if quant is not None:
-        flat = fusing.dequantize(flat, quant)
+    return flat
+
+
+def _dense_weights(model: nn.Module, plan: dict[str, Params]) -> tuple[dict[str, mx.array], dict[str, tuple[mx.array, mx.array]], float]:
+    """The base weights under their own names (dequantized, float32), the LoRA pairs and scale."""
+    wrapped = {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+    pairs = {path: (m.lora_a, m.lora_b) for path, m in wrapped.items()}
+    scales = {m.scale for m in wrapped.values()}
+    assert len(scales) <= 1, "one adapter has one scale"
+    flat = fusing.dequantize(_own_names(model), plan)
     return cast_weights(flat, mx.float32), pairs, scales.pop() if scales else 0.0
 
 
-def _reloaded(config: dict, tensors: dict[str, mx.array]) -> nn.Module:
-    """A fresh float32 model holding `tensors` (upcast): what the written checkpoint computes."""
+def _reloaded(config: dict, tensors: dict[str, mx.array], plan: dict[str, Params]) -> nn.Module:
+    """A fresh model holding `tensors` (floats upcast, `plan`'s modules quantized): what the
+    written checkpoint computes."""
     from finetune.models import build
 
     model = build(config)
+    quantized.apply(model, plan)
     model.load_weights(list(cast_weights(tensors, mx.float32).items()), strict=True)
     model.eval()
     return model
