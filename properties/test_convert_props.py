@@ -12,13 +12,13 @@ from returns.result import Failure
 
 from finetune.core.convert import (
     SUPPORTED,
-    cast_weights,
     expected_keys,
     expected_shapes,
     hf_to_mlx,
     merge_shards,
     mlx_to_hf,
 )
+from finetune.shell.weights import cast_weights
 
 PROPS = settings(max_examples=50, deadline=None)
 # Spec, restated independently of the implementation: GPT-2 Conv1D weights are (in, out) in HF files.

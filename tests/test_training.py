@@ -29,6 +29,7 @@ from model_factory import llama_config
 
 from finetune.cli import main
 from finetune.core import batching, lora
+from finetune.core import recipe as core_recipe
 from finetune.core.config import TrainingConfig
 from finetune.core.convert import mlx_to_hf
 from finetune.core.losses import supervised_ce
@@ -240,9 +241,10 @@ def test_loss_falls_and_the_run_directory_is_complete(tmp_path, capsys, llama_di
         assert weights[f"{p}.lora_b"].shape == (8, fan_out)
         assert np.any(weights[f"{p}.lora_b"])  # trained
 
-    # recipe.toml decodes to the Recipe the command resolved
+    # recipe.toml decodes to the Recipe the command resolved, the model's context filled in
     expected = recipes.load(recipe, dict(model=str(llama_dir), data=str(reverse_data), iters=30,
                                          output=str(run))).unwrap()
+    expected = core_recipe.against_model(expected, llama_config(0)["max_position_embeddings"])
     assert recipes.load(run / "recipe.toml").unwrap() == expected
 
     # checkpoints: the newest keep_checkpoints=2, each complete; the last equals the final adapters

@@ -167,7 +167,7 @@ def _fit(adapter, model: str) -> Result[None, str]:
             pass
         case failure:
             return failure
-    prefix = "transformer.h" if facts.model_type == "gpt2" else "model.layers"
+    prefix = facts.architecture.blocks
     block = facts.linear_shapes()
     every = core_adapters.block_shapes(block, prefix, facts.num_layers)
     source = str(adapter.weights_path)

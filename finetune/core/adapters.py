@@ -10,20 +10,20 @@ import mlx.core as mx
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
+from finetune.core import architectures
 from finetune.core.quantization import parse_block
 
-# Our GPT-2 keeps HF's `transformer.` prefix; mlx-lm's GPT-2 calls the same module `model.`.
-_RENAMES = {"gpt2": ("transformer.h.", "model.h.")}
-# Where blocks live in HF's *ForCausalLM modules (= our module paths).
-_BLOCK = re.compile(r"^(model\.layers|transformer\.h)\.(\d+)\.(.+)$")
-# Every linear of one block (which leaf names are ambiguous in PEFT's target_modules).
-BLOCK_LINEARS = {
-    "gpt2": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-    "llama": (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-    ),
+# Where each family's blocks live in our module paths and in mlx-lm's adapter files (our GPT-2
+# keeps HF's `transformer.` prefix; mlx-lm's GPT-2 calls the same module `model.`).
+_RENAMES = {
+    a.family: (a.blocks + ".", a.adapter_blocks + ".") for a in architectures.FAMILIES.values()
+    if a.blocks != a.adapter_blocks
 }
+_BLOCK = re.compile(
+    rf"^({'|'.join(re.escape(a.blocks) for a in architectures.FAMILIES.values())})\.(\d+)\.(.+)$"
+)
+# Every linear of one block (which leaf names are ambiguous in PEFT's target_modules).
+BLOCK_LINEARS = {a.family: tuple(path for path, _, _ in a.linears) for a in architectures.FAMILIES.values()}
 
 
 class AdapterSpec(Struct, frozen=True, kw_only=True):
@@ -131,8 +131,11 @@ def check_shapes(
 
 
 def file_kind(names: Sequence[str]) -> str:
-    """The model kind an mlx-lm adapter file was written for: `gpt2` (`model.h.`) or `llama`."""
-    return "gpt2" if any(n.startswith("model.h.") for n in names) else "llama"
+    """The naming family an mlx-lm adapter file was written for: `gpt2` (`model.h.`) or `llama`."""
+    for theirs_family, (_, theirs) in _RENAMES.items():
+        if any(n.startswith(theirs) for n in names):
+            return theirs_family
+    return architectures.LLAMA.family
 
 
 def split_path(path: str) -> tuple[str, int, str] | None:
@@ -142,8 +145,8 @@ def split_path(path: str) -> tuple[str, int, str] | None:
 
 
 def kind_of(paths: Sequence[str]) -> str:
-    """`gpt2` for GPT-2 module paths (`transformer.h.`), else the Llama family's."""
-    return "gpt2" if any(p.startswith("transformer.h.") for p in paths) else "llama"
+    """The naming family of our module paths: `gpt2` (`transformer.h.`), else `llama`."""
+    return next((architectures.family_of_blocks(p).family for p in paths if split_path(p)), architectures.LLAMA.family)
 
 
 def paths_of(params: Mapping[str, mx.array]) -> list[str]:

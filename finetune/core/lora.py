@@ -66,9 +66,14 @@ def unfuse(weight: Array, a: Array, b: Array, scale: float) -> Array:
     return (weight - delta(a, b, scale)).astype(weight.dtype)
 
 
+def update(x: Array, a: Array, b: Array, scale: float) -> Array:
+    """The low-rank term of the forward, `scale · (x A) B` (every engine's LoRA layer calls this)."""
+    return scale * ((x @ a) @ b)  # (..., in) @ (in, r) @ (r, out)
+
+
 def apply(x: Array, weight: Array, a: Array, b: Array, scale: float) -> Array:
     """The unfused forward `x Wᵀ + scale · (x A) B` (no bias)."""
-    return x @ weight.T + scale * ((x @ a) @ b)
+    return x @ weight.T + update(x, a, b, scale)
 
 
 def count(shapes: Shapes, rank: int) -> int:

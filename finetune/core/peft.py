@@ -18,6 +18,7 @@ import mlx.core as mx
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
+from finetune.core import architectures
 from finetune.core.adapters import (
     BLOCK_LINEARS,
     AdapterSpec,
@@ -212,7 +213,7 @@ def config_json(
         "target_modules": targets,
         "layers_to_transform": chosen,
         "lora_dropout": spec.dropout,
-        "fan_in_fan_out": kind == "gpt2",
+        "fan_in_fan_out": bool(architectures.FAMILIES[kind].conv1d),  # Conv1D bases (GPT-2)
         "bias": "none",
         "use_dora": False,
         "modules_to_save": None,

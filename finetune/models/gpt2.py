@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from msgspec import Struct
 
+from finetune.core import architectures
 from finetune.models.attention import KVCache, attention_mask, cache_offset, packed_mask
 from finetune.models.base import CausalLM
 
@@ -49,17 +50,18 @@ def args_from_config(config: Mapping) -> GPT2Args:
         raise ValueError("GPT-2 scale_attn_by_inverse_layer_idx is not supported")
     if config.get("add_cross_attention", False):
         raise ValueError("GPT-2 cross-attention is not supported")
+    d = architectures.GPT2.read("gpt2", config)  # sizes: the architecture registry's reading
     return GPT2Args(
-        vocab_size=config["vocab_size"],
-        n_positions=config["n_positions"],
-        n_embd=config["n_embd"],
-        n_layer=config["n_layer"],
-        n_head=config["n_head"],
-        n_inner=config.get("n_inner") or 4 * config["n_embd"],
+        vocab_size=d.vocab,
+        n_positions=d.context,
+        n_embd=d.hidden,
+        n_layer=d.layers,
+        n_head=d.heads,
+        n_inner=d.intermediate,
         layer_norm_epsilon=config.get("layer_norm_epsilon", 1e-5),
         activation_function=act,
         scale_attn_weights=config.get("scale_attn_weights", True),
-        tie_word_embeddings=config.get("tie_word_embeddings", True),
+        tie_word_embeddings=d.tied,
     )
 
 

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from msgspec import Struct
 
+from finetune.core import architectures
 from finetune.models.attention import KVCache, attention_mask, cache_offset, packed_mask
 from finetune.models.base import CausalLM
 
@@ -84,24 +85,26 @@ def _layer_windows(config: Mapping) -> tuple[int, ...]:
 
 
 def args_from_config(config: Mapping) -> LlamaArgs:
-    """LlamaArgs from a HF config.json mapping; ValueError for what we do not implement."""
+    """LlamaArgs from a HF config.json mapping; ValueError for what we do not implement.
+
+    Sizes and bias rules come from the architecture registry; RoPE and windows are this module's.
+    """
     model_type = config["model_type"]
-    heads = config["num_attention_heads"]
-    own_bias = model_type == "llama"
+    d = architectures.REGISTRY[model_type].read(model_type, config)
     return LlamaArgs(
         model_type=model_type,
-        vocab_size=config["vocab_size"],
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_hidden_layers=config["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        vocab_size=d.vocab,
+        hidden_size=d.hidden,
+        intermediate_size=d.intermediate,
+        num_hidden_layers=d.layers,
+        num_attention_heads=d.heads,
+        num_key_value_heads=d.kv_heads,
+        head_dim=d.head_dim,
         rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-        qkv_bias=model_type == "qwen2" or (own_bias and config.get("attention_bias", False)),
-        o_bias=own_bias and config.get("attention_bias", False),
-        mlp_bias=own_bias and config.get("mlp_bias", False),
-        tie_word_embeddings=config.get("tie_word_embeddings", False),
+        qkv_bias=d.qkv_bias,
+        o_bias=d.o_bias,
+        mlp_bias=d.mlp_bias,
+        tie_word_embeddings=d.tied,
         layer_windows=_layer_windows(config),
         **_rope_fields(config),
     )

@@ -8,6 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from finetune.core import lora
+
 
 class LoRALinear(nn.Module):
     """`y = linear(x) + scale · (dropout(x) A) B`; only `lora_a` and `lora_b` train."""
@@ -22,8 +24,8 @@ class LoRALinear(nn.Module):
         self.linear.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
-        z = (self.dropout(x) @ self.lora_a) @ self.lora_b  # (..., out)
-        return self.linear(x) + (self.scale * z).astype(x.dtype)
+        z = lora.update(self.dropout(x), self.lora_a, self.lora_b, self.scale)  # (..., out)
+        return self.linear(x) + z.astype(x.dtype)
 
 
 def linear_shapes(model: nn.Module, paths: list[str] | tuple[str, ...]) -> dict[str, tuple[int, int]]:

@@ -14,7 +14,7 @@ from msgspec import Struct
 from returns.result import Failure, Result, Success
 
 from finetune.core import adapters as core_adapters
-from finetune.core import lora
+from finetune.core import architectures, lora
 from finetune.core import peft as core_peft
 from finetune.models import lora as lora_modules
 from finetune.shell.paths import write_dir, write_safetensors, write_text
@@ -33,7 +33,7 @@ FORMATS = {
 
 def model_kind(model: nn.Module) -> str:
     """`gpt2` when the blocks live under `transformer.h`, else the Llama family's naming."""
-    return "gpt2" if lora_modules.layers_prefix(model).startswith("transformer.") else "llama"
+    return architectures.family_of_blocks(lora_modules.layers_prefix(model)).family
 
 
 def save(directory: Path, params: Mapping[str, mx.array], spec: core_adapters.AdapterSpec, model_kind_: str, extra: Mapping[str, Any] | None = None) -> None:

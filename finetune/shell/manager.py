@@ -24,9 +24,10 @@ import mlx.core as mx
 import msgspec
 from returns.result import Result, Success
 
-from finetune.core.convert import cast_weights, hf_to_mlx
+from finetune.core.convert import hf_to_mlx
 from finetune.shell import weights
 from finetune.shell.paths import cache_root, write_bytes, write_safetensors
+from finetune.shell.weights import cast_weights
 
 FORMAT = 1  # bump when conversion changes what the cached files hold
 WEIGHTS = "model.safetensors"

@@ -13,9 +13,9 @@ from mlx.utils import tree_flatten
 from returns.result import Failure, Result, Success
 
 from finetune.core import quantization
-from finetune.core.convert import cast_weights
 from finetune.core.quantization import Params, Quant
 from finetune.shell import weights
+from finetune.shell.weights import cast_weights
 
 _FLOAT = (nn.Linear, nn.Embedding)
 _QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)

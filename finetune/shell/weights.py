@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import mlx.core as mx
@@ -166,3 +167,10 @@ def read_safetensors_dir(path: str | Path) -> dict[str, mx.array]:
         case Failure(message):
             raise ValueError(message)
     raise AssertionError("unreachable")
+
+
+def cast_weights(weights: Mapping[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
+    """Floating-point tensors cast to `dtype`; integer tensors (quantized data) kept as they are."""
+    return {
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
+    }
