@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 from returns.result import Failure, Result, Success
 
 from finetune.shell.paths import build_dir, write_safetensors
@@ -24,8 +23,8 @@ def directory(run_dir: Path) -> Path:
 def save(
     run_dir: Path,
     step: int,
-    adapters: Mapping[str, mx.array],
-    optimizer: Mapping[str, mx.array],
+    adapters: Mapping[str, Any],
+    optimizer: Mapping[str, Any],
     trainer: Mapping[str, Any],
     keep: int,
 ) -> Path:
@@ -54,8 +53,15 @@ def complete(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def load(path: Path) -> Result[tuple[dict[str, Any], dict[str, mx.array], dict[str, mx.array]], str]:
-    """(trainer state, adapters, optimizer state) of one checkpoint; never executes code."""
+def load(path: Path, read: Callable[[str], dict[str, Any]] | None = None) -> Result[tuple[dict[str, Any], dict[str, Any], dict[str, Any]], str]:
+    """(trainer state, adapters, optimizer state) of one checkpoint; never executes code.
+
+    `read` loads one safetensors file (default `mx.load`; the torch engine reads NumPy).
+    """
+    if read is None:
+        import mlx.core as mx
+
+        read = mx.load
     try:
         trainer = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -65,7 +71,7 @@ def load(path: Path) -> Result[tuple[dict[str, Any], dict[str, mx.array], dict[s
     arrays = []
     for name in ("adapters.safetensors", "optimizer.safetensors"):
         try:
-            arrays.append(mx.load(str(path / name)))
+            arrays.append(read(str(path / name)))
         except Exception as err:  # truncated or corrupt file
             return Failure(f"{path / name}: unreadable ({err}); delete this checkpoint to resume from an earlier one")
     return Success((trainer, arrays[0], arrays[1]))

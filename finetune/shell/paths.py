@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def cache_root() -> Path:
     """`$FINETUNE_HOME`, else `$XDG_CACHE_HOME/finetune`, else `~/.cache/finetune`."""
@@ -40,15 +42,24 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def write_safetensors(path: str | Path, arrays: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> Path:
-    """`mx.save_safetensors` to a temporary name beside `path`, then rename."""
-    import mlx.core as mx
+    """Safetensors to a temporary name beside `path`, then rename.
 
+    MLX arrays go through `mx.save_safetensors`; NumPy arrays (the torch engine's, which must not
+    import MLX) through `safetensors.numpy`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent)
     os.close(fd)
     try:
-        mx.save_safetensors(tmp, dict(arrays), metadata=dict(metadata or {"format": "mlx"}))
+        if all(type(v).__module__ == "numpy" for v in arrays.values()):
+            from safetensors.numpy import save_file
+
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata=dict(metadata or {"format": "mlx"}))
+        else:
+            import mlx.core as mx
+
+            mx.save_safetensors(tmp, dict(arrays), metadata=dict(metadata or {"format": "mlx"}))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,162 @@
+"""What every engine's run shares, free of MLX and torch: the batch plan,
+the step count, the resume fingerprint, the report rows of metrics.jsonl, Ctrl-C handling."""
+
+from __future__ import annotations
+
+import math
+import signal
+from pathlib import Path
+from typing import Any
+
+from msgspec import Struct
+from returns.result import Failure, Result, Success
+
+from finetune.core import batching
+from finetune.core import recipe as core_recipe
+from finetune.core.config import Recipe
+from finetune.core.tokenize import Tokens
+from finetune.shell import checkpoints
+
+# Recipe fields that may change between a checkpoint and its resumption.
+CADENCE = ("report_every", "eval_every", "val_batches", "save_every", "keep_checkpoints", "iters", "epochs")
+
+
+class Cursor(Struct, kw_only=True):
+    """Where a run is: optimizer steps done and micro-batches consumed (for exact resume)."""
+
+    step: int = 0
+    batch_index: int = 0
+    trained_tokens: int = 0
+
+
+class Data(Struct, frozen=True):
+    examples: list[Tokens]
+    plan: list[list[list[int]]]  # batches -> rows -> example indices
+
+
+class Report(Struct, frozen=True, kw_only=True):
+    """One row of metrics.jsonl."""
+
+    step: int
+    epoch: float
+    train_loss: float
+    learning_rate: float
+    tokens_per_second: float  # supervised tokens
+    processed_tokens_per_second: float
+    iterations_per_second: float
+    trained_tokens: int
+    peak_memory_gb: float
+    padding_efficiency: float
+    val_loss: float | None = None
+
+
+class Outcome(Struct, frozen=True, kw_only=True):
+    run_dir: str
+    steps: int
+    train_loss: float
+    val_loss: float | None
+    test_loss: float | None = None
+    trainable: int = 0
+
+
+def plan(examples: list[Tokens], recipe: Recipe) -> list[list[list[int]]]:
+    lengths = [len(t.ids) for t in examples]
+    if recipe.data.packing:
+        return batching.packed(lengths, recipe.train.batch_size, recipe.train.max_seq_length)
+    return batching.length_sorted(lengths, recipe.train.batch_size)
+
+
+def data(examples: list[Tokens], recipe: Recipe) -> Data:
+    return Data(examples, plan(examples, recipe))
+
+
+def total_steps(recipe: Recipe, plan_size: int) -> int:
+    t = recipe.train
+    return t.iters or math.ceil(plan_size * t.epochs / t.grad_accumulation)
+
+
+def fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """What must not change between a checkpoint and its resumption."""
+    raw = core_recipe.to_builtins(recipe)
+    raw.pop("name"), raw.pop("output")
+    for key in CADENCE:
+        raw["train"].pop(key)
+    return raw
+
+
+def first_difference(old: Any, new: Any, path: str = "$") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return first_difference(old.get(key), new.get(key), f"{path}.{key}")
+    return f"{path} was {old!r}, now {new!r}"
+
+
+def check_output(run_dir: Path, resume: bool) -> Result[None, str]:
+    """Refuse to overwrite a finished or started run unless resuming it."""
+    started = (run_dir / "adapters.safetensors").exists() or bool(checkpoints.complete(run_dir))
+    if resume and not checkpoints.complete(run_dir):
+        return Failure(f"{run_dir}: no checkpoint to resume from")
+    if started and not resume:
+        return Failure(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output")
+    return Success(None)
+
+
+class Window:
+    """Sums between two reports."""
+
+    def __init__(self) -> None:
+        self.loss = self.tokens = self.seconds = 0.0
+        self.supervised = self.processed = self.slots = self.steps = 0
+
+    def add(self, loss: float, tokens: float, batch: batching.Batch) -> None:
+        self.loss += loss
+        self.tokens += tokens
+        self.supervised += batch.supervised
+        self.processed += batch.tokens
+        self.slots += batch.inputs.size
+
+    def report(self, cursor: Cursor, plan_size: int, lr: float, val: float | None, peak_gb: float) -> Report:
+        seconds = max(self.seconds, 1e-9)
+        return Report(
+            step=cursor.step,
+            epoch=cursor.batch_index / plan_size,
+            train_loss=self.loss / self.tokens if self.tokens else math.nan,
+            learning_rate=lr,
+            tokens_per_second=self.supervised / seconds,
+            processed_tokens_per_second=self.processed / seconds,
+            iterations_per_second=self.steps / seconds,
+            trained_tokens=cursor.trained_tokens,
+            peak_memory_gb=peak_gb,
+            padding_efficiency=self.processed / self.slots if self.slots else 0.0,
+            val_loss=val,
+        )
+
+
+class Interrupted(Exception):
+    """Ctrl-C arrived; the loop stopped at a step boundary."""
+
+
+class StopFlag:
+    """Turns the first Ctrl-C into a request to stop at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopFlag:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nStopping after this step and saving a checkpoint (Ctrl-C again to abort).", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

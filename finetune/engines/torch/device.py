@@ -1,0 +1,96 @@
+"""Where the torch engine computes (CUDA, then MPS, then the CPU), in which dtype, and one line
+saying so in the format of the MLX engine's backend line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from finetune.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# CPU flags of native bf16 arithmetic (AVX512_BF16, Intel AMX).
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def pick(device: str | None = None) -> torch.device:
+    """`device` ("cpu", "gpu", None = the best available): CUDA, then MPS, then the CPU."""
+    assert device in (None, "cpu", "gpu"), device
+    if device != "cpu":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        if device == "gpu":
+            raise UserError("--device gpu: torch sees no GPU (no CUDA, no MPS); use --device cpu")
+    return torch.device("cpu")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here (not emulated in float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(f in cpu_flags() for f in BF16_FLAGS)
+    return False
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The base model's dtype; `auto` is bf16 where bf16 is native, else float32.
+
+    LoRA factors and optimizer state stay float32 whatever the base holds.
+    """
+    if requested == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if requested not in DTYPES:
+        raise UserError(f"$.model.dtype: {requested!r} is not one of auto, {', '.join(DTYPES)}")
+    if requested == "float16" and device.type == "cpu":
+        raise UserError("$.model.dtype: float16 has no fast CPU kernels in torch; use bfloat16 or float32 on the CPU")
+    return DTYPES[requested]
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 1e9
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError):  # sysconf names missing on this platform
+        return 0.0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def describe(device: torch.device, dtype: torch.dtype, why: str = "") -> str:
+    """One line for stderr: engine, device, memory, threads, compute dtype (and why this engine)."""
+    base = str(dtype).removeprefix("torch.")
+    compute = f"{base} base, float32 LoRA and optimizer" if dtype != torch.float32 else "float32 compute"
+    if device.type == "cuda":
+        where = f"cuda GPU ({torch.cuda.get_device_name(device)}, {_memory_gb(device):.1f} GB)"
+    elif device.type == "mps":
+        where = f"mps GPU ({_memory_gb(device):.1f} GB unified)"
+    else:
+        where = f"cpu ({_cpu_name()}, {os.cpu_count() or 1} cores, {_memory_gb(device):.1f} GB), {torch.get_num_threads()} threads"
+    line = f"backend: torch {torch.__version__} on {where}, {compute}"
+    return f"{line} ({why})" if why else line

@@ -1,0 +1,151 @@
+"""A transformers causal LM with peft LoRA attached from the core's initial values.
+
+Our adapter names are HF module paths (`model.layers.3.self_attn.q_proj.lora_a`), so peft's
+modules and our tensors meet without renaming: `lora_A.weight` = `lora_a`ᵀ, `lora_B.weight` = `lora_b`ᵀ.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from returns.result import Failure, Result, Success
+from torch import nn
+
+from finetune.core import lora
+from finetune.core.config import Recipe
+
+_BLOCK_LISTS = ("layers", "h", "blocks", "block", "layer")  # peft's own layer-list names
+
+
+class Lora(nn.Module):
+    """A peft-wrapped causal LM and what training needs from it."""
+
+    def __init__(self, peft_model: nn.Module, prefix: str, paths: tuple[str, ...]):
+        super().__init__()
+        self.peft = peft_model
+        self.lm = peft_model.get_base_model()
+        self.backbone = getattr(self.lm, self.lm.base_model_prefix)
+        self.prefix = prefix  # where the blocks live, e.g. `model.layers`
+        self.paths = paths  # adapted module paths, sorted
+
+    def hidden(self, inputs: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) final hidden states; restarting `positions` mark packed documents."""
+        return self.backbone(input_ids=inputs, position_ids=positions, use_cache=False).last_hidden_state
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_output_embeddings()(h)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V), like `finetune.load`'s models."""
+        return self.head(self.hidden(inputs))
+
+    def adapters(self) -> dict[str, torch.Tensor]:
+        """`{<path>.lora_a: (in, r), <path>.lora_b: (r, out)}`, float32, detached, on the CPU."""
+        modules = dict(self.lm.named_modules())
+        out = {}
+        for path in self.paths:
+            m = modules[path]
+            out[f"{path}.lora_a"] = m.lora_A["default"].weight.detach().float().cpu().T.contiguous()
+            out[f"{path}.lora_b"] = m.lora_B["default"].weight.detach().float().cpu().T.contiguous()
+        return out
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """Our tensor names -> the live peft parameters, in peft's (transposed) layout."""
+        modules = dict(self.lm.named_modules())
+        out = {}
+        for path in self.paths:
+            out[f"{path}.lora_a"] = modules[path].lora_A["default"].weight
+            out[f"{path}.lora_b"] = modules[path].lora_B["default"].weight
+        return out
+
+    def load_adapters(self, params: Mapping[str, np.ndarray]) -> None:
+        """Set the factors from our layout ((in, r) / (r, out))."""
+        live = self.trainable()
+        with torch.no_grad():
+            for name, value in params.items():
+                live[name].copy_(torch.from_numpy(np.ascontiguousarray(np.asarray(value).T)))
+
+
+def block_list(lm: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The first ModuleList of transformer blocks (`model.layers`, `transformer.h`, ...)."""
+    for name, module in lm.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in _BLOCK_LISTS and len(module):
+            return name, module
+    return None
+
+
+def linear_shapes(block: nn.Module) -> dict[str, tuple[int, int]]:
+    """`{key path in the block: (in, out)}` for its Linear and GPT-2 Conv1D layers, sorted."""
+    from transformers.pytorch_utils import Conv1D
+
+    out = {}
+    for name, m in block.named_modules():
+        if isinstance(m, nn.Linear):
+            out[name] = (m.in_features, m.out_features)
+        elif isinstance(m, Conv1D):
+            out[name] = tuple(m.weight.shape)  # Conv1D stores (in, out)
+    return dict(sorted(out.items()))
+
+
+def load_base(directory: Path, dtype: torch.dtype, spec: str) -> Result[nn.Module, str]:
+    """`AutoModelForCausalLM` from a local directory (no remote code), in `dtype`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa")
+    except ValueError as err:  # an architecture transformers does not know, or no sdpa for it
+        if "sdpa" in str(err).lower():
+            lm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=False)
+        else:
+            first = str(err).strip().splitlines()[0]
+            return Failure(f"{spec}: transformers cannot build this model ({first})")
+    except (OSError, KeyError) as err:
+        return Failure(f"{spec}: cannot load {directory} with transformers ({err})")
+    return Success(lm.eval())
+
+
+def attach(lm: nn.Module, recipe: Recipe, spec: str) -> Result[Lora, str]:
+    """peft LoRA on the recipe's keys and layers, starting from the core's initial values."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.core import peft as core_peft
+
+    found = block_list(lm)
+    if found is None:
+        return Failure(f"{spec}: no list of transformer blocks found in this model; LoRA targets blocks")
+    prefix, blocks = found
+    block = linear_shapes(blocks[0])
+    keys = lora.resolve_keys(recipe.lora.keys, tuple(block))
+    unknown = [k for k in keys if k not in block]
+    if unknown:
+        return Failure(f"$.lora.keys: {', '.join(unknown)} not in this model's blocks; choose from all-linear, {', '.join(block)}")
+    if recipe.lora.num_layers > len(blocks):
+        return Failure(f"$.lora.num_layers: {recipe.lora.num_layers} exceeds the model's {len(blocks)} layers")
+    layers = lora.select_layers(len(blocks), recipe.lora.num_layers)
+    paths = lora.targets(prefix, layers, keys)
+    shapes = {f"{prefix}.{i}.{k}": block[k] for i in layers for k in keys}
+    config = LoraConfig(
+        r=recipe.lora.rank, lora_alpha=core_peft.alpha_for(recipe.lora.scale, recipe.lora.rank),
+        lora_dropout=recipe.lora.dropout, target_modules=list(keys), layers_to_transform=list(layers),
+        fan_in_fan_out=lm.config.model_type == "gpt2", bias="none",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes about fan_in_fan_out and Conv1D
+        model = Lora(get_peft_model(lm, config), prefix, tuple(sorted(paths)))
+    missing = set(paths) - {n for n, m in model.lm.named_modules() if hasattr(m, "lora_A")}
+    assert not missing, f"peft did not adapt {sorted(missing)}"
+    model.load_adapters(lora.init(recipe.train.seed, shapes, recipe.lora.rank))
+    return Success(model)
+
+
+def describe_trainable(model: Lora) -> tuple[int, int]:
+    """(LoRA parameters, all parameters)."""
+    trainable = sum(p.numel() for p in model.trainable().values())
+    total = sum(p.numel() for p in model.lm.parameters())
+    return trainable, total

@@ -1,0 +1,182 @@
+"""`ft train start|quick --backend torch`: a recipe in, the same run directory out (adapters in
+mlx-lm's format, recipe.toml, metrics.jsonl, checkpoints with the optimizer state)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from msgspec import Struct
+from returns.result import Failure, Result, Success
+
+from finetune.core import adapters as core_adapters
+from finetune.core.adapters import AdapterSpec
+from finetune.core.config import Recipe
+from finetune.core.tokenize import Tokens
+from finetune.engines import rundir
+from finetune.engines.torch import device as devices
+from finetune.engines.torch import model as tmodel
+from finetune.engines.torch import packing
+from finetune.engines.torch import train as ttrain
+from finetune.errors import Interrupted
+from finetune.shell import check, checkpoints, recipes, report, resolve
+from finetune.shell.paths import write_safetensors, write_text
+
+Log = Callable[[str], None]
+
+
+class Prepared(Struct):
+    """A transformers model with fresh LoRA, its data, and where it computes."""
+
+    recipe: Recipe
+    model: Any  # model.Lora
+    tokenizer: Any
+    splits: dict[str, list[Tokens]]
+    spec: AdapterSpec
+    kind: str  # gpt2 or llama: how mlx-lm names the adapter tensors
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype of the base
+
+
+def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, device: str | None = None) -> Result[Prepared, str]:
+    """Run validate's checks, then load the model with transformers and attach fresh peft LoRA."""
+    if recipe.model.quantize_bits:
+        return Failure("$.model.quantize_bits: the torch engine trains float bases only; use --backend mlx for QLoRA")
+    where = devices.pick(device)
+    dtype = devices.resolve_dtype(recipe.model.dtype, where)
+    match check.inspect(recipe, available_gb):  # validate's checks, before any weight loads
+        case Success(inspection):
+            pass
+        case Failure(message):
+            return Failure(message)
+    refusal = check.refusal(inspection.report)
+    if refusal:
+        return Failure(refusal)
+    for finding in inspection.report.findings:
+        if finding.level == "warning":
+            log(f"warning: {finding.field}: {finding.message}")
+    recipe = inspection.report.recipe
+    splits = {k: v for k, v in inspection.tokens.items() if v}
+    log(f"Loading {recipe.model.path} ...")
+    match resolve.model_dir(recipe.model.path, recipe.model.revision):
+        case Success(directory):
+            pass
+        case Failure(message):
+            return Failure(message)
+    loaded = tmodel.load_base(directory, dtype, recipe.model.path).bind(lambda lm: tmodel.attach(lm, recipe, recipe.model.path))
+    match loaded:
+        case Success(model):
+            pass
+        case Failure(message):
+            return Failure(message)
+    model.to(where)
+    if recipe.data.packing and not packing.supported(model, where):
+        return Failure(f"$.data.packing: {model.lm.config.model_type} in transformers ignores document boundaries "
+                       "in packed rows here; set packing = false or use --backend mlx")
+    keys = tuple(sorted({p[len(model.prefix) + 1:].split(".", 1)[1] for p in model.paths}))
+    spec = AdapterSpec(
+        rank=recipe.lora.rank, scale=recipe.lora.scale, dropout=recipe.lora.dropout, keys=keys,
+        num_layers=recipe.lora.num_layers, model=recipe.model.path,
+    )
+    kind = "gpt2" if model.prefix.startswith("transformer.") else "llama"
+    return Success(Prepared(recipe, model, inspection.tokenizer, splits, spec, kind, where, dtype))
+
+
+def save_adapters(directory: Path, params: dict[str, Any], spec: AdapterSpec, kind: str) -> None:
+    """`adapters.safetensors` + `adapter_config.json` in mlx-lm's format, each written atomically."""
+    arrays = {k: v.numpy() for k, v in params.items()}
+    write_safetensors(directory / "adapters.safetensors", core_adapters.to_file_keys(arrays, kind))
+    write_text(directory / "adapter_config.json", json.dumps(core_adapters.config_json(spec), indent=2) + "\n")
+
+
+def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test: bool = False) -> Result[rundir.Outcome, str]:
+    """Train (or continue) in `run_dir`; every file lands atomically."""
+    recipe, model, where = prepared.recipe, prepared.model, prepared.device
+    cfg = recipe.train
+    train_data = rundir.data(prepared.splits["train"], recipe)
+    valid = prepared.splits.get("valid")
+    valid_data = rundir.data(valid, recipe) if valid else None
+    steps = rundir.total_steps(recipe, len(train_data.plan))
+    optimizer = ttrain.Optimizer(model.trainable(), cfg, steps)
+    cursor = rundir.Cursor()
+    metrics: list[dict[str, Any]] = []
+    if resume:
+        match _restore(prepared, run_dir, optimizer, steps):
+            case Success((cursor, metrics)):
+                log(f"Resuming at step {cursor.step} of {steps} from {run_dir}")
+            case Failure(message):
+                return Failure(message)
+    else:
+        report.start_metrics(run_dir)
+    recipes.save(recipe, run_dir / "recipe.toml")
+    trainable, total = tmodel.describe_trainable(model)
+    log(f"Training {trainable:,} LoRA parameters ({trainable / total:.3%} of {total:,}) for {steps} steps "
+        f"on {len(train_data.examples):,} rows in {len(train_data.plan):,} batches")
+
+    def on_report(r: rundir.Report) -> None:
+        row = msgspec.to_builtins(r)
+        metrics.append(row)
+        report.append_metrics(run_dir, row)
+        log(f"Iter {r.step}: Train loss {r.train_loss:.3f}, Learning Rate {r.learning_rate:.3e}, "
+            f"It/sec {r.iterations_per_second:.3f}, Tokens/sec {r.tokens_per_second:.3f}, "
+            f"Trained Tokens {r.trained_tokens}, Peak mem {r.peak_memory_gb:.3f} GB")
+        if r.val_loss is not None:
+            log(f"Iter {r.step}: Val loss {r.val_loss:.3f}")
+
+    def on_save(c: rundir.Cursor) -> None:
+        params = {k: v.numpy() for k, v in model.adapters().items()}
+        save_adapters(run_dir, model.adapters(), prepared.spec, prepared.kind)
+        state = {**msgspec.to_builtins(c), "total_steps": steps, "recipe": rundir.fingerprint(recipe),
+                 "metrics": len(metrics), "engine": "torch"}
+        checkpoints.save(run_dir, c.step, params, optimizer.state(), state, cfg.keep_checkpoints)
+
+    try:
+        cursor = ttrain.train(model, optimizer, train_data, valid_data, cfg, steps, cursor, where,
+                              on_report=on_report, on_save=on_save, on_log=log)
+    except rundir.Interrupted as stop:
+        raise Interrupted(f"interrupted at step {stop.args[0]}: checkpoint saved in {run_dir}; continue with --resume") from None
+    last = metrics[-1] if metrics else {}
+    test_loss = None
+    if evaluate_test and prepared.splits.get("test"):
+        test = rundir.data(prepared.splits["test"], recipe)
+        test_loss = ttrain.evaluate(model, test, cfg.max_seq_length, -1, where)
+        log(f"Test loss {test_loss:.3f}, Test ppl {math.exp(test_loss):.3f}")
+    return Success(rundir.Outcome(
+        run_dir=str(run_dir), steps=cursor.step, train_loss=last.get("train_loss", math.nan),
+        val_loss=last.get("val_loss"), test_loss=test_loss, trainable=trainable,
+    ))
+
+
+def _restore(prepared: Prepared, run_dir: Path, optimizer: ttrain.Optimizer, steps: int) -> Result[tuple[rundir.Cursor, list[dict]], str]:
+    """Adapters, optimizer state and data cursor from the newest complete checkpoint."""
+    from safetensors.numpy import load_file
+
+    found = checkpoints.complete(run_dir)
+    if not found:
+        return Failure(f"{run_dir}: no checkpoint to resume from (checkpoints/ is empty or missing)")
+    match checkpoints.load(found[-1], load_file):
+        case Success((state, params, opt)):
+            pass
+        case Failure(message):
+            return Failure(message)
+    source = found[-1]
+    now = rundir.fingerprint(prepared.recipe)
+    if state.get("recipe") != now:
+        diff = rundir.first_difference(state.get("recipe", {}), now)
+        return Failure(f"{source}: made with a different recipe ({diff}); resume with the same settings or start a new --output")
+    if state.get("total_steps") not in (None, steps):
+        print(f"Note: the run had {state['total_steps']} steps and now has a different length; the learning-rate schedule changes from here.")
+    live = prepared.model.trainable()
+    for name, value in params.items():
+        if name not in live or tuple(live[name].shape) != value.shape[::-1]:
+            return Failure(f"{source}/adapters.safetensors: {name} does not fit this model")
+    if set(live) != set(params):
+        return Failure(f"{source}/adapters.safetensors: holds {len(params)} tensors, the model needs {len(live)}")
+    prepared.model.load_adapters(params)
+    optimizer.restore(opt)
+    cursor = rundir.Cursor(step=state["step"], batch_index=state["batch_index"], trained_tokens=state["trained_tokens"])
+    return Success((cursor, report.metrics_until(run_dir, cursor.step)))

@@ -1,0 +1,187 @@
+"""The torch train step and loop: the MLX engine's loss, accumulation, clipping, optimizer and
+schedule, step for step, on the core's batch plan.
+
+The optimizer is MLX's Adam/AdamW (no bias correction, decoupled decay `p·(1 − lr·λ)`), written
+here in a few torch ops: torch's own Adam always corrects bias, so it would train differently.
+Its state uses MLX's names (`<tensor>.m`, `.v`, `step`, `learning_rate`) in our layout.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from finetune.core import batching, schedule
+from finetune.core.config import TrainingConfig
+from finetune.engines.rundir import Cursor, Data, Interrupted, Report, StopFlag, Window
+from finetune.engines.torch.model import Lora
+
+BETAS, EPS = (0.9, 0.999), 1e-8
+
+
+def batch_tensors(data: Data, index: int, max_length: int, device: torch.device) -> tuple[batching.Batch, tuple[torch.Tensor, ...]]:
+    """The plan's batch `index` as numpy (for counts) and as tensors (for the step)."""
+    rows = [[data.examples[i] for i in row] for row in data.plan[index]]
+    b = batching.make_batch(rows, max_length)
+    arrays = [b.inputs.astype(np.int64), b.select.astype(np.int64), b.targets.astype(np.int64), b.weights]
+    if b.positions is not None:
+        arrays.append(b.positions.astype(np.int64))
+    return b, tuple(torch.from_numpy(a).to(device) for a in arrays)
+
+
+def supervised_ce(model: Lora, inputs, select, targets, weights, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ cross-entropy, number of targets): the LM head only at supervised positions.
+
+    Packed rows carry `positions` that restart per document; transformers reads the restarts
+    as document boundaries (block-diagonal causal attention).
+    """
+    h = model.hidden(inputs, positions)  # (B, T, D)
+    h = h.reshape(-1, h.shape[-1])[select]  # (N, D)
+    logits = model.head(h).float()  # (N, V)
+    ce = F.cross_entropy(logits, targets, reduction="none")  # (N,)
+    return (ce * weights).sum(), weights.sum()
+
+
+class Optimizer:
+    """MLX's Adam / AdamW over named float32 parameters (peft's layout; elementwise, so any)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], cfg: TrainingConfig, total_steps: int):
+        self.params = params
+        self.decay = cfg.weight_decay if cfg.optimizer == "adamw" else 0.0
+        self.schedule = schedule.build(cfg, total_steps)
+        self.step = 0
+        self.m = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.v = {k: torch.zeros_like(p) for k, p in params.items()}
+
+    def learning_rate(self, step: int) -> float:
+        """The rate of update `step + 1` (the schedule is float32, as in the MLX engine)."""
+        return float(self.schedule(np.uint64(step)))
+
+    @torch.no_grad()
+    def update(self, grads: dict[str, torch.Tensor]) -> None:
+        lr = self.learning_rate(self.step)
+        b1, b2 = BETAS
+        for k, p in self.params.items():
+            g = grads[k]
+            if self.decay:
+                p.mul_(1 - lr * self.decay)
+            self.m[k].mul_(b1).add_(g, alpha=1 - b1)
+            self.v[k].mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.sub_(lr * self.m[k] / (self.v[k].sqrt() + EPS))
+        self.step += 1
+
+    def state(self) -> dict[str, np.ndarray]:
+        """MLX's flattened names, our (transposed) layout."""
+        out = {"step": np.array(self.step, np.uint64), "learning_rate": np.array(self.learning_rate(max(self.step - 1, 0)), np.float32)}
+        for k in self.params:
+            out[f"{k}.m"] = self.m[k].detach().cpu().T.numpy().copy()
+            out[f"{k}.v"] = self.v[k].detach().cpu().T.numpy().copy()
+        return out
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        self.step = int(np.asarray(state["step"]).reshape(-1)[0])
+        for k, p in self.params.items():
+            self.m[k] = torch.from_numpy(np.ascontiguousarray(state[f"{k}.m"].T)).to(p.device)
+            self.v[k] = torch.from_numpy(np.ascontiguousarray(state[f"{k}.v"].T)).to(p.device)
+
+
+def clip_(grads: dict[str, torch.Tensor], max_norm: float) -> None:
+    """MLX's clip_grad_norm: scale by min(1, max_norm / (‖g‖ + 1e-6)), in place."""
+    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values()))
+    factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads.values():
+        g.mul_(factor)
+
+
+@torch.no_grad()
+def evaluate(model: Lora, data: Data, max_length: int, num_batches: int, device: torch.device) -> float:
+    """Token-weighted mean loss over the first `num_batches` batches (-1 = all), in plan order."""
+    model.eval()
+    total, count = 0.0, 0.0
+    n = len(data.plan) if num_batches < 0 else min(num_batches, len(data.plan))
+    for i in range(n):
+        _, tensors = batch_tensors(data, i, max_length, device)
+        loss, tokens = supervised_ce(model, *tensors)
+        total, count = total + loss.item(), count + tokens.item()
+    model.train()
+    return total / max(count, 1.0)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 1e9
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the process's peak: KiB on Linux
+    return rss * (1 if sys.platform == "darwin" else 1024) / 1e9
+
+
+def train(
+    model: Lora,
+    optimizer: Optimizer,
+    train_data: Data,
+    valid_data: Data | None,
+    cfg: TrainingConfig,
+    total_steps: int,
+    cursor: Cursor,
+    device: torch.device,
+    on_report: Callable[[Report], None],
+    on_save: Callable[[Cursor], None],
+    on_step: Callable[[Cursor], None] = lambda c: None,
+    on_log: Callable[[str], None] = lambda line: print(line, flush=True),
+) -> Cursor:
+    """Run optimizer steps `cursor.step + 1 .. total_steps`, as `shell.trainer.train` does."""
+    params = optimizer.params
+    accum, clip, plan_size = cfg.grad_accumulation, cfg.grad_clip, len(train_data.plan)
+    window, stop = Window(), StopFlag()
+    model.train()
+    with stop:
+        if valid_data and cursor.step == 0 and cfg.eval_every:
+            tic = time.perf_counter()
+            val = evaluate(model, valid_data, cfg.max_seq_length, cfg.val_batches, device)
+            on_log(f"Iter 0: Val loss {val:.3f}, Val took {time.perf_counter() - tic:.3f}s")
+        while cursor.step < total_steps:
+            tic = time.perf_counter()
+            torch.manual_seed(cfg.seed * 1_000_003 + cursor.step)  # dropout from (seed, step) alone
+            for p in params.values():
+                p.grad = None
+            step_tokens = 0.0
+            for _ in range(accum):
+                index = batching.batch_at(plan_size, cfg.seed, cursor.batch_index)
+                numbers, tensors = batch_tensors(train_data, index, cfg.max_seq_length, device)
+                loss, tokens = supervised_ce(model, *tensors)
+                loss.backward()
+                step_tokens += tokens.item()
+                cursor.batch_index += 1
+                window.add(loss.item(), tokens.item(), numbers)
+            grads = {k: p.grad for k, p in params.items()}
+            for g in grads.values():
+                g.div_(max(step_tokens, 1.0))  # token-weighted mean
+            if clip > 0:
+                clip_(grads, clip)
+            optimizer.update(grads)
+            cursor.trained_tokens += int(step_tokens)
+            cursor.step += 1
+            window.steps += 1
+            window.seconds += time.perf_counter() - tic
+            on_step(cursor)
+            last = cursor.step == total_steps
+            val = None
+            if valid_data and ((cfg.eval_every and cursor.step % cfg.eval_every == 0) or last):
+                val = evaluate(model, valid_data, cfg.max_seq_length, cfg.val_batches, device)
+            if cursor.step % cfg.report_every == 0 or last or val is not None:
+                lr = optimizer.learning_rate(cursor.step - 1)
+                on_report(window.report(cursor, plan_size, lr, val, peak_memory_gb(device)))
+                window = Window()
+            if (cfg.save_every and cursor.step % cfg.save_every == 0) or last:
+                on_save(cursor)
+            if stop.requested and not last:
+                on_save(cursor)
+                raise Interrupted(cursor.step)
+    return cursor

@@ -1,0 +1,118 @@
+"""The torch engine trains what the MLX engine trains: same batches, loss, optimizer and files.
+
+Runs are in-process on the bundled `tiny` model (its HF directory is plain transformers).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from finetune.core.config import Recipe
+from finetune.engines.torch import run as torch_run
+
+# Seven agents share two cores here; OpenMP's spinning threads slow each other down fourfold.
+torch.set_num_threads(1)
+
+
+def jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def reverse_rows(n: int, offset: int = 0) -> list[dict]:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    rows = []
+    for i in range(offset, offset + n):
+        word = "".join(letters[(7 * i + 5 * k) % 26] for k in range(3 + i % 4))
+        rows.append({"prompt": f"Q: reverse {word}\nA: ", "completion": word[::-1]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data") / "reverse"
+    jsonl(d / "train.jsonl", reverse_rows(48))
+    jsonl(d / "valid.jsonl", reverse_rows(8, offset=48))
+    return d
+
+
+def recipe(data: Path, out: Path, **train) -> Recipe:
+    r = Recipe()
+    lora = train.pop("lora", {})
+    settings = {**dict(iters=20, batch_size=4, learning_rate=2e-4, report_every=10, eval_every=20,
+                       val_batches=-1, save_every=20), **train}
+    return msgspec.structs.replace(
+        r, output=str(out),
+        model=msgspec.structs.replace(r.model, path="tiny", dtype="float32"),
+        data=msgspec.structs.replace(r.data, path=str(data)),
+        train=msgspec.structs.replace(r.train, **settings),
+        lora=msgspec.structs.replace(r.lora, **{"dropout": 0.0, **lora}),
+    )
+
+
+def train_torch(r: Recipe, resume: bool = False) -> torch_run.Prepared:
+    prepared = torch_run.prepare_run(r, lambda line: None).unwrap()
+    torch_run.train(prepared, Path(r.output), resume, lambda line: None).unwrap()
+    return prepared
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_twenty_float32_steps_match_the_mlx_engine(tmp_path, data):
+    from finetune import load
+    from finetune.shell import run as mlx_run
+
+    mlx_dir, torch_dir = tmp_path / "mlx", tmp_path / "torch"
+    r_mlx = recipe(data, mlx_dir)
+    prepared = mlx_run.prepare_run(r_mlx, lambda line: None).unwrap()
+    mlx_run.train(prepared, mlx_dir, False, lambda line: None).unwrap()
+    model = train_torch(recipe(data, torch_dir)).model
+
+    ours, theirs = load_file(str(torch_dir / "adapters.safetensors")), load_file(str(mlx_dir / "adapters.safetensors"))
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * 7 * 4  # every linear of tiny's 4 blocks
+    for name in ours:
+        assert np.any(theirs[name] != ours[name]) or name.endswith("lora_a")
+        rel = np.linalg.norm(ours[name] - theirs[name]) / np.linalg.norm(theirs[name])
+        assert rel < 1e-3, (name, rel)
+    assert json.loads((torch_dir / "adapter_config.json").read_text()) == json.loads((mlx_dir / "adapter_config.json").read_text())
+    val_torch, val_mlx = metrics(torch_dir)[-1]["val_loss"], metrics(mlx_dir)[-1]["val_loss"]
+    assert abs(val_torch - val_mlx) / val_mlx < 0.005, (val_torch, val_mlx)
+    assert metrics(torch_dir)[-1]["val_loss"] < metrics(torch_dir)[0]["train_loss"]  # it learned
+
+    import mlx.core as mx
+
+    ids = np.array([[0, 294, 30, 900, 203, 305, 30, 1221, 16, 1124, 16, 1200]], np.int64)
+    mlx_model, _ = load("tiny", adapter=str(torch_dir))
+    logits_mlx = np.array(mlx_model(mx.array(ids.astype(np.int32))))
+    model.eval()
+    with torch.no_grad():
+        logits_torch = model(torch.from_numpy(ids)).numpy()
+    assert np.abs(logits_mlx - logits_torch).max() < 1e-4
+
+
+def test_resume_with_dropout_is_bit_exact(tmp_path, data):
+    whole = tmp_path / "whole"
+    r = recipe(data, whole, iters=6, save_every=3, report_every=3, eval_every=0, lora={"dropout": 0.2, "keys": ["self_attn.q_proj", "self_attn.v_proj"]})
+    train_torch(r)
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-0000006")
+    (cut / "adapters.safetensors").unlink()
+    train_torch(msgspec.structs.replace(r, output=str(cut)), resume=True)
+    assert (cut / "adapters.safetensors").read_bytes() == (whole / "adapters.safetensors").read_bytes()
+    opt_whole = load_file(str(whole / "checkpoints/step-0000006/optimizer.safetensors"))
+    opt_cut = load_file(str(cut / "checkpoints/step-0000006/optimizer.safetensors"))
+    assert opt_whole.keys() == opt_cut.keys() and all(np.array_equal(opt_whole[k], opt_cut[k]) for k in opt_whole)
+    assert [m["train_loss"] for m in metrics(cut)] == [m["train_loss"] for m in metrics(whole)]
+
