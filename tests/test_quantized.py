@@ -192,3 +192,22 @@ def test_quantized_checkpoints_are_not_cached_and_stay_quantized(tmp_path, sourc
     packed = dict(tree_flatten(model.parameters()))
     assert packed["transformer.h.0.attn.c_attn.weight"].dtype == mx.uint32
     assert isinstance(model.transformer.wte, nn.QuantizedEmbedding)
+
+
+def test_half_precision_checkpoints_compute_in_float32_on_the_cpu_and_keep_bfloat16_when_asked(tmp_path, sources):
+    import finetune
+
+    out = mlx_convert_dtype(sources["llama"], tmp_path / "bf16", "bfloat16")
+    code, stdout, err = run_cli_info(out)
+    assert code == 0, err
+    assert "bfloat16 (computes in float32 on this CPU" in stdout and "4-bit affine, group size 64" in stdout
+    auto, _ = finetune.load(str(out))
+    assert auto.model.norm.weight.dtype == mx.float32 and auto.model.layers[0].mlp.up_proj.scales.dtype == mx.float32
+    kept, _ = finetune.load(str(out), dtype="bfloat16")  # what `auto` picks on a GPU
+    assert kept.model.layers[0].mlp.up_proj.scales.dtype == mx.bfloat16
+    assert max_diff(mlx_logits(kept), reference(out)) <= 1e-5  # mlx-lm computes in bfloat16 too
+
+
+def mlx_convert_dtype(source: Path, out: Path, dtype: str) -> Path:
+    convert(str(source), str(out), quantize=True, q_bits=4, q_group_size=64, dtype=dtype)
+    return out

@@ -150,3 +150,16 @@ def test_fusing_a_quantize_on_load_run_rebuilds_its_base(tmp_path, capsys, bases
     assert code == 0, err
     expected = mlx_logits(ours(bases["float"], run))  # the 8-bit base it trained on, with the adapter
     assert max_diff(mlx_logits(ours(out)), expected) <= 1e-4
+
+
+def test_qlora_in_bfloat16_keeps_lora_the_optimizer_and_the_loss_in_float32(tmp_path, capsys, bases):
+    from safetensors.numpy import load_file
+
+    run = train(capsys, bases["q4"], bases["data"], tmp_path / "run", "--dtype", "bfloat16")
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(m["train_loss"] == m["train_loss"] for m in metrics)  # finite, not NaN
+    saved = load_file(str(run / "adapters.safetensors"))
+    assert saved and {v.dtype.name for v in saved.values()} == {"float32"}
+    step = sorted((run / "checkpoints").glob("step-*"))[-1]
+    optimizer = mx.load(str(next(step.glob("optimizer*.safetensors"))))
+    assert optimizer and {v.dtype for k, v in optimizer.items() if v.ndim} == {mx.float32}
