@@ -87,12 +87,16 @@ def _system_memory() -> int:
 
 def describe(info: BackendInfo) -> str:
     """One line for stderr: device, memory, BLAS (and its file), compute dtype; a hint when slow."""
+    from finetune.shell import distributed
+
+    world = distributed.setup()  # joins mlx.launch's ranks; ranks above 0 print nothing from here
+    ranks = f", {distributed.describe(world)}" if world.size > 1 else ""
     if info.device == "gpu":
-        return f"backend: {info.api} GPU ({info.name}, {info.memory_gb:.1f} GB), {info.blas}"
+        return f"backend: {info.api} GPU ({info.name}, {info.memory_gb:.1f} GB), {info.blas}{ranks}"
     cores = os.cpu_count() or 1
     line = (
         f"backend: cpu ({info.name}, {cores} cores, {info.memory_gb:.1f} GB), BLAS {_blas_words(info)}, "
-        "float32 compute (bf16/fp16 matmuls are not BLAS-backed on the CPU)"
+        f"float32 compute (bf16/fp16 matmuls are not BLAS-backed on the CPU){ranks}"
     )
     if info.fast_blas or not sys.platform.startswith("linux"):
         return line
