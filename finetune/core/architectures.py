@@ -174,11 +174,6 @@ def unsupported(model_type: Any) -> str:
     return f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED)}"
 
 
-def lookup(model_type: Any) -> Result[Architecture, str]:
-    """The architecture of a model_type, or a Failure listing the supported ones."""
-    return Success(REGISTRY[model_type]) if model_type in REGISTRY else Failure(unsupported(model_type))
-
-
 def dims(config: Mapping[str, Any]) -> Result[Dims, str]:
     """A config.json's sizes and flags; a Failure names a missing or bad field."""
     kind = config.get("model_type")

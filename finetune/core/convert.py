@@ -52,11 +52,6 @@ def expected_shapes(model_type: str, config: Mapping) -> dict[str, Shape]:
     return _shapes(_arch(model_type), _symbols(model_type, config))
 
 
-def expected_keys(model_type: str, config: Mapping) -> frozenset[str]:
-    """The exact key set `hf_to_mlx` produces for this config."""
-    return frozenset(expected_shapes(model_type, config))
-
-
 def _is_conv1d(arch: Architecture, key: str) -> bool:
     head, _, rest = key.partition(arch.blocks + ".")  # transformer.h.{i}.attn.c_attn.weight
     index, _, inner = rest.partition(".")

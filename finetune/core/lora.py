@@ -61,19 +61,9 @@ def fuse(weight: Array, a: Array, b: Array, scale: float) -> Array:
     return (weight + delta(a, b, scale)).astype(weight.dtype)
 
 
-def unfuse(weight: Array, a: Array, b: Array, scale: float) -> Array:
-    """The inverse of `fuse` (exact where the arithmetic is)."""
-    return (weight - delta(a, b, scale)).astype(weight.dtype)
-
-
 def update(x: Array, a: Array, b: Array, scale: float) -> Array:
     """The low-rank term of the forward, `scale · (x A) B` (every engine's LoRA layer calls this)."""
     return scale * ((x @ a) @ b)  # (..., in) @ (in, r) @ (r, out)
-
-
-def apply(x: Array, weight: Array, a: Array, b: Array, scale: float) -> Array:
-    """The unfused forward `x Wᵀ + scale · (x A) B` (no bias)."""
-    return x @ weight.T + update(x, a, b, scale)
 
 
 def count(shapes: Shapes, rank: int) -> int:

@@ -1,58 +1,129 @@
-"""A rough training-memory estimate (GB) from model facts and the recipe: for planning only."""
+"""The peak memory of a LoRA training run, from model facts, the recipe and the batch shape (pure).
+
+Peak = weights (quantized linears as packed words + per-group scales and biases) + adapter state
+(parameters, gradients, the accumulated gradient, Adam's two moments) + activations. Activations
+are counted in elements of the compute dtype and multiplied by how many copies MLX keeps: every
+block's saved tensors (only its input with gradient checkpointing, plus the one block being
+recomputed), one block's backward temporaries, and the logits at supervised positions only.
+The copy counts were fitted to `mx.get_peak_memory()` of real train steps on MLX-CPU, where
+attention materialises its (B, H, T, T) scores (`benchmarks/memory.py`, `tests/test_memory.py`).
+"""
 
 from __future__ import annotations
 
 from msgspec import Struct
 
-from finetune.core.config import ALL_LINEAR, Recipe
+from finetune.core import lora
+from finetune.core.config import Recipe
 from finetune.core.modelinfo import ModelFacts
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+GB = 1024**3
+ADAPTER_COPIES = 5  # parameters, gradients, accumulated gradients, Adam's m and v
+# Copies of each activation term MLX-CPU keeps at the peak (fitted; see the module docstring).
+COPIES = {
+    "saved_mlp": 9.7,  # per saved block: (B, T, intermediate) (absorbs the (B, T, hidden) tensors)
+    "saved_scores": 0.43,  # per saved block: (B, H, T, T) attention probabilities
+    "inputs": 9.1,  # checkpointing: what each block keeps of its (B, T, hidden) input and output
+    "backward_scores": 3.2,  # one block's backward temporaries
+    "logits": 3.6,  # (N, vocab) float32 logits, log-softmax and their gradient
+    "adapter_inner": 0.5,  # x·A for every adapted linear, (B, T, rank)
+}
 
 
 class MemoryEstimate(Struct, frozen=True, kw_only=True):
-    weights_gb: float
-    lora_gb: float  # adapters + their gradients + Adam moments
-    activations_gb: float
-    trainable: int
+    """GB of each part and their total for micro-batches of `batch_size` × `seq_len` tokens."""
 
-    @property
-    def total_gb(self) -> float:
-        return self.weights_gb + self.lora_gb + self.activations_gb
+    weights_gb: float
+    lora_gb: float  # adapters + gradients + accumulated gradients + Adam moments
+    activations_gb: float
+    total_gb: float
+    trainable: int
+    batch_size: int
+    seq_len: int
+    grad_checkpoint: bool
 
 
 def target_keys(facts: ModelFacts, keys: tuple[str, ...]) -> tuple[str, ...]:
     """Resolve `all-linear` into the block's linear key paths; keep explicit keys as given."""
-    shapes = facts.linear_shapes()
-    return tuple(shapes) if ALL_LINEAR in keys else keys
+    return lora.resolve_keys(keys, tuple(facts.linear_shapes()))
+
+
+def adapted_layers(facts: ModelFacts, recipe: Recipe) -> int:
+    n = recipe.lora.num_layers
+    return facts.num_layers if n < 0 else min(n, facts.num_layers)
 
 
 def lora_parameters(facts: ModelFacts, recipe: Recipe) -> int:
     """Σ r·(in + out) over targeted linears in the adapted blocks."""
     shapes = facts.linear_shapes()
-    layers = facts.num_layers if recipe.lora.num_layers < 0 else min(recipe.lora.num_layers, facts.num_layers)
-    per_block = sum(recipe.lora.rank * sum(shapes[k]) for k in target_keys(facts, recipe.lora.keys) if k in shapes)
-    return layers * per_block
+    targeted = {k: shapes[k] for k in target_keys(facts, recipe.lora.keys) if k in shapes}
+    return adapted_layers(facts, recipe) * lora.count(targeted, recipe.lora.rank)
 
 
-def estimate(facts: ModelFacts, recipe: Recipe, seq_len: int = 0, dtype: str = "float32") -> MemoryEstimate:
-    """Weights + adapter state + activations saved for backward for batches of `seq_len` tokens.
+def weight_bytes(facts: ModelFacts, bits: int, group_size: int, dtype: str) -> float:
+    """Bytes of the base weights; with `bits`, linears whose input divides by the group are packed."""
+    size = BYTES.get(dtype, 4)
+    if not bits:
+        return facts.parameters * size
+    packed = bits / 8 + 2 * size / group_size  # packed weight + a scale and a bias per group
+    shapes = list(facts.linear_shapes().values()) * facts.num_layers
+    if not facts.tied_embeddings:
+        shapes.append((facts.hidden_size, facts.vocab_size))
+    quantized = sum(i * o for i, o in shapes if i % group_size == 0)
+    return quantized * packed + (facts.parameters - quantized) * size
 
-    `seq_len` is the longest padded batch expected (default: max_seq_length).
+
+def activation_terms(
+    facts: ModelFacts, recipe: Recipe, batch: int, seq_len: int, supervised: int
+) -> dict[str, float]:
+    """Elements of each activation term (see COPIES) for one micro-batch."""
+    tokens = batch * seq_len
+    hidden, mlp = tokens * facts.hidden_size, tokens * facts.intermediate_size
+    scores = batch * facts.num_heads * seq_len * seq_len
+    checkpoint = recipe.train.grad_checkpoint
+    saved = 1 if checkpoint else facts.num_layers  # with checkpointing, the block recomputed
+    inner = len(target_keys(facts, recipe.lora.keys)) * recipe.lora.rank * tokens
+    return {
+        "saved_mlp": saved * mlp,
+        "saved_scores": saved * scores,
+        "inputs": facts.num_layers * hidden if checkpoint else 0,
+        "backward_scores": scores,
+        "logits": supervised * facts.vocab_size,
+        "adapter_inner": adapted_layers(facts, recipe) * inner,
+    }
+
+
+def estimate(
+    facts: ModelFacts,
+    recipe: Recipe,
+    seq_len: int = 0,
+    dtype: str = "float32",
+    supervised: int = 0,
+    batch_size: int = 0,
+) -> MemoryEstimate:
+    """Peak training memory for micro-batches of `batch_size` rows padded to `seq_len` tokens.
+
+    `seq_len`: the longest padded batch the plan produces (default: max_seq_length);
+    `supervised`: the most supervised positions in one micro-batch (default: every token);
+    `batch_size`: the micro-batch (default: the recipe's batch_size).
     """
-    gb = 1024**3
-    bits = recipe.model.quantize_bits
-    weight_bytes = bits / 8 + 0.125 if bits else BYTES.get(dtype, 4)  # + group scales/biases
-    tokens = recipe.train.batch_size * (seq_len or recipe.train.max_seq_length)
-    h, i = facts.hidden_size, facts.intermediate_size
-    per_token_layer = (8 * h + 3 * i) * 4  # saved inputs of norms, projections and the MLP
-    if recipe.train.grad_checkpoint:
-        per_token_layer = 2 * h * 4
-    logits = tokens * facts.vocab_size * 4 * 3  # logits, log-softmax, their gradient
+    batch = batch_size or recipe.train.batch_size
+    seq = seq_len or recipe.train.max_seq_length
+    n = supervised or batch * seq
+    size = BYTES.get(dtype, 4)
+    terms = activation_terms(facts, recipe, batch, seq, n)
+    logits = COPIES["logits"] * terms.pop("logits") * 4  # the loss is always float32
+    activations = sum(COPIES[k] * v for k, v in terms.items()) * size + logits
     trainable = lora_parameters(facts, recipe)
+    weights = weight_bytes(facts, recipe.model.quantize_bits, group_size(recipe), dtype)
+    lora = trainable * 4 * ADAPTER_COPIES
     return MemoryEstimate(
-        weights_gb=facts.parameters * weight_bytes / gb,
-        lora_gb=trainable * 16 / gb,
-        activations_gb=(tokens * facts.num_layers * per_token_layer + logits) / gb,
-        trainable=trainable,
+        weights_gb=weights / GB, lora_gb=lora / GB, activations_gb=activations / GB,
+        total_gb=(weights + lora + activations) / GB, trainable=trainable,
+        batch_size=batch, seq_len=seq, grad_checkpoint=recipe.train.grad_checkpoint,
     )
+
+
+def group_size(recipe: Recipe) -> int:
+    return recipe.model.quantize_group_size

@@ -67,10 +67,6 @@ class PeftSpec(Struct, frozen=True, kw_only=True):
         return scale_of(self.alpha, self.rank, self.rslora)
 
 
-def is_peft_config(raw: Any) -> bool:
-    return isinstance(raw, Mapping) and "peft_type" in raw
-
-
 def parse_config(raw: Any, source: str) -> Result[PeftSpec, str]:
     """A PEFT `adapter_config.json` value; unsupported features are named, never ignored."""
     if not isinstance(raw, Mapping):
