@@ -78,15 +78,19 @@ def block_list(lm: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return None
 
 
-def linear_shapes(block: nn.Module) -> dict[str, tuple[int, int]]:
-    """`{key path in the block: (in, out)}` for its Linear and GPT-2 Conv1D layers, sorted."""
+def _is_conv1d(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
+    return isinstance(module, Conv1D)
+
+
+def linear_shapes(block: nn.Module) -> dict[str, tuple[int, int]]:
+    """`{key path in the block: (in, out)}` for its Linear and GPT-2 Conv1D layers, sorted."""
     out = {}
     for name, m in block.named_modules():
         if isinstance(m, nn.Linear):
             out[name] = (m.in_features, m.out_features)
-        elif isinstance(m, Conv1D):
+        elif _is_conv1d(m):
             out[name] = tuple(m.weight.shape)  # Conv1D stores (in, out)
     return dict(sorted(out.items()))
 
@@ -133,7 +137,7 @@ def attach(lm: nn.Module, recipe: Recipe, spec: str) -> Result[Lora, str]:
     config = LoraConfig(
         r=recipe.lora.rank, lora_alpha=core_peft.alpha_for(recipe.lora.scale, recipe.lora.rank),
         lora_dropout=recipe.lora.dropout, target_modules=list(keys), layers_to_transform=list(layers),
-        fan_in_fan_out=lm.config.model_type == "gpt2", bias="none",
+        fan_in_fan_out=any(_is_conv1d(blocks[0].get_submodule(k)) for k in keys), bias="none",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's notes about fan_in_fan_out and Conv1D

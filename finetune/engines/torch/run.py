@@ -14,6 +14,7 @@ from msgspec import Struct
 from returns.result import Failure, Result, Success
 
 from finetune.core import adapters as core_adapters
+from finetune.core import architectures
 from finetune.core.adapters import AdapterSpec
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
@@ -82,7 +83,7 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, device: str
         rank=recipe.lora.rank, scale=recipe.lora.scale, dropout=recipe.lora.dropout, keys=keys,
         num_layers=recipe.lora.num_layers, model=recipe.model.path,
     )
-    kind = "gpt2" if model.prefix.startswith("transformer.") else "llama"
+    kind = architectures.family_of_blocks(model.prefix).family  # how mlx-lm names the tensors
     return Success(Prepared(recipe, model, inspection.tokenizer, splits, spec, kind, where, dtype))
 
 
