@@ -6,7 +6,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import mlx.core as mx
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
@@ -22,6 +21,8 @@ _RENAMES = {
 _BLOCK = re.compile(
     rf"^({'|'.join(re.escape(a.blocks) for a in architectures.FAMILIES.values())})\.(\d+)\.(.+)$"
 )
+
+Array = Any  # an engine's array (MLX, NumPy, torch): only names and shapes are read here
 # Every linear of one block (which leaf names are ambiguous in PEFT's target_modules).
 BLOCK_LINEARS = {a.family: tuple(path for path, _, _ in a.linears) for a in architectures.FAMILIES.values()}
 
@@ -38,13 +39,13 @@ class AdapterSpec(Struct, frozen=True, kw_only=True):
     base_quantization: dict[str, Any] | None = None
 
 
-def to_file_keys(params: Mapping[str, mx.array], model_type: str) -> dict[str, mx.array]:
+def to_file_keys(params: Mapping[str, Array], model_type: str) -> dict[str, Array]:
     """Our module paths -> the names mlx-lm gives the same tensors."""
     ours, theirs = _RENAMES.get(model_type, ("", ""))
     return {(theirs + k[len(ours):] if ours and k.startswith(ours) else k): v for k, v in params.items()}
 
 
-def from_file_keys(params: Mapping[str, mx.array], model_type: str) -> dict[str, mx.array]:
+def from_file_keys(params: Mapping[str, Array], model_type: str) -> dict[str, Array]:
     """mlx-lm's tensor names -> our module paths (inverse of `to_file_keys`)."""
     ours, theirs = _RENAMES.get(model_type, ("", ""))
     return {(ours + k[len(theirs):] if ours and k.startswith(theirs) else k): v for k, v in params.items()}
@@ -85,9 +86,8 @@ def parse_config(raw: Any, source: str) -> Result[AdapterSpec, str]:
     if not isinstance(num_layers, int):
         return Failure(f"{source}: num_layers must be an integer, got {num_layers!r}")
     base = raw.get("base_quantization")
-    if base is not None:
-        if isinstance(checked := parse_block(base, f"{source}: base_quantization"), Failure):
-            return checked
+    if base is not None and isinstance(checked := parse_block(base, f"{source}: base_quantization"), Failure):
+        return checked
     return Success(AdapterSpec(
         rank=rank, scale=float(scale), dropout=float(lp.get("dropout", 0.0) or 0.0),
         keys=tuple(keys or ()), num_layers=num_layers, model=str(raw.get("model", "")),
@@ -96,7 +96,7 @@ def parse_config(raw: Any, source: str) -> Result[AdapterSpec, str]:
 
 
 def check_shapes(
-    params: Mapping[str, mx.array],
+    params: Mapping[str, Array],
     expected: Mapping[str, tuple[int, int]],
     rank: int,
     source: str,
@@ -149,7 +149,7 @@ def kind_of(paths: Sequence[str]) -> str:
     return next((architectures.family_of_blocks(p).family for p in paths if split_path(p)), architectures.LLAMA.family)
 
 
-def paths_of(params: Mapping[str, mx.array]) -> list[str]:
+def paths_of(params: Mapping[str, Array]) -> list[str]:
     """The module paths a flat adapter dict adapts, sorted."""
     return sorted({n.rpartition(".")[0] for n in params})
 
@@ -167,7 +167,7 @@ def block_shapes(
     return {f"{prefix}.{i}.{k}": s for i in range(layers) for k, s in linear_shapes.items()}
 
 
-def missing_targets(params: Mapping[str, mx.array], targets: Sequence[str]) -> list[str]:
+def missing_targets(params: Mapping[str, Array], targets: Sequence[str]) -> list[str]:
     """Module paths the config targets that the file has no tensors for, sorted."""
     return sorted(set(targets) - {k.rpartition(".")[0] for k in params})
 

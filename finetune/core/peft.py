@@ -14,7 +14,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import mlx.core as mx
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
@@ -27,6 +26,8 @@ from finetune.core.adapters import (
     ranges,
     split_path,
 )
+
+Array = Any  # an engine's array (MLX, NumPy, torch): only names and shapes are read here
 
 PREFIX = "base_model.model."
 _PEFT_NAME = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
@@ -45,6 +46,7 @@ _UNSUPPORTED = (
     ("megatron_config", "Megatron layers (megatron_config)"),
     ("use_bdlora", "BD-LoRA (use_bdlora)"),
 )
+
 # Initialisations that rewrite the base weights, so the adapter only works on the altered base.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
@@ -105,9 +107,9 @@ def parse_config(raw: Any, source: str) -> Result[PeftSpec, str]:
     ))
 
 
-def from_peft(tensors: Mapping[str, mx.array], source: str) -> Result[dict[str, mx.array], str]:
+def from_peft(tensors: Mapping[str, Array], source: str) -> Result[dict[str, Array], str]:
     """PEFT tensors -> `{<path>.lora_a: lora_Aᵀ, <path>.lora_b: lora_Bᵀ}` (our module paths)."""
-    out: dict[str, mx.array] = {}
+    out: dict[str, Array] = {}
     for name in sorted(tensors):
         m = _PEFT_NAME.match(name)
         if m is None:
@@ -129,7 +131,7 @@ def peft_name(name: str) -> str:
     return f"{PREFIX}{path}.{'lora_A' if leaf == 'lora_a' else 'lora_B'}.weight"
 
 
-def to_peft(params: Mapping[str, mx.array]) -> dict[str, mx.array]:
+def to_peft(params: Mapping[str, Array]) -> dict[str, Array]:
     """Our tensors (module paths) -> PEFT's names and (r, in) / (out, r) layouts."""
     return {peft_name(name): value.T for name, value in params.items()}
 
