@@ -72,6 +72,7 @@ def train(
     resume: bool = False,
     test: bool = False,
     device: str | None = None,
+    backend: str | None = None,
     log: Log | None = None,
     **overrides: Any,
 ) -> Run:
@@ -79,15 +80,27 @@ def train(
 
     `output` (or the recipe's `output`) is the run directory; `resume` continues it; `test`
     evaluates the test split at the end; `device` is "cpu", "gpu" or None (the best one);
+    `backend` is "mlx", "torch" or "auto" (None: `$FT_BACKEND`, else auto);
     `log` receives the progress lines (default: none).
     """
     resolved = recipe_of(recipe, **({"output": str(output)} if output else {}), **overrides)
-    prepared = prepare(resolved, device, log or _quiet)
+    prepared = prepare(resolved, device, log or _quiet, backend)
     return run(prepared, Path(resolved.output), resume=resume, test=test, log=log or _quiet)
 
 
-def prepare(recipe: Recipe, device: str | None, log: Log):
-    """Select the device, run validate's checks, load the model and attach fresh LoRA."""
+def prepare(recipe: Recipe, device: str | None, log: Log, engine: str | None = None):
+    """Select the engine and device, run validate's checks, load the model and attach fresh LoRA."""
+    from finetune.engines import choose
+
+    name, why = choose.decide(engine)
+    if name == "torch":
+        from finetune.engines.torch import device as torch_device
+        from finetune.engines.torch import run as torch_run
+
+        where = torch_device.pick(device)
+        log(torch_device.describe(where, torch_device.resolve_dtype(recipe.model.dtype, where), why))
+        available = torch_device.memory_gb(where) * 1e9 / 1024**3
+        return unwrap(torch_run.prepare_run(recipe, log, available_gb=available, device=device))
     from finetune.shell import backend
     from finetune.shell import run as shell_run
 
@@ -98,8 +111,7 @@ def prepare(recipe: Recipe, device: str | None, log: Log):
 
 def run(prepared, run_dir: Path, *, resume: bool, test: bool, log: Log) -> Run:
     """Train a prepared model into `run_dir` (refusing to overwrite a run unless resuming)."""
-    from finetune.shell import run as shell_run
-
+    shell_run = _engine_run(prepared)
     unwrap(shell_run.check_output(run_dir, resume))
     outcome = unwrap(shell_run.train(prepared, run_dir, resume, log, evaluate_test=test))
     metrics_file = run_dir / "metrics.jsonl"
@@ -161,6 +173,17 @@ def _available_gb() -> float:
     from finetune.shell import backend
 
     return backend.select(None).memory_gb * 1e9 / 1024**3
+
+
+def _engine_run(prepared: Any) -> Any:
+    """The run module of the engine that prepared `prepared` (imports only that engine)."""
+    if type(prepared).__module__ == "finetune.engines.torch.run":
+        from finetune.engines.torch import run as torch_run
+
+        return torch_run
+    from finetune.shell import run as shell_run
+
+    return shell_run
 
 
 def _quiet(line: str) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
@@ -163,3 +165,48 @@ def test_packed_rows_train_like_the_mlx_engine(tmp_path, data):
     for a, b in zip(ours, theirs, strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-4 * b["train_loss"], (a, b)
     assert ours[0]["padding_efficiency"] > 0.7  # rows really were packed
+
+
+def test_ft_train_start_backend_torch_writes_a_run_and_names_the_engine(tmp_path, capsys, data):
+    from cli_run import run_cli
+
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "train", "start", "tiny", str(data), "--backend", "torch", "--dtype", "float32",
+                                "--iters", "2", "--batch-size", "4", "--output", str(out))
+    assert code == 0, err
+    line = next(x for x in stdout.splitlines() if x.startswith("backend: torch"))
+    assert "float32 compute" in line and "(asked for)" in line
+    assert {p.name for p in out.iterdir()} >= {"adapters.safetensors", "adapter_config.json", "recipe.toml", "metrics.jsonl", "checkpoints"}
+    code, _, err = run_cli(capsys, "train", "start", "tiny", str(data), "--backend", "torch", "--iters", "2", "--output", str(out))
+    assert code == 2 and "already holds a run" in err
+
+
+def test_bad_backend_choices_get_one_line(tmp_path, capsys, data):
+    from cli_run import one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "train", "start", "tiny", str(data), "--backend", "torch", "--dtype", "float16",
+                           "--output", str(tmp_path / "run"))
+    assert code == 2 and "float16" in one_line_error(err) and "bfloat16 or float32" in err
+    code, _, err = run_cli(capsys, "train", "start", "tiny", str(data), "--backend", "torch", "--quantize-bits", "4",
+                           "--output", str(tmp_path / "run"))
+    assert code == 2 and "--backend mlx" in one_line_error(err)
+
+
+def test_backend_mlx_without_mlx_is_one_line(tmp_path):
+    script = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'mlx' or name.startswith('mlx.'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from finetune.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, "train", "start", "tiny", "--backend", "mlx",
+                           "--output", str(tmp_path / "run")], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "ft: error: --backend mlx: MLX is not installed here; pip install mlx (Apple silicon), 'mlx[cpu]' or "
+        "'mlx[cuda]' (Linux), or use --backend torch"
+    ]

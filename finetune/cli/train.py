@@ -121,6 +121,7 @@ def start(
     resume: bool = False,
     test: bool = False,
     device: Literal["cpu", "gpu"] | None = None,
+    backend: Literal["auto", "mlx", "torch"] | None = None,
     **settings,
 ) -> int:
     """Train LoRA adapters.
@@ -143,11 +144,13 @@ def start(
         Report loss and perplexity on the test split at the end.
     device
         cpu or gpu (Metal or CUDA); default: a GPU when MLX has one, else the CPU.
+    backend
+        Training engine: mlx, torch (transformers + peft) or auto (default; $FT_BACKEND).
     """
     from finetune import api
 
     r = api.recipe_of(recipe, **_settings(settings, model=model, data=data))
-    prepared = api.prepare(r, device, _log)
+    prepared = api.prepare(r, device, _log, backend)
     outcome = api.run(prepared, Path(r.output), resume=resume, test=test, log=_log)
     print(f"Adapters in {outcome.run_dir}: adapters.safetensors, adapter_config.json, recipe.toml, metrics.jsonl")
     return 0
@@ -158,6 +161,7 @@ def quick(
     data: str | None = None,
     *,
     device: Literal["cpu", "gpu"] | None = None,
+    backend: Literal["auto", "mlx", "torch"] | None = None,
     **settings,
 ) -> int:
     """A short LoRA run with sensible defaults, then a sample before and after.
@@ -174,17 +178,24 @@ def quick(
         Bundled dataset name, .jsonl/.json file, or directory with train/valid/test.jsonl.
     device
         cpu or gpu (Metal or CUDA); default: a GPU when MLX has one, else the CPU.
+    backend
+        Training engine: mlx, torch (transformers + peft) or auto (default; $FT_BACKEND).
     """
     from finetune import api
-    from finetune.shell import recipes, samples
+    from finetune.shell import recipes
 
     given = _settings(settings, model=model, data=data)
     r = api.recipe_of(recipes.bundled("quick"), **given)
     run_dir = Path(r.output) if "output" in given else _fresh(Path(r.output))
-    prepared = api.prepare(r, device, _log)
-    before = samples.show(prepared, "Before training")
+    prepared = api.prepare(r, device, _log, backend)
+    mlx = type(prepared).__module__.startswith("finetune.shell")  # the samples generate with MLX
+    if mlx:
+        from finetune.shell import samples
+
+        before = samples.show(prepared, "Before training")
     outcome = api.run(prepared, run_dir, resume=False, test=False, log=_log)
-    samples.show(prepared, "After training", before)
+    if mlx:
+        samples.show(prepared, "After training", before)
     print(f"Adapters in {outcome.run_dir}. Try: ft generate {r.model.path} --adapter {outcome.run_dir} --prompt '...'")
     return 0
 

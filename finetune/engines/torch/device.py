@@ -63,7 +63,7 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return DTYPES[requested]
 
 
-def _memory_gb(device: torch.device) -> float:
+def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory / 1e9
     try:
@@ -87,10 +87,10 @@ def describe(device: torch.device, dtype: torch.dtype, why: str = "") -> str:
     base = str(dtype).removeprefix("torch.")
     compute = f"{base} base, float32 LoRA and optimizer" if dtype != torch.float32 else "float32 compute"
     if device.type == "cuda":
-        where = f"cuda GPU ({torch.cuda.get_device_name(device)}, {_memory_gb(device):.1f} GB)"
+        where = f"cuda GPU ({torch.cuda.get_device_name(device)}, {memory_gb(device):.1f} GB)"
     elif device.type == "mps":
-        where = f"mps GPU ({_memory_gb(device):.1f} GB unified)"
+        where = f"mps GPU ({memory_gb(device):.1f} GB unified)"
     else:
-        where = f"cpu ({_cpu_name()}, {os.cpu_count() or 1} cores, {_memory_gb(device):.1f} GB), {torch.get_num_threads()} threads"
+        where = f"cpu ({_cpu_name()}, {os.cpu_count() or 1} cores, {memory_gb(device):.1f} GB), {torch.get_num_threads()} threads"
     line = f"backend: torch {torch.__version__} on {where}, {compute}"
     return f"{line} ({why})" if why else line

@@ -98,7 +98,9 @@ def linear_shapes(block: nn.Module) -> dict[str, tuple[int, int]]:
 def load_base(directory: Path, dtype: torch.dtype, spec: str) -> Result[nn.Module, str]:
     """`AutoModelForCausalLM` from a local directory (no remote code), in `dtype`, in eval mode."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # one bar per shard read is noise beside our own progress
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -19,6 +19,7 @@ from finetune.core.adapters import AdapterSpec
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
 from finetune.engines import rundir
+from finetune.engines.rundir import check_output, plan  # noqa: F401  (the engine's surface, as shell.run's)
 from finetune.engines.torch import device as devices
 from finetune.engines.torch import model as tmodel
 from finetune.engines.torch import packing
