@@ -210,3 +210,23 @@ def test_backend_mlx_without_mlx_is_one_line(tmp_path):
         "ft: error: --backend mlx: MLX is not installed here; pip install mlx (Apple silicon), 'mlx[cpu]' or "
         "'mlx[cuda]' (Linux), or use --backend torch"
     ]
+
+
+def test_the_engines_do_not_import_each_other():
+    """The torch engine runs without MLX; the MLX engine's training never loads torch."""
+    block_mlx = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'mlx' or name.startswith('mlx.'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import finetune.engines.torch.run, finetune.engines.torch.train\n"
+    )
+    subprocess.run([sys.executable, "-c", block_mlx], check=True)
+    check_torch = (
+        "import sys\n"
+        "import finetune.shell.run, finetune.shell.trainer, finetune.cli.train\n"
+        "assert 'torch' not in sys.modules, 'the MLX engine imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", check_torch], check=True)
