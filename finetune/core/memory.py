@@ -22,11 +22,12 @@ GB = 1024**3
 ADAPTER_COPIES = 5  # parameters, gradients, accumulated gradients, Adam's m and v
 # Copies of each activation term MLX-CPU keeps at the peak (fitted; see the module docstring).
 COPIES = {
-    "saved_mlp": 9.7,  # per saved block: (B, T, intermediate) (absorbs the (B, T, hidden) tensors)
-    "saved_scores": 0.43,  # per saved block: (B, H, T, T) attention probabilities
-    "inputs": 9.1,  # checkpointing: what each block keeps of its (B, T, hidden) input and output
-    "backward_scores": 3.2,  # one block's backward temporaries
-    "logits": 3.6,  # (N, vocab) float32 logits, log-softmax and their gradient
+    "saved_mlp": 7.7,  # per saved block: (B, T, intermediate) (absorbs its (B, T, hidden) tensors)
+    "saved_scores": 0.12,  # per saved block: (B, H, T, T) attention probabilities
+    "inputs": 1.0,  # checkpointing: each block's (B, T, hidden) input
+    "block_mlp": 10.0,  # the working set of the block whose backward runs, (B, T, intermediate)
+    "block_scores": 3.5,  # and its (B, H, T, T) scores, probabilities and their gradients
+    "logits": 3.5,  # (N, vocab) float32 logits, log-softmax and their gradient
     "adapter_inner": 0.5,  # x·A for every adapted linear, (B, T, rank)
 }
 
@@ -88,7 +89,8 @@ def activation_terms(
         "saved_mlp": saved * mlp,
         "saved_scores": saved * scores,
         "inputs": facts.num_layers * hidden if checkpoint else 0,
-        "backward_scores": scores,
+        "block_mlp": mlp,
+        "block_scores": scores,
         "logits": supervised * facts.vocab_size,
         "adapter_inner": adapted_layers(facts, recipe) * inner,
     }
