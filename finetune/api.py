@@ -74,6 +74,7 @@ def train(
     device: str | None = None,
     backend: str | None = None,
     log: Log | None = None,
+    memory_limit: float = 0.0,
     **overrides: Any,
 ) -> Run:
     """Train LoRA adapters as `ft train start` does; returns the `Run`.
@@ -81,14 +82,15 @@ def train(
     `output` (or the recipe's `output`) is the run directory; `resume` continues it; `test`
     evaluates the test split at the end; `device` is "cpu", "gpu" or None (the best one);
     `backend` is "mlx", "torch" or "auto" (None: `$FT_BACKEND`, else auto);
-    `log` receives the progress lines (default: none).
+    `log` receives the progress lines (default: none); `memory_limit` is `--memory-limit` in GB
+    (0: the device's budget).
     """
     resolved = recipe_of(recipe, **({"output": str(output)} if output else {}), **overrides)
-    prepared = prepare(resolved, device, log or _quiet, backend)
+    prepared = prepare(resolved, device, log or _quiet, backend, memory_limit)
     return run(prepared, Path(resolved.output), resume=resume, test=test, log=log or _quiet)
 
 
-def prepare(recipe: Recipe, device: str | None, log: Log, engine: str | None = None):
+def prepare(recipe: Recipe, device: str | None, log: Log, engine: str | None = None, memory_limit: float = 0.0):
     """Select the engine and device, run validate's checks, load the model and attach fresh LoRA."""
     from finetune.engines import choose
 
@@ -106,7 +108,8 @@ def prepare(recipe: Recipe, device: str | None, log: Log, engine: str | None = N
 
     info = backend.select(device)
     log(backend.describe(info))
-    return unwrap(shell_run.prepare_run(recipe, log, available_gb=info.memory_gb * 1e9 / 1024**3))
+    return unwrap(shell_run.prepare_run(recipe, log, available_gb=info.memory_gb * 1e9 / 1024**3,
+                                        memory_limit_gb=memory_limit))
 
 
 def run(prepared, run_dir: Path, *, resume: bool, test: bool, log: Log) -> Run:

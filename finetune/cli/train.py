@@ -122,6 +122,7 @@ def start(
     test: bool = False,
     device: Literal["cpu", "gpu"] | None = None,
     backend: Literal["auto", "mlx", "torch"] | None = None,
+    memory_limit: Annotated[float, Parameter(name="--memory-limit")] = 0.0,
     **settings,
 ) -> int:
     """Train LoRA adapters.
@@ -146,11 +147,13 @@ def start(
         cpu or gpu (Metal or CUDA); default: a GPU when MLX has one, else the CPU.
     backend
         Training engine: mlx, torch (transformers + peft) or auto (default; $FT_BACKEND).
+    memory_limit
+        GB (2^30 bytes) the run may use; planned before loading weights (micro-batches, checkpointing). 0: free RAM, or Metal's working set.
     """
     from finetune import api
 
     r = api.recipe_of(recipe, **_settings(settings, model=model, data=data))
-    prepared = api.prepare(r, device, _log, backend)
+    prepared = api.prepare(r, device, _log, backend, memory_limit)
     outcome = api.run(prepared, Path(r.output), resume=resume, test=test, log=_log)
     print(f"Adapters in {outcome.run_dir}: adapters.safetensors, adapter_config.json, recipe.toml, metrics.jsonl")
     return 0
@@ -162,6 +165,7 @@ def quick(
     *,
     device: Literal["cpu", "gpu"] | None = None,
     backend: Literal["auto", "mlx", "torch"] | None = None,
+    memory_limit: Annotated[float, Parameter(name="--memory-limit")] = 0.0,
     **settings,
 ) -> int:
     """A short LoRA run with sensible defaults, then a sample before and after.
@@ -180,6 +184,8 @@ def quick(
         cpu or gpu (Metal or CUDA); default: a GPU when MLX has one, else the CPU.
     backend
         Training engine: mlx, torch (transformers + peft) or auto (default; $FT_BACKEND).
+    memory_limit
+        GB (2^30 bytes) the run may use; planned before loading weights (micro-batches, checkpointing). 0: free RAM, or Metal's working set.
     """
     from finetune import api
     from finetune.shell import recipes
@@ -187,7 +193,7 @@ def quick(
     given = _settings(settings, model=model, data=data)
     r = api.recipe_of(recipes.bundled("quick"), **given)
     run_dir = Path(r.output) if "output" in given else _fresh(Path(r.output))
-    prepared = api.prepare(r, device, _log, backend)
+    prepared = api.prepare(r, device, _log, backend, memory_limit)
     mlx = type(prepared).__module__.startswith("finetune.shell")  # the samples generate with MLX
     if mlx:
         from finetune.shell import samples

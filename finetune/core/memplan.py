@@ -77,7 +77,7 @@ def plan(
     size = max((len(b) for b in batches), default=recipe.train.batch_size)
     weights = memory.weight_bytes(facts, recipe.model.quantize_bits, memory.group_size(recipe), dtype) / memory.GB
     if limit_gb <= weights:
-        return Failure(f"--memory-limit {limit_gb:.2f} GB is below the model's {weights:.2f} GB of weights; "
+        return Failure(f"--memory-limit {limit_gb:.3g} GB is below the model's {weights:.3g} GB of weights; "
                        "raise it, or quantize the base (--quantize-bits 4)")
     modes = (True,) if recipe.train.grad_checkpoint else (False, True)
     smallest = None
@@ -95,8 +95,8 @@ def plan(
                     grad_checkpoint=checkpoint, estimate=est,
                 ))
             smallest = est.total_gb if smallest is None else min(smallest, est.total_gb)
-    return Failure(f"the run needs at least {smallest:.2f} GB (one row per micro-step with gradient "
-                   f"checkpointing), more than --memory-limit {limit_gb:.2f} GB; raise the limit, "
+    return Failure(f"the run needs at least {smallest:.3g} GB (one row per micro-step with gradient "
+                   f"checkpointing), more than --memory-limit {limit_gb:.3g} GB; raise the limit, "
                    "lower --max-seq-length, or quantize the base (--quantize-bits 4)")
 
 
@@ -105,4 +105,4 @@ def describe(p: MemoryPlan) -> str:
     steps = f"{p.splits} micro-steps of ≤{p.micro_batch} rows per batch of {p.batch_size}" if p.splits > 1 else f"batches of {p.batch_size} rows in one step"
     ckpt = ", gradient checkpointing" if p.grad_checkpoint else ""
     return (f"memory plan: {steps}{ckpt} (effective batch {p.effective_batch}); estimated peak "
-            f"{p.estimate.total_gb:.2f} GB of {p.limit_gb:.2f} GB")
+            f"{p.estimate.total_gb:.3g} GB of {p.limit_gb:.3g} GB")

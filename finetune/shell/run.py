@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,24 @@ from mlx.utils import tree_flatten, tree_unflatten
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
-from finetune.core import batching, lora, schedule
+from finetune.core import batching, lora, memplan, schedule
 from finetune.core import recipe as core_recipe
 from finetune.core.adapters import AdapterSpec
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
 from finetune.errors import Interrupted
 from finetune.models import lora as lora_modules
-from finetune.shell import adapters, check, checkpoints, distributed, plot, recipes, report, trainer
+from finetune.shell import (
+    adapters,
+    budget,
+    check,
+    checkpoints,
+    distributed,
+    plot,
+    recipes,
+    report,
+    trainer,
+)
 
 Log = Callable[[str], None]
 # Recipe fields that may change between a checkpoint and its resumption.
@@ -39,6 +49,7 @@ class Prepared(Struct):
     splits: dict[str, list[Tokens]]
     spec: AdapterSpec
     kind: str
+    memory: memplan.MemoryPlan | None = None  # micro-steps and checkpointing against the limit
 
 
 class Outcome(Struct, frozen=True, kw_only=True):
@@ -50,7 +61,7 @@ class Outcome(Struct, frozen=True, kw_only=True):
     trainable: int = 0
 
 
-def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0) -> Result[Prepared, str]:
+def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, memory_limit_gb: float = 0.0) -> Result[Prepared, str]:
     """Run validate's checks (before any weight loads), then load the model and add fresh LoRA.
 
     Errors stop here with validate's message; warnings are logged. The prepared recipe is the
@@ -73,6 +84,14 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0) -> Result[P
             log(f"warning: {finding.field}: {finding.message}")
     recipe = inspection.report.recipe
     splits = {k: v for k, v in inspection.tokens.items() if v}
+    planned = None
+    if inspection.report.facts is not None:  # plan memory before any weight loads
+        limit = memory_limit_gb or budget.device_budget_gb()
+        match budget.plan(recipe, inspection.report.facts, splits["train"], limit):
+            case Success(planned):
+                log(memplan.describe(planned))
+            case Failure(message):
+                return Failure(message)
     log(f"Loading {recipe.model.path} ...")
     on_load = quantization.on_load(recipe.model.quantize_bits, recipe.model.quantize_group_size)
     match load_model(recipe.model.path, revision=recipe.model.revision, dtype=recipe.model.dtype, quantize=on_load):
@@ -98,7 +117,7 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0) -> Result[P
         num_layers=recipe.lora.num_layers, model=recipe.model.path,
         base_quantization=quantization.record(base, on_load=on_load is not None),
     )
-    return Success(Prepared(recipe, model, tok, splits, spec, adapters.model_kind(model)))
+    return Success(Prepared(recipe, model, tok, splits, spec, adapters.model_kind(model), planned))
 
 
 def plan(examples: list[Tokens], recipe: Recipe) -> list[list[list[int]]]:
@@ -185,12 +204,20 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
         checkpoints.save(run_dir, c.step, params, opt, state, cfg.keep_checkpoints)
 
     try:
-        with _progress(steps, cursor.step) as advance, trainer.checkpointed(model, cfg.grad_checkpoint):
+        planned = prepared.memory
+        if planned and lead:
+            budget.record(run_dir, planned)
+        checkpointing = cfg.grad_checkpoint or bool(planned and planned.grad_checkpoint)
+        with (_progress(steps, cursor.step) as advance, trainer.checkpointed(model, checkpointing),
+              budget.enforced(planned.limit_gb) if planned else nullcontext()):
             cursor = trainer.train(
                 model, optimizer, train_data, valid_data, cfg, steps, cursor,
                 on_report=lambda r: (on_report(r), advance(r)),
                 on_save=on_save, on_step=lambda c: advance(None), on_log=log, world=world,
+                splits=planned.splits if planned else 1, memory_limit_gb=planned.limit_gb if planned else 0.0,
             )
+        if planned and lead:
+            budget.record(run_dir, planned, mx.get_peak_memory() / 1024**3)
     except RuntimeError as err:  # a collective failed: name the lost rank instead of a trace
         lost = distributed.lost_peer(err, world, run_dir)
         if lost is None:

@@ -110,8 +110,14 @@ def train(
     on_step: Callable[[Cursor], None] = lambda c: None,
     on_log: Callable[[str], None] = lambda line: print(line, flush=True),
     world: World = distributed.SINGLE,
+    splits: int = 1,
+    memory_limit_gb: float = 0.0,
 ) -> Cursor:
     """Run optimizer steps `cursor.step + 1 .. total_steps`; returns the final cursor.
+
+    `splits`: micro-steps per planned batch (the memory plan); when the measured peak passes
+    `memory_limit_gb`, the split doubles. Shares add up to the batch, so neither the
+    optimisation nor the data cursor changes.
 
     One compiled function per step (gradient, accumulation, clipping, update) with explicit
     state, one `mx.eval` per micro-batch. Batches come from `(seed, batch_index)` alone, so a
@@ -159,14 +165,22 @@ def train(
             mx.random.seed((cfg.seed * 1_000_003 + cursor.step) * world.size + world.rank)
             for micro in range(accum):
                 index = batching.batch_at(plan_size, cfg.seed, cursor.batch_index)
-                numbers, arrays = batch_arrays(train_data, index, cfg.max_seq_length, world.rank, world.size)
-                loss, tokens, acc_grad, acc_tokens = step(arrays, acc_grad, acc_tokens, micro == accum - 1)
-                mx.eval(state, loss, tokens, acc_grad, acc_tokens)
+                for part in range(splits):  # this rank's share, in `splits` micro-steps
+                    numbers, arrays = batch_arrays(train_data, index, cfg.max_seq_length,
+                                                   world.rank * splits + part, world.size * splits)
+                    update = micro == accum - 1 and part == splits - 1
+                    loss, tokens, acc_grad, acc_tokens = step(arrays, acc_grad, acc_tokens, update)
+                    mx.eval(state, loss, tokens, acc_grad, acc_tokens)
+                    window.add(loss.item(), tokens.item(), numbers)
                 cursor.batch_index += 1
-                window.add(loss.item(), tokens.item(), numbers)
             cursor.trained_tokens += int(acc_tokens.item())
             cursor.step += 1
             window.steps += 1
+            if memory_limit_gb and mx.get_peak_memory() > memory_limit_gb * 1024**3 and splits < cfg.batch_size:
+                splits = min(cfg.batch_size, 2 * splits)
+                on_log(f"Peak memory {mx.get_peak_memory() / 1024**3:.2f} GB passed the {memory_limit_gb:.2f} GB limit: "
+                       f"{splits} micro-steps per batch from now on (same effective batch)")
+                mx.reset_peak_memory()
             window.seconds += time.perf_counter() - tic
             on_step(cursor)
             last = cursor.step == total_steps
