@@ -129,3 +129,14 @@ def test_the_loop_lowers_the_micro_batch_when_the_peak_passes_the_limit():
     assert not quiet
     assert [line.split(":")[1].split(" per")[0].strip() for line in lines] == ["2 micro-steps", "4 micro-steps", "8 micro-steps"]
     np.testing.assert_allclose(squeezed, free, rtol=1e-5)
+
+
+def test_validate_json_reports_the_estimate_start_plans_with(tmp_path, capsys, llama_dir, data):
+    code, out, err = run_cli(capsys, "train", "validate", data, "--model", llama_dir, "--batch-size", 8,
+                             "--max-seq-length", 256, "--json")
+    assert code == 0, err
+    est = json.loads(out)["estimate"]
+    assert est["total_gb"] == pytest.approx(est["weights_gb"] + est["lora_gb"] + est["activations_gb"])
+    assert est["batch_size"] == 8 and est["seq_len"] % 32 == 0 and not est["grad_checkpoint"]
+    planned_est = planned(recipe(llama_dir, data, tmp_path / "x"), 100.0).unwrap().estimate
+    assert est == msgspec.to_builtins(planned_est)  # validate and start see the same largest batch

@@ -107,7 +107,8 @@ def _budget(recipe: Recipe, memory: MemoryEstimate | None, available_gb: float) 
         return []
     out = []
     if available_gb and memory.total_gb > 0.9 * available_gb:
-        fix = "lower batch_size or max_seq_length" + ("" if recipe.train.grad_checkpoint else ", or set grad_checkpoint = true")
+        fix = ("ft train start will split each batch into micro-steps to fit (--memory-limit); "
+               "lower batch_size or max_seq_length" + ("" if recipe.train.grad_checkpoint else ", or set grad_checkpoint = true"))
         out.append(Finding("warning", "$.train.batch_size", f"estimated peak {memory.total_gb:.1f} GB is close to or above the {available_gb:.1f} GB available; {fix}"))
     return out
 

@@ -8,7 +8,7 @@ from typing import Any
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
-from finetune.core import memory, modelinfo, prepare, templates, validate
+from finetune.core import memory, memplan, modelinfo, prepare, templates, validate
 from finetune.core import recipe as core_recipe
 from finetune.core.config import Recipe
 from finetune.core.records import RowError, Sample
@@ -111,7 +111,7 @@ def inspect(recipe: Recipe, available_gb: float = 0.0) -> Result[Inspection, str
         )
     longest = max((s.length_max for s in splits.values()), default=0)
     seq_len = min(recipe.train.max_seq_length, -(-longest // 32) * 32) if longest else 0
-    estimate = memory.estimate(facts, recipe, seq_len) if facts else None
+    estimate = _estimate(facts, recipe, tokens.get("train"), seq_len) if facts else None
     findings = model_findings + validate.check(recipe, splits, facts, estimate, available_gb)
     report = Report(
         recipe=recipe, files={k: str(v) for k, v in files.items()}, splits=splits,
@@ -132,6 +132,17 @@ def refusal(report: Report) -> str | None:
         return None
     more = f" (and {len(errors) - 1} more; `ft train validate` lists them all)" if len(errors) > 1 else ""
     return f"{errors[0].field}: {errors[0].message}{more}"
+
+
+def _estimate(facts: modelinfo.ModelFacts, recipe: Recipe, train: list[Tokens] | None, seq_len: int) -> memory.MemoryEstimate:
+    """The peak of the largest batch the training plan will produce (its rows, length, targets)."""
+    if not train:
+        return memory.estimate(facts, recipe, seq_len)
+    from finetune.shell.run import plan
+
+    rows, width, chosen = memplan.micro_shape(memplan.workload(plan(train, recipe), train, recipe.train.max_seq_length), 1)
+    dtype = recipe.model.dtype if recipe.model.dtype in memory.BYTES else "float32"
+    return memory.estimate(facts, recipe, width, dtype, chosen, rows)
 
 
 def _model(recipe: Recipe) -> Result[tuple[modelinfo.ModelFacts, Tokenizing], str]:
