@@ -25,11 +25,12 @@ props: install
 lint: install
     {{py}} -m ruff check finetune tests properties benchmarks data
 
-# Benchmarks (results in benchmarks/README.md): data pipeline, then FineTune vs mlx-lm training.
+# Benchmarks (results in benchmarks/README.md): data pipeline, FineTune vs mlx-lm training, memory estimate vs measured.
 bench: install
     {{py}} benchmarks/data_pipeline.py
     {{py}} benchmarks/train_vs_mlxlm.py --blas same --out benchmarks/results-same-blas.json
     {{py}} benchmarks/train_vs_mlxlm.py --blas out-of-the-box --out benchmarks/results-out-of-the-box.json
+    {{py}} benchmarks/memory.py
 
 # The demo: a short LoRA run of the built-in tiny model on the bundled SQL set.
 quick: install

@@ -31,7 +31,7 @@ SMOLLM = {
 }
 # (batch, padded length, rank, checkpointing, bits)
 GRIDS = {
-    "quick": [(4, 256, 8, c, q) for q in (0, 4) for c in (False, True)] + [(1, 64, 8, False, 0), (8, 128, 64, False, 0), (1, 1024, 16, True, 0)],
+    "quick": [(2, 128, 8, c, q) for q in (0, 4) for c in (False, True)] + [(4, 256, 8, False, 0), (4, 256, 8, True, 0), (1, 512, 64, True, 0)],
     "full": [(b, s, r, c, q) for b, s in ((1, 64), (4, 256), (16, 128), (2, 1024)) for r in (8,) for c in (False, True) for q in (0, 4)],
 }
 
