@@ -113,3 +113,20 @@ def test_import_finetune_imports_no_mlx_and_no_transformers():
     code = "import sys, finetune\nprint(sorted({m.split('.')[0] for m in sys.modules} & {'mlx', 'transformers', 'torch', 'numpy'}))"
     done = python(code, env())
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_a_vendored_library_loads_with_its_hashed_siblings(tmp_path):
+    # auditwheel's libgfortran needs libquadmath-<hash> and has no RPATH: found beside it, or refused.
+    libs = Path(mx.__file__).parent.parent / "mlx_cpu.libs"
+    fortran = next(libs.glob("libgfortran-*.so*"))
+    quadmath = next(libs.glob("libquadmath-*.so*"))
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / fortran.name).write_bytes(fortran.read_bytes())
+    (tmp_path / "both").mkdir()
+    for lib in (fortran, quadmath):
+        (tmp_path / "both" / lib.name).write_bytes(lib.read_bytes())
+    code = "import sys\nfrom finetune.shell import blas\nprint(repr(blas._load(sys.argv[1])))"
+    for where, expected in (("both", "''"), ("alone", quadmath.name)):
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / where / fortran.name)],
+                              env=env(FT_BLAS="bundled"), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and expected in done.stdout, done.stdout + done.stderr

@@ -31,9 +31,10 @@ HINT = (
 )
 LATE = "mlx.core was imported before finetune, too late to load a BLAS: import finetune first"
 PYPI_MKL = "PyPI mkl"
-# MKL's threading layer: INTEL uses intel-openmp's libiomp5, a dependency of the mkl wheel, so it
-# needs nothing from the system (GNU needs the system's libgomp). See benchmarks/README.md.
-MKL_THREADING = "INTEL"
+# MKL's threading layer. MLX already runs CPU work on its own threads; MKL's OpenMP layers (INTEL,
+# GNU) spin in barriers against them and trained `tiny` up to 8x slower on a busy 2-core machine,
+# while SEQUENTIAL never lost to them here (benchmarks/README.md). MKL_THREADING_LAYER overrides.
+MKL_THREADING = "SEQUENTIAL"
 
 
 def candidates(machine: str) -> tuple[tuple[str, str], ...]:
@@ -166,15 +167,24 @@ def _boot(env: Mapping[str, str]) -> Loaded:
     return Loaded(note="; ".join(notes) or "none found")
 
 
-def _load(path: str) -> str:
-    """Open `path` into the global scope; '' on success, else the loader's reason."""
+def _load(path: str, mode: int = os.RTLD_GLOBAL) -> str:
+    """Open `path` into the global scope; '' on success, else the loader's reason.
+
+    Libraries that wheels vendor (auditwheel's `*.libs/`) need siblings with hashed names and
+    carry no RPATH of their own: a missing dependency found beside `path` is opened first.
+    """
     if "mkl_rt" in Path(path).name:
         os.environ.setdefault("MKL_THREADING_LAYER", MKL_THREADING)  # read when MKL starts
-    try:
-        ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
-    except OSError as err:
-        return str(err)
-    return ""
+    for _ in range(8):
+        try:
+            ctypes.CDLL(path, mode=mode)
+            return ""
+        except OSError as err:
+            missing = str(err).split(":")[0]
+            sibling = Path(path).parent / missing
+            if "/" in missing or not sibling.is_file() or _load(str(sibling), os.RTLD_LOCAL):
+                return str(err)
+    return f"{path}: too many missing dependencies"
 
 
 def loaded() -> Loaded:
@@ -213,7 +223,9 @@ def label(path: str) -> str:
     for name, rel in candidates(host_machine()):
         if path.endswith(rel):
             return name
-    return "MKL" if "mkl_rt" in Path(path).name else Path(path).name
+    name = Path(path).name
+    known = {"openblas": "OpenBLAS", "blis": "BLIS", "mkl_rt": "MKL", "flexiblas": "FlexiBLAS"}
+    return next((label for part, label in known.items() if part in name.lower()), name)
 
 
 def source(path: str) -> str:
