@@ -230,3 +230,15 @@ def test_the_engines_do_not_import_each_other():
         "assert 'torch' not in sys.modules, 'the MLX engine imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", check_torch], check=True)
+
+
+def test_gradient_checkpointing_trains_the_same_adapters(tmp_path, data):
+    runs = []
+    for checkpoint in (False, True):
+        out = tmp_path / f"gc-{checkpoint}"
+        r = recipe(data, out, iters=3, eval_every=0, save_every=0, grad_checkpoint=checkpoint, lora={"keys": ["self_attn.q_proj"]})
+        train_torch(r)
+        runs.append(load_file(str(out / "adapters.safetensors")))
+    assert runs[0].keys() == runs[1].keys()
+    for name in runs[0]:
+        assert np.allclose(runs[0][name], runs[1][name], rtol=1e-5, atol=1e-7), name

@@ -76,6 +76,8 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, device: str
         case Failure(message):
             return Failure(message)
     model.to(where)
+    if recipe.train.grad_checkpoint:  # recompute each block's activations in the backward pass
+        model.lm.activation_checkpointing_enable({"use_reentrant": False})
     if recipe.data.packing and not packing.supported(model, where):
         return Failure(f"$.data.packing: {model.lm.config.model_type} in transformers ignores document boundaries "
                        "in packed rows here; set packing = false or use --backend mlx")
