@@ -15,7 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 import msgspec
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
@@ -81,17 +81,22 @@ def sum_values(values: list[float]) -> list[float]:
 
 
 def broadcast(tree: Any, world: World) -> Any:
-    """Rank 0's values of `tree` on every rank (the others contribute zeros to a sum)."""
+    """Rank 0's values of `tree` on every rank (the others contribute zeros to a sum).
+
+    Leaves go in sorted-name order, one collective per eval, float32 on the wire: a restored
+    tree and a fresh one may order their keys (and type their counters) differently, and two
+    ranks must issue the same collectives in the same order or the ring waits forever.
+    """
     if world.size == 1:
         return tree
-    def share(v: Any) -> Any:
-        if not isinstance(v, mx.array):
-            return v
-        return mx.distributed.all_sum(v if world.rank == 0 else mx.zeros_like(v), stream=mx.cpu)
-
-    out = tree_map(share, tree)
-    mx.eval(out)
-    return out
+    out = []
+    for name, v in sorted(tree_flatten(tree), key=lambda kv: kv[0]):
+        if isinstance(v, mx.array):
+            mine = v.astype(mx.float32) if world.rank == 0 else mx.zeros(v.shape, mx.float32)
+            v = mx.distributed.all_sum(mine, stream=mx.cpu).astype(v.dtype)
+            mx.eval(v)
+        out.append((name, v))
+    return tree_unflatten(out)
 
 
 def agree(world: World, what: str, digest: bytes) -> Result[None, str]:

@@ -310,7 +310,8 @@ def _restore(prepared: Prepared, run_dir: Path, optimizer: optim.Optimizer) -> R
     optimizer.state = tree_unflatten(list(opt.items()))
     optimizer.init(model.trainable_parameters())
     mx.eval(model.parameters(), optimizer.state)
-    cursor = trainer.Cursor(step=state["step"], batch_index=state["batch_index"], trained_tokens=state["trained_tokens"])
+    cursor = trainer.Cursor(step=state["step"], batch_index=state["batch_index"], trained_tokens=state["trained_tokens"],
+                            splits=state.get("splits", 1))
     return Success((cursor, report.metrics_until(run_dir, cursor.step)))
 
 
@@ -335,8 +336,8 @@ def _broadcast_state(model: nn.Module, optimizer: optim.Optimizer, cursor: train
         return cursor
     model.update(distributed.broadcast(model.trainable_parameters(), world))
     optimizer.state = distributed.broadcast(optimizer.state, world)
-    numbers = mx.array([cursor.step, cursor.batch_index, cursor.trained_tokens], dtype=mx.int64)
-    step, batch_index, trained = distributed.broadcast(numbers, world).tolist()
+    numbers = [cursor.step, cursor.batch_index, cursor.trained_tokens] if world.rank == 0 else [0, 0, 0]
+    step, batch_index, trained = (int(n) for n in distributed.sum_values(numbers))  # float64: exact
     return trainer.Cursor(step=step, batch_index=batch_index, trained_tokens=trained)
 
 
