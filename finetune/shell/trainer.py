@@ -31,6 +31,7 @@ class Cursor(Struct, kw_only=True):
     step: int = 0
     batch_index: int = 0
     trained_tokens: int = 0
+    splits: int = 1  # micro-steps per batch in use: a resumed run keeps a split raised at run time
 
 
 class Data(Struct, frozen=True):
@@ -127,6 +128,7 @@ def train(
     """
     state = [model.state, optimizer.state, mx.random.state]
     loss_and_grad = nn.value_and_grad(model, supervised_ce)
+    splits = cursor.splits = max(splits, cursor.splits)
     accum, clip = cfg.grad_accumulation, cfg.grad_clip
 
     @partial(mx.compile, inputs=state, outputs=state)
@@ -177,7 +179,7 @@ def train(
             cursor.step += 1
             window.steps += 1
             if memory_limit_gb and mx.get_peak_memory() > memory_limit_gb * 1024**3 and splits < cfg.batch_size:
-                splits = min(cfg.batch_size, 2 * splits)
+                splits = cursor.splits = min(cfg.batch_size, 2 * splits)
                 on_log(f"Peak memory {mx.get_peak_memory() / 1024**3:.2f} GB passed the {memory_limit_gb:.2f} GB limit: "
                        f"{splits} micro-steps per batch from now on (same effective batch)")
                 mx.reset_peak_memory()
