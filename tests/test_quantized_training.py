@@ -163,3 +163,29 @@ def test_qlora_in_bfloat16_keeps_lora_the_optimizer_and_the_loss_in_float32(tmp_
     step = sorted((run / "checkpoints").glob("step-*"))[-1]
     optimizer = mx.load(str(next(step.glob("optimizer*.safetensors"))))
     assert optimizer and {v.dtype for k, v in optimizer.items() if v.ndim} == {mx.float32}
+
+
+def test_quantizing_on_load_never_holds_the_whole_float_model(tmp_path, bases):
+    from finetune.core import quantization
+    from finetune.models import build
+    from finetune.shell.load import load_model
+
+    config = {**json.loads((bases["float"] / "config.json").read_text()), "hidden_size": 256,
+              "intermediate_size": 704, "num_hidden_layers": 4, "head_dim": 64, "tie_word_embeddings": False}
+    model = build(config)
+    tensors = dict(tree_flatten(model.parameters()))
+    d = tmp_path / "wider"
+    d.mkdir()
+    for f in bases["float"].iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            (d / f.name).write_bytes(f.read_bytes())
+    mx.save_safetensors(str(d / "model.safetensors"), tensors, metadata={"format": "pt"})
+    (d / "config.json").write_text(json.dumps(config))
+    float_bytes = sum(v.nbytes for v in tensors.values())
+    del model, tensors
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    loaded, _ = load_model(str(d), cache=False, quantize=quantization.on_load(4, 64)).unwrap()
+    peak = mx.get_peak_memory()
+    assert isinstance(loaded.lm_head, nn.QuantizedLinear)
+    assert peak < 0.5 * float_bytes  # the 4-bit model plus about one float layer at a time

@@ -160,15 +160,16 @@ def _load_dir(
             return failure
     try:
         model.load_weights(list(tensors.items()), strict=True)
+        del tensors, converted  # quantizing on load: the lazy float weights are read once, layer by layer, then freed
+        if quantize is not None:
+            from finetune.shell.quantized import quantize_on_load
+
+            match quantize_on_load(model, quantize, "--quantize-group-size"):
+                case Failure(message):
+                    return Failure(f"{spec}: {message}")
         mx.eval(model.parameters())
     except (ValueError, RuntimeError) as err:  # damage that only shows when tensors are read
         return Failure(f"{spec}: cannot load weights from {directory} ({err})")
-    if quantize is not None:
-        from finetune.shell.quantized import quantize_on_load
-
-        match quantize_on_load(model, quantize, "--quantize-group-size"):
-            case Failure(message):
-                return Failure(f"{spec}: {message}")
     model.eval()
     return Success((model, tokenizer))
 

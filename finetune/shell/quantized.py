@@ -54,6 +54,9 @@ def quantize_on_load(model: nn.Module, quant: Quant, flag: str) -> Result[nn.Mod
     plan = quantization.load_plan(quant, in_dims(model), flag)
     result = plan.map(lambda p: apply(model, p))
     if isinstance(result, Success):
+        for _, m in model.named_modules():  # one layer at a time: its float weight is freed at once
+            if isinstance(m, _QUANTIZED):
+                mx.eval(m.parameters())
         mx.eval(model.parameters())
     return result
 
