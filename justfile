@@ -13,13 +13,13 @@ install:
 test:
     bash .ci/run
 
-# Example tests only.
+# Example tests only (`-p finetune`: the optimized BLAS is loaded before any test imports mlx).
 examples: install
-    {{py}} -m pytest tests
+    {{py}} -m pytest -p finetune tests
 
 # Hypothesis property suites.
 props: install
-    {{py}} -m pytest properties
+    {{py}} -m pytest -p finetune properties
 
 # Lint with ruff.
 lint: install
