@@ -145,7 +145,9 @@ def peft_child(model: str, data: str, result: str, iters: int, batch: int, repor
 
 def _run(cmd: list[str]) -> float:
     """Run a child to completion; its peak RSS in GB (the same measure for every engine)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
+    # Every child, the PEFT reference included, gets the threading the torch engine sets for itself.
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
