@@ -118,7 +118,6 @@ class Loaded(Struct, frozen=True):
     """What `boot` did: the library now serving MLX's float32 matmuls ("" = bundled) and why."""
 
     path: str = ""
-    label: str = ""
     source: str = ""  # system | PyPI mkl | FT_BLAS | LD_PRELOAD
     note: str = ""  # why nothing was loaded, when nothing was
     error: str = ""  # a refused FT_BLAS setting, one line
@@ -146,7 +145,7 @@ def _boot(env: Mapping[str, str]) -> Loaded:
     setting = env.get("FT_BLAS", "")
     already = active()
     if already:  # LD_PRELOAD, or a library the host program loaded globally
-        return Loaded(already, label(already), "LD_PRELOAD")
+        return Loaded(already, "LD_PRELOAD")
     if setting == "bundled":
         return Loaded(note="FT_BLAS=bundled")
     if "mlx.core" in sys.modules:
@@ -156,13 +155,14 @@ def _boot(env: Mapping[str, str]) -> Loaded:
             return Loaded(note="FT_BLAS refused", error=f"FT_BLAS={setting}: not a library that exports {SYMBOL}; "
                           "give a BLAS .so path, `auto` or `bundled`")
         failed = _load(setting)
-        return Loaded(note="FT_BLAS refused", error=f"FT_BLAS={setting}: {failed}") if failed else \
-            Loaded(setting, label(setting), "FT_BLAS")
+        if failed:
+            return Loaded(note="FT_BLAS refused", error=f"FT_BLAS={setting}: {failed}")
+        return Loaded(setting, "FT_BLAS")
     notes = []
-    for name, path in find(env.get("FT_BLAS_SEARCH_ROOT", "/")):
+    for _, path in find(env.get("FT_BLAS_SEARCH_ROOT", "/")):
         failed = _load(str(path))
         if not failed:
-            return Loaded(str(path), name, source(str(path)))
+            return Loaded(str(path), source(str(path)))
         notes.append(f"{path}: {failed}")
     return Loaded(note="; ".join(notes) or "none found")
 
