@@ -19,7 +19,7 @@ from finetune.core.modelinfo import ModelFacts
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GB = 1024**3
-ADAPTER_COPIES = 5  # parameters, gradients, accumulated gradients, Adam's m and v
+ADAPTER_COPIES = 4  # parameters, gradients, Adam's m and v (+1 accumulated gradient when accumulating)
 # Copies of each activation term MLX-CPU keeps at the peak (fitted; see the module docstring).
 COPIES = {
     "saved_mlp": 7.7,  # per saved block: (B, T, intermediate) (absorbs its (B, T, hidden) tensors)
@@ -119,7 +119,8 @@ def estimate(
     activations = sum(COPIES[k] * v for k, v in terms.items()) * size + logits
     trainable = lora_parameters(facts, recipe)
     weights = weight_bytes(facts, recipe.model.quantize_bits, group_size(recipe), dtype)
-    lora = trainable * 4 * ADAPTER_COPIES
+    accumulating = recipe.train.grad_accumulation > 1 or batch < recipe.train.batch_size  # micro-steps
+    lora = trainable * 4 * (ADAPTER_COPIES + accumulating)
     return MemoryEstimate(
         weights_gb=weights / GB, lora_gb=lora / GB, activations_gb=activations / GB,
         total_gb=(weights + lora + activations) / GB, trainable=trainable,
