@@ -30,18 +30,18 @@ MATMUL = (
 )
 
 
-def configurations(extra: list[str]) -> dict[str, dict[str, str]]:
+def configurations(extra: list[str], extra_env: list[str], layers: list[str]) -> dict[str, dict[str, str]]:
     """name -> environment additions."""
     out = {"bundled": {"FT_BLAS": "bundled"}}
     system = [str(p) for _, p in blas.find(prefix="/nonexistent")]
     if system:
         out["system OpenBLAS"] = {"FT_BLAS": system[0]}
     mkl = [str(p) for p in blas.wheel_libraries(sys.prefix)]
-    for layer in ("INTEL", "GNU", "SEQUENTIAL") if mkl else ():
+    for layer in layers if mkl else ():
         out[f"PyPI mkl ({layer})"] = {"FT_BLAS": mkl[0], "MKL_THREADING_LAYER": layer}
     for item in extra:
         name, path = item.split("=", 1)
-        out[name] = {"FT_BLAS": path}
+        out[name] = {"FT_BLAS": path} | dict(kv.split("=", 1) for kv in extra_env)
     return out
 
 
@@ -50,6 +50,8 @@ def measure(env: dict[str, str], iters: int) -> dict[str, float]:
     full = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "FT_BLAS")} | env
     gflops = float(subprocess.run([sys.executable, "-c", MATMUL], env=full, capture_output=True,
                                   text=True, check=True).stdout)
+    if iters == 0:
+        return {"gflops": gflops, "train_s": 0.0, "tok_s": 0.0}
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "finetune.cli", "train", "start", "--recipe", "recipes/quick.toml",
                "--iters", str(iters), "--eval-every", "0", "--save-every", "0", "--output", out]
@@ -66,15 +68,18 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--iters", type=int, default=40)
     p.add_argument("--lib", action="append", default=[], help="NAME=PATH of another library to compare")
+    p.add_argument("--lib-env", action="append", default=[], help="VAR=VALUE for every --lib run")
+    p.add_argument("--mkl-layers", default="SEQUENTIAL,INTEL,GNU", help="MKL threading layers to run")
+    p.add_argument("--matmul-only", action="append", default=["bundled"], help="configurations not trained")
     p.add_argument("--skip", action="append", default=[], help="configuration names to leave out")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results-blas.json"))
     args = p.parse_args()
     load = os.getloadavg()[0]  # others' work skews every number: recorded with the results
-    configs = {k: v for k, v in configurations(args.lib).items() if k not in args.skip}
+    configs = {k: v for k, v in configurations(args.lib, args.lib_env, args.mkl_layers.split(",")).items() if k not in args.skip}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     for round_ in range(args.rounds):
         for name, env in configs.items():
-            runs[name].append(measure(env, args.iters))
+            runs[name].append(measure(env, 0 if name in args.matmul_only else args.iters))
             print(f"round {round_ + 1} {name}: {runs[name][-1]}", file=sys.stderr)
     table = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
     result = {"iters": args.iters, "rounds": args.rounds, "load_before": load, "load_after": os.getloadavg()[0],
@@ -82,7 +87,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("| BLAS | 1024² fp32 GFLOP/s | supervised tok/s | `ft train start` wall s |")
     for name, row in table.items():
-        print(f"| {name} | {row['gflops']:.0f} | {row['tok_s']:.0f} | {row['train_s']:.1f} |")
+        trained = f"{row['tok_s']:.0f} | {row['train_s']:.1f}" if row["train_s"] else "– | –"
+        print(f"| {name} | {row['gflops']:.0f} | {trained} |")
 
 
 if __name__ == "__main__":
