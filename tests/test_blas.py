@@ -110,6 +110,7 @@ def test_a_found_library_that_fails_to_load_is_skipped(tmp_path):
     assert got["path"] == (str(wheel[0][1]) if wheel else "")
     if not wheel:
         assert str(broken) in got["note"] and got["active"] is None
+        assert f"(could not load {broken}: " in got["line"]
 
 
 def test_import_finetune_imports_no_mlx_and_no_transformers():

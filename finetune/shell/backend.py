@@ -105,7 +105,8 @@ def describe(info: BackendInfo) -> str:
         return f"{line} [FT_BLAS=bundled]"
     if note == blas.LATE:
         return f"{line}\nhint: {blas.LATE}"
-    return f"{line}\nhint: {blas.HINT}"
+    failed = "" if note in ("none found", "not Linux") else f" (could not load {note})"
+    return f"{line}\nhint: {blas.HINT}{failed}"
 
 
 def _blas_words(info: BackendInfo) -> str:

@@ -163,7 +163,7 @@ def _boot(env: Mapping[str, str]) -> Loaded:
         failed = _load(str(path))
         if not failed:
             return Loaded(str(path), source(str(path)))
-        notes.append(f"{path}: {failed}")
+        notes.append(failed if str(path) in failed else f"{path}: {failed}")
     return Loaded(note="; ".join(notes) or "none found")
 
 
