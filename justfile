@@ -32,6 +32,7 @@ bench: install
     {{py}} benchmarks/train_vs_mlxlm.py --blas out-of-the-box --out benchmarks/results-out-of-the-box.json
     {{py}} benchmarks/memory.py
     {{py}} benchmarks/torch_engine.py --out benchmarks/results-torch-engine.json
+    {{py}} benchmarks/distributed.py --out benchmarks/results-distributed.json
 
 # The demo: a short LoRA run of the built-in tiny model on the bundled SQL set.
 quick: install
