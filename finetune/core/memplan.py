@@ -83,10 +83,12 @@ def plan(
     smallest = None
     for checkpoint in modes:
         r = msgspec.structs.replace(recipe, train=msgspec.structs.replace(recipe.train, grad_checkpoint=checkpoint))
+        previous = 0
         for splits in range(1, size + 1):
-            rows, width, chosen = micro_shape(batches, splits)
-            if splits > 1 and rows == micro_shape(batches, splits - 1)[0]:
+            if -(-size // splits) == previous:
                 continue  # the same largest share as one split fewer
+            rows, width, chosen = micro_shape(batches, splits)
+            previous = rows
             est = memory.estimate(facts, r, width, dtype, chosen, rows)
             if est.total_gb <= limit_gb:
                 return Success(MemoryPlan(
