@@ -106,12 +106,12 @@ def estimate(
 ) -> MemoryEstimate:
     """Peak training memory for micro-batches of `batch_size` rows padded to `seq_len` tokens.
 
-    `seq_len`: the longest padded batch the plan produces (default: max_seq_length);
+    `seq_len`: the longest padded batch the plan produces (default: max_seq_length, else the context);
     `supervised`: the most supervised positions in one micro-batch (default: every token);
     `batch_size`: the micro-batch (default: the recipe's batch_size).
     """
     batch = batch_size or recipe.train.batch_size
-    seq = seq_len or recipe.train.max_seq_length
+    seq = seq_len or recipe.train.max_seq_length or facts.context_length  # 0: the model's context
     n = supervised or batch * seq
     size = BYTES.get(dtype, 4)
     terms = activation_terms(facts, recipe, batch, seq, n)
