@@ -87,9 +87,12 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, memory_limi
     planned = None
     if inspection.report.facts is not None:  # plan memory before any weight loads
         limit = memory_limit_gb or budget.device_budget_gb()
-        match budget.plan(recipe, inspection.report.facts, splits["train"], limit):
+        ranks = distributed.setup().size  # each rank holds only its share of a batch: plan that
+        share = msgspec.structs.replace(recipe.train, batch_size=-(-recipe.train.batch_size // ranks))
+        match budget.plan(msgspec.structs.replace(recipe, train=share), inspection.report.facts, splits["train"], limit):
             case Success(planned):
-                log(memplan.describe(planned))
+                line = memplan.describe(planned)
+                log(line if ranks == 1 else line.replace("memory plan:", f"memory plan, each of {ranks} ranks:", 1))
             case Failure(message):
                 return Failure(message)
     log(f"Loading {recipe.model.path} ...")

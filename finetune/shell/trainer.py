@@ -54,14 +54,16 @@ class Report(Struct, frozen=True, kw_only=True):
 
 
 def batch_arrays(
-    data: Data, index: int, max_length: int, part: int = 0, parts: int = 1
+    data: Data, index: int, max_length: int, rank: int = 0, ranks: int = 1, part: int = 0, parts: int = 1
 ) -> tuple[batching.Batch, tuple[mx.array, ...]]:
-    """Share `part` of `parts` of the plan's batch `index`, as numpy (for counts) and MLX arrays.
+    """Micro-step `part` of `parts` of rank `rank`'s share of the plan's batch `index`, as numpy
+    (for counts) and MLX arrays. Ranks split the batch first, so each may split its own share
+    differently (a memory split raised on one rank only) and the shares still cover it once.
 
     An empty share (more parts than rows) is the batch's first row with every weight 0: it
     adds nothing to the sums yet still runs the same step, so its rank joins the collectives.
     """
-    share = batching.shares(data.plan[index], parts)[part]
+    share = batching.shares(batching.shares(data.plan[index], ranks)[rank], parts)[part]
     rows = [[data.examples[i] for i in row] for row in share or data.plan[index][:1]]
     b = batching.make_batch(rows, max_length)
     if not share:
@@ -169,7 +171,7 @@ def train(
                 index = batching.batch_at(plan_size, cfg.seed, cursor.batch_index)
                 for part in range(splits):  # this rank's share, in `splits` micro-steps
                     numbers, arrays = batch_arrays(train_data, index, cfg.max_seq_length,
-                                                   world.rank * splits + part, world.size * splits)
+                                                   world.rank, world.size, part, splits)
                     update = micro == accum - 1 and part == splits - 1
                     loss, tokens, acc_grad, acc_tokens = step(arrays, acc_grad, acc_tokens, update)
                     mx.eval(state, loss, tokens, acc_grad, acc_tokens)
