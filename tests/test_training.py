@@ -32,12 +32,12 @@ from finetune.core import batching, lora
 from finetune.core import recipe as core_recipe
 from finetune.core.config import TrainingConfig
 from finetune.core.convert import mlx_to_hf
-from finetune.core.losses import supervised_ce
 from finetune.core.tokenize import Tokens
 from finetune.models import build
 from finetune.models import lora as lora_modules
 from finetune.shell import adapters, recipes, trainer
 from finetune.shell.tokenizer import load_tokenizer
+from finetune.shell.trainer import supervised_ce
 
 ROOT = Path(__file__).parents[1]
 METRIC_FIELDS = (
