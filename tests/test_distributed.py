@@ -2,7 +2,8 @@
 
 Covers: 2 ranks = 1 process with the same global batch (uneven shares, accumulation); only rank 0
 writes and prints; world size and backend recorded; a SIGKILLed rank ends the job in bounded
-time naming the rank, its last checkpoint intact, and --resume finishes with 2 ranks or 1;
+time naming the rank (the launcher's warning; rank 0's own one line when ranks run without the
+launcher), its last checkpoint intact, and --resume finishes with 2 ranks or 1;
 ranks that disagree, and more ranks than rows per batch, stop with one line before writing.
 """
 
@@ -155,6 +156,31 @@ def test_two_ranks_train_what_one_process_trains_through_a_killed_rank_and_resum
     text = (tmp_path / "resume-2.log").read_text()
     assert text.count("Iter 20: Train loss") == 1 and text.count("backend: ") == 1, text
     assert "2 ranks over ring" in text, text
+
+
+def test_without_the_launcher_a_lost_peer_is_one_line_naming_the_rank(tmp_path, setup):
+    """Ranks started by hand (the environment mlx.launch sets): nobody stops rank 0 for us."""
+    data, home, _ = setup
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"], [f"127.0.0.1:{free_port()}"]]))
+    out, procs = tmp_path / "run", []
+    try:
+        for rank in (0, 1):
+            e = env(home) | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts)}
+            with open(tmp_path / f"rank{rank}.log", "wb") as f:
+                procs.append(subprocess.Popen(command(1, train_args(data, out, steps=10_000)), cwd=ROOT, env=e,
+                                              stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+        wait_for(out / "checkpoints" / "step-0000005", procs[0], tmp_path / "rank0.log")
+        procs[1].kill()
+        assert procs[0].wait(60) == 2
+    finally:
+        for p in procs:
+            end(p)
+    text = (tmp_path / "rank0.log").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("ft: error:")]
+    assert len(lines) == 1 and "Traceback" not in text, text
+    assert lines[0].startswith("ft: error: rank 0: lost the connection to rank 1") and "--resume" in lines[0], text
+    assert checkpoints.complete(out)
 
 
 def test_ranks_that_disagree_stop_before_writing(tmp_path, setup):
