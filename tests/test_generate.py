@@ -14,13 +14,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from finetune.cli import main
 from finetune.core.convert import hf_to_mlx
 from finetune.core.records import Message
-from finetune.core.sampling import sample
 from finetune.core.templates import render
 from finetune.core.tokenize import tokenize
 from finetune.models import build
 from finetune.shell import backend
 from finetune.shell import generate as gen
 from finetune.shell.generate import TextStream, build_prompt, decoder, generate
+from finetune.shell.sampling import sample
 from finetune.shell.tokenizer import encoder, load_tokenizer, specials, train_bpe
 from finetune.shell.weights import read_safetensors_dir
 

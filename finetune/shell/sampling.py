@@ -1,4 +1,5 @@
-"""Next-token sampling: greedy, temperature and top-p (nucleus), with an explicit PRNG key (pure)."""
+"""Next-token sampling for the MLX engine: greedy, temperature and top-p (nucleus), with an explicit
+PRNG key (pure MLX; it lives beside generation because the core imports no engine)."""
 
 from __future__ import annotations
 
