@@ -242,3 +242,21 @@ def test_gradient_checkpointing_trains_the_same_adapters(tmp_path, data):
     assert runs[0].keys() == runs[1].keys()
     for name in runs[0]:
         assert np.allclose(runs[0][name], runs[1][name], rtol=1e-5, atol=1e-7), name
+
+
+def test_with_neither_engine_ft_says_what_to_install(tmp_path):
+    script = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('mlx', 'torch', 'peft'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from finetune.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, "train", "start", "tiny", "--output", str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("ft: error: no training engine installed: pip install 'finetune[torch]'"), line
