@@ -27,6 +27,7 @@ class Cursor(Struct, kw_only=True):
     step: int = 0
     batch_index: int = 0
     trained_tokens: int = 0
+    splits: int = 1  # micro-steps per batch in use: a resumed run keeps a split raised at run time
 
 
 class Data(Struct, frozen=True):

@@ -16,11 +16,17 @@ from mlx.utils import tree_flatten, tree_unflatten
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
-from finetune.core import batching, lora, memplan, schedule
-from finetune.core import recipe as core_recipe
+from finetune.core import lora, memplan, schedule
 from finetune.core.adapters import AdapterSpec
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
+from finetune.engines.rundir import (  # engine-free, shared with the torch engine
+    Outcome,
+    fingerprint,
+    first_difference,
+    plan,  # noqa: F401  (callers use run.plan)
+    total_steps,
+)
 from finetune.errors import Interrupted
 from finetune.models import lora as lora_modules
 from finetune.shell import (
@@ -36,8 +42,6 @@ from finetune.shell import (
 )
 
 Log = Callable[[str], None]
-# Recipe fields that may change between a checkpoint and its resumption.
-_CADENCE = ("report_every", "eval_every", "val_batches", "save_every", "keep_checkpoints", "iters", "epochs")
 
 
 class Prepared(Struct):
@@ -50,15 +54,6 @@ class Prepared(Struct):
     spec: AdapterSpec
     kind: str
     memory: memplan.MemoryPlan | None = None  # micro-steps and checkpointing against the limit
-
-
-class Outcome(Struct, frozen=True, kw_only=True):
-    run_dir: str
-    steps: int
-    train_loss: float
-    val_loss: float | None
-    test_loss: float | None = None
-    trainable: int = 0
 
 
 def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, memory_limit_gb: float = 0.0) -> Result[Prepared, str]:
@@ -121,27 +116,6 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, memory_limi
         base_quantization=quantization.record(base, on_load=on_load is not None),
     )
     return Success(Prepared(recipe, model, tok, splits, spec, adapters.model_kind(model), planned))
-
-
-def plan(examples: list[Tokens], recipe: Recipe) -> list[list[list[int]]]:
-    lengths = [len(t.ids) for t in examples]
-    if recipe.data.packing:
-        return batching.packed(lengths, recipe.train.batch_size, recipe.train.max_seq_length)
-    return batching.length_sorted(lengths, recipe.train.batch_size)
-
-
-def total_steps(recipe: Recipe, plan_size: int) -> int:
-    t = recipe.train
-    return t.iters or math.ceil(plan_size * t.epochs / t.grad_accumulation)
-
-
-def fingerprint(recipe: Recipe) -> dict[str, Any]:
-    """What must not change between a checkpoint and its resumption."""
-    raw = core_recipe.to_builtins(recipe)
-    raw.pop("name"), raw.pop("output")
-    for key in _CADENCE:
-        raw["train"].pop(key)
-    return raw
 
 
 def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test: bool = False) -> Result[Outcome, str]:
@@ -297,7 +271,7 @@ def _restore(prepared: Prepared, run_dir: Path, optimizer: optim.Optimizer) -> R
     source = found[-1]
     now = fingerprint(prepared.recipe)
     if state.get("recipe") != now:
-        diff = _first_difference(state.get("recipe", {}), now)
+        diff = first_difference(state.get("recipe", {}), now)
         return Failure(f"{source}: made with a different recipe ({diff}); resume with the same settings or start a new --output")
     before = state.get("total_steps")
     if before is not None and before != total_steps(prepared.recipe, len(plan(prepared.splits["train"], prepared.recipe))):
@@ -342,14 +316,6 @@ def _broadcast_state(model: nn.Module, optimizer: optim.Optimizer, cursor: train
     numbers = [cursor.step, cursor.batch_index, cursor.trained_tokens] if world.rank == 0 else [0, 0, 0]
     step, batch_index, trained = (int(n) for n in distributed.sum_values(numbers))  # float64: exact
     return trainer.Cursor(step=step, batch_index=batch_index, trained_tokens=trained)
-
-
-def _first_difference(old: Any, new: Any, path: str = "$") -> str:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                return _first_difference(old.get(key), new.get(key), f"{path}.{key}")
-    return f"{path} was {old!r}, now {new!r}"
 
 
 def check_output(run_dir: Path, resume: bool) -> Result[None, str]:

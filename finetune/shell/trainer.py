@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -15,11 +14,16 @@ import mlx.optimizers as optim
 import msgspec
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
-from msgspec import Struct
 
 from finetune.core import batching
 from finetune.core.config import TrainingConfig
-from finetune.core.tokenize import Tokens
+from finetune.engines.rundir import (  # engine-free, shared with the torch engine
+    Cursor,
+    Data,
+    Interrupted,
+    Report,
+    StopFlag,
+)
 from finetune.shell import distributed
 from finetune.shell.distributed import World
 
@@ -45,34 +49,6 @@ def supervised_ce(
     logits = model.head(h).astype(mx.float32)  # (N, V)
     ce = nn.losses.cross_entropy(logits, targets, reduction="none")  # (N,)
     return (ce * weights).sum(), weights.sum()
-
-
-class Cursor(Struct, kw_only=True):
-    """Where a run is: optimizer steps done and micro-batches consumed (for exact resume)."""
-
-    step: int = 0
-    batch_index: int = 0
-    trained_tokens: int = 0
-    splits: int = 1  # micro-steps per batch in use: a resumed run keeps a split raised at run time
-
-
-class Data(Struct, frozen=True):
-    examples: list[Tokens]
-    plan: list[list[list[int]]]  # batches -> rows -> example indices
-
-
-class Report(Struct, frozen=True, kw_only=True):
-    step: int
-    epoch: float
-    train_loss: float
-    learning_rate: float
-    tokens_per_second: float  # supervised tokens
-    processed_tokens_per_second: float
-    iterations_per_second: float
-    trained_tokens: int
-    peak_memory_gb: float
-    padding_efficiency: float
-    val_loss: float | None = None
 
 
 def batch_arrays(
@@ -116,10 +92,6 @@ def evaluate(model: nn.Module, data: Data, max_length: int, num_batches: int, wo
         summed, tokens = distributed.sum_values([total.item(), count.item()])
         return summed / max(tokens, 1.0)
     return (total / mx.maximum(count, 1.0)).item()
-
-
-class Interrupted(Exception):
-    """Ctrl-C arrived; the loop stopped at a step boundary."""
 
 
 def train(
@@ -175,7 +147,7 @@ def train(
 
     plan_size = len(train_data.plan)
     window = _Window()
-    stop = _StopFlag()
+    stop = StopFlag()
     model.train()
     with stop:
         if valid_data and cursor.step == 0 and cfg.eval_every:
@@ -258,31 +230,6 @@ class _Window:
             padding_efficiency=self.processed / self.slots if self.slots else 0.0,
             val_loss=val,
         )
-
-
-class _StopFlag:
-    """Turns the first Ctrl-C into a request to stop at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> _StopFlag:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nStopping after this step and saving a checkpoint (Ctrl-C again to abort).", flush=True)
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 @contextmanager
