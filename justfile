@@ -15,11 +15,11 @@ test:
 
 # Example tests only (`-p finetune`: the optimized BLAS is loaded before any test imports mlx).
 examples: install
-    {{py}} -m pytest -p finetune tests
+    {{py}} -m pytest tests
 
 # Hypothesis property suites.
 props: install
-    {{py}} -m pytest -p finetune properties
+    {{py}} -m pytest properties
 
 # Lint with ruff.
 lint: install
