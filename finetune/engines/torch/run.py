@@ -25,7 +25,7 @@ from finetune.engines.torch import model as tmodel
 from finetune.engines.torch import packing
 from finetune.engines.torch import train as ttrain
 from finetune.errors import Interrupted
-from finetune.shell import check, checkpoints, recipes, report, resolve
+from finetune.shell import check, checkpoints, plot, recipes, report, resolve
 from finetune.shell.paths import write_safetensors, write_text
 
 Log = Callable[[str], None]
@@ -143,6 +143,9 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
                               on_report=on_report, on_save=on_save, on_log=log)
     except rundir.Interrupted as stop:
         raise Interrupted(f"interrupted at step {stop.args[0]}: checkpoint saved in {run_dir}; continue with --resume") from None
+    curve = plot.text_curve(metrics)
+    if curve:
+        log(curve)
     last = metrics[-1] if metrics else {}
     test_loss = None
     if evaluate_test and prepared.splits.get("test"):
