@@ -56,7 +56,7 @@ def recipe_of(recipe: str | Path | Recipe | None = None, **overrides: Any) -> Re
 
 
 def validate(recipe: str | Path | Recipe | None = None, **overrides: Any):
-    """Check a recipe and its data and model without training; returns validate's `Report`.
+    """Check a recipe and its data and model without training; returns validate's `ValidationReport`.
 
     `report.ok` is False when `ft train validate` would exit 2; `report.findings` say why.
     """
@@ -116,7 +116,7 @@ def run(prepared, run_dir: Path, *, resume: bool, test: bool, log: Log) -> Run:
     """Train a prepared model into `run_dir` (refusing to overwrite a run unless resuming)."""
     shell_run = _engine_run(prepared)
     unwrap(shell_run.check_output(run_dir, resume))
-    outcome = unwrap(shell_run.train(prepared, run_dir, resume, log, evaluate_test=test))
+    outcome = unwrap(shell_run.fit(prepared, run_dir, resume, log, evaluate_test=test))
     metrics_file = run_dir / "metrics.jsonl"
     metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] if metrics_file.is_file() else []
     train_rows = len(prepared.splits["train"])
@@ -164,7 +164,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_tokens: int = 64, t
 
     chosen = None
     if template is not None:
-        chosen = unwrap(templates.resolve(template, "chat", tokenizer.chat_template or ""))
+        chosen = unwrap(templates.choose(template, "chat", tokenizer.chat_template or ""))
     built = unwrap(build_prompt(tokenizer, text=prompt, template=chosen))
     ids = list(tokens_after(model, built.ids, max_tokens=max_tokens, temp=temp, top_p=top_p,
                             seed=seed, stop_ids=built.stop_ids))

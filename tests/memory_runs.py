@@ -72,7 +72,7 @@ def train_steps(config: dict, recipe: Recipe, seq: int, supervised: float = 0.5,
     optimizer.init(model.trainable_parameters())
     losses: list[float] = []
     with trainer.checkpointed(model, t.grad_checkpoint):
-        trainer.train(model, optimizer, data, None, msgspec.structs.replace(t, report_every=1), steps, trainer.Cursor(),
+        trainer.run_steps(model, optimizer, data, None, msgspec.structs.replace(t, report_every=1), steps, trainer.Cursor(),
                       on_report=lambda r: losses.append(r.train_loss), on_save=lambda c: None, on_log=lambda line: None)
     peak = mx.get_peak_memory()
     del model, optimizer

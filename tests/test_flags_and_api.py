@@ -5,7 +5,6 @@ and `finetune.train`/`finetune.validate` do what the commands do.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import re
@@ -17,11 +16,11 @@ import pytest
 from cli_run import error_line, one_line_error, run_cli
 
 import finetune
+from finetune.cli import train as cli_train
 from finetune.core import flags
 from finetune.core.config import DataConfig, LoRAConfig, ModelConfig, Recipe, TrainingConfig
 from finetune.shell import recipes
 
-cli_train = importlib.import_module("finetune.cli.train")  # `finetune.cli.train` is also the App
 ROOT = Path(__file__).parents[1]
 FAST = ("--iters", "2", "--batch-size", "2", "--report-every", "1", "--eval-every", "0", "--val-batches", "1")
 

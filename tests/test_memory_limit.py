@@ -120,7 +120,7 @@ def test_the_loop_lowers_the_micro_batch_when_the_peak_passes_the_limit():
         model = model_with_lora(config, r)
         opt = optim.AdamW(learning_rate=1e-2)
         losses, lines = [], []
-        cursor = trainer.train(model, opt, data, None, r.train, 3, trainer.Cursor(), on_report=lambda x: losses.append(x.train_loss),
+        cursor = trainer.run_steps(model, opt, data, None, r.train, 3, trainer.Cursor(), on_report=lambda x: losses.append(x.train_loss),
                                on_save=lambda c: None, on_log=lines.append, memory_limit_gb=limit)
         assert cursor.splits == (8 if limit else 1)  # checkpoints record the split, so a resume keeps it
         return losses, lines

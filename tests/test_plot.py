@@ -207,7 +207,7 @@ def test_metrics_are_appended_line_by_line_and_the_run_ends_with_its_curve(tmp_p
             seen.append((path.stat().st_ino, path.read_text()))
 
     prepared = run.prepare_run(r, log).unwrap()
-    run.train(prepared, run_dir, False, log).unwrap()
+    run.fit(prepared, run_dir, False, log).unwrap()
     assert len(seen) == 6
     assert len({inode for inode, _ in seen}) == 1  # the same file throughout: appended, never replaced
     for i, (_, text) in enumerate(seen, 1):

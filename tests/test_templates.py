@@ -8,7 +8,7 @@ from returns.result import Failure, Success
 from finetune.core.config import DataConfig, Recipe
 from finetune.core.prepare import encode_samples
 from finetune.core.records import Message, Sample
-from finetune.core.templates import Jinja, end_of_turn, render, render_prompt, resolve
+from finetune.core.templates import Jinja, choose, end_of_turn, render, render_prompt
 from finetune.core.tokenize import Specials, Tokens, tokenize, truncate
 from finetune.shell.check import template_for
 from finetune.shell.tokenizer import CHATML_TEMPLATE, encoder, specials
@@ -110,8 +110,8 @@ def templates(tokenizer, template_file):
     """Name -> resolved template, the file one through the shell as a recipe would give it."""
     recipe = Recipe(data=DataConfig(template=str(template_file)))
     out = {name: name for name in BUILTINS}
-    out["tokenizer"] = resolve("tokenizer", "chat", tokenizer.chat_template).unwrap()
-    out["custom"] = resolve(CUSTOM, "chat").unwrap()
+    out["tokenizer"] = choose("tokenizer", "chat", tokenizer.chat_template).unwrap()
+    out["custom"] = choose(CUSTOM, "chat").unwrap()
     out["file"] = template_for(recipe, "chat", tokenizer.chat_template).unwrap()
     return out
 
@@ -358,24 +358,24 @@ def test_end_of_turn_strings():
     ],
 )
 def test_auto_picks_by_format(fmt, chat_template, expected):
-    assert resolve("auto", fmt, chat_template) == Success(expected)
+    assert choose("auto", fmt, chat_template) == Success(expected)
 
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_builtin_names_resolve_to_themselves(name):
-    assert resolve(name, "chat", CHATML_TEMPLATE) == Success(name)
+    assert choose(name, "chat", CHATML_TEMPLATE) == Success(name)
 
 
 def test_tokenizer_template_needs_a_chat_template():
-    result = resolve("tokenizer", "chat", "")
+    result = choose("tokenizer", "chat", "")
     assert isinstance(result, Failure)
     assert "no chat template" in result.failure()
     assert "--template" in result.failure()
-    assert resolve("tokenizer", "chat", CHATML_TEMPLATE) == Success(Jinja(CHATML_TEMPLATE))
+    assert choose("tokenizer", "chat", CHATML_TEMPLATE) == Success(Jinja(CHATML_TEMPLATE))
 
 
 def test_unknown_template_name():
-    result = resolve("vicuna", "chat", CHATML_TEMPLATE)
+    result = choose("vicuna", "chat", CHATML_TEMPLATE)
     assert isinstance(result, Failure)
     assert "unknown template 'vicuna'" in result.failure()
     rendered = render(CHAT, "vicuna", Specials())
@@ -383,13 +383,13 @@ def test_unknown_template_name():
 
 
 def test_jinja_strings_and_file_text():
-    assert resolve("{{ messages[0]['content'] }}", "chat") == Success(
+    assert choose("{{ messages[0]['content'] }}", "chat") == Success(
         Jinja("{{ messages[0]['content'] }}")
     )
-    assert resolve("{% for m in messages %}{% endfor %}", "completions") == Success(
+    assert choose("{% for m in messages %}{% endfor %}", "completions") == Success(
         Jinja("{% for m in messages %}{% endfor %}")
     )
-    assert resolve("anything.jinja", "chat", "", file_text=ZEPHYR) == Success(Jinja(ZEPHYR))
+    assert choose("anything.jinja", "chat", "", file_text=ZEPHYR) == Success(Jinja(ZEPHYR))
 
 
 def test_template_for_reads_files_and_reports_missing_ones(tmp_path, template_file):

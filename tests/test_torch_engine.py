@@ -63,7 +63,7 @@ def recipe(data: Path, out: Path, **train) -> Recipe:
 
 def train_torch(r: Recipe, resume: bool = False) -> torch_run.Prepared:
     prepared = torch_run.prepare_run(r, lambda line: None).unwrap()
-    torch_run.train(prepared, Path(r.output), resume, lambda line: None).unwrap()
+    torch_run.fit(prepared, Path(r.output), resume, lambda line: None).unwrap()
     return prepared
 
 
@@ -78,7 +78,7 @@ def test_twenty_float32_steps_match_the_mlx_engine(tmp_path, data):
     mlx_dir, torch_dir = tmp_path / "mlx", tmp_path / "torch"
     r_mlx = recipe(data, mlx_dir)
     prepared = mlx_run.prepare_run(r_mlx, lambda line: None).unwrap()
-    mlx_run.train(prepared, mlx_dir, False, lambda line: None).unwrap()
+    mlx_run.fit(prepared, mlx_dir, False, lambda line: None).unwrap()
     model = train_torch(recipe(data, torch_dir)).model
 
     ours, theirs = load_file(str(torch_dir / "adapters.safetensors")), load_file(str(mlx_dir / "adapters.safetensors"))
@@ -159,7 +159,7 @@ def test_packed_rows_train_like_the_mlx_engine(tmp_path, data):
     r = msgspec.structs.replace(r, data=msgspec.structs.replace(r.data, packing=True))
     train_torch(r)
     m = msgspec.structs.replace(r, output=str(tmp_path / "mlx"))
-    mlx_run.train(mlx_run.prepare_run(m, lambda line: None).unwrap(), tmp_path / "mlx", False, lambda line: None).unwrap()
+    mlx_run.fit(mlx_run.prepare_run(m, lambda line: None).unwrap(), tmp_path / "mlx", False, lambda line: None).unwrap()
     ours, theirs = metrics(tmp_path / "torch"), metrics(tmp_path / "mlx")
     assert [row["trained_tokens"] for row in ours] == [row["trained_tokens"] for row in theirs]
     for a, b in zip(ours, theirs, strict=True):

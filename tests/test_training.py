@@ -420,7 +420,7 @@ def train_once(data: trainer.Data, accum: int, optimizer: optim.Optimizer, clip:
                          schedule="constant", grad_clip=clip, report_every=1, eval_every=0,
                          save_every=0, seed=7)
     reports = []
-    cursor = trainer.train(model, optimizer, data, None, cfg, iters, trainer.Cursor(),
+    cursor = trainer.run_steps(model, optimizer, data, None, cfg, iters, trainer.Cursor(),
                            reports.append, lambda c: None, on_log=lambda line: None)
     after = {k: np.array(v) for k, v in trainer.flat_trainable(model).items()}
     return before, after, cursor, reports

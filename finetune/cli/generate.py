@@ -147,13 +147,8 @@ def _messages(value: str) -> tuple:
 
 def _template(name: str, chat_template: str) -> Result:
     """--template: a built-in, tokenizer, Jinja text, or a file holding Jinja."""
-    from finetune.core import templates
+    from finetune.shell import check
 
-    if "{" not in name and Path(name).is_file():
-        try:
-            return templates.resolve(name, "chat", chat_template, Path(name).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as err:
-            return Failure(f"--template: cannot read {name} ({err})")
-    if name.endswith((".jinja", ".j2")):
-        return Failure(f"--template: template file {name} not found")
-    return templates.resolve(name, "chat", chat_template).alt(lambda m: f"--template: {m}")
+    from_file = "{" not in name and (Path(name).is_file() or name.endswith((".jinja", ".j2")))
+    result = check.read_template(name, "chat", chat_template, "--template")
+    return result if from_file else result.alt(lambda m: f"--template: {m}")  # file errors say it already

@@ -232,7 +232,7 @@ def _compile(source: str):
     return env.from_string(source)
 
 
-def resolve(name: str, fmt: str, chat_template: str = "", file_text: str = "") -> Result[Template, str]:
+def choose(name: str, fmt: str, chat_template: str = "", file_text: str = "") -> Result[Template, str]:
     """Pick the template for rows of `fmt`: a built-in, the model's own, or custom Jinja.
 
     `auto` chooses by format: chat rows use the model's template (else chatml), prompt/completion

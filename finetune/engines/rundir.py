@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ class Data(Struct, frozen=True):
     plan: list[list[list[int]]]  # batches -> rows -> example indices
 
 
-class Report(Struct, frozen=True, kw_only=True):
+class StepReport(Struct, frozen=True, kw_only=True):
     """One row of metrics.jsonl."""
 
     step: int
@@ -117,9 +118,14 @@ class Window:
         self.processed += batch.tokens
         self.slots += batch.inputs.size
 
-    def report(self, cursor: Cursor, plan_size: int, lr: float, val: float | None, peak_gb: float) -> Report:
+    def report(self, cursor: Cursor, plan_size: int, lr: float, val: float | None, peak_gb: float,
+               reduce: Callable[[list[float]], list[float]] | None = None) -> StepReport:
+        """The report of this window; `reduce` sums the counts over data-parallel ranks."""
+        if reduce is not None:  # every rank reports at the same steps: the sums are the whole batches'
+            self.loss, self.tokens, *counts = reduce([self.loss, self.tokens, self.supervised, self.processed, self.slots])
+            self.supervised, self.processed, self.slots = (int(c) for c in counts)
         seconds = max(self.seconds, 1e-9)
-        return Report(
+        return StepReport(
             step=cursor.step,
             epoch=cursor.batch_index / plan_size,
             train_loss=self.loss / self.tokens if self.tokens else math.nan,

@@ -24,7 +24,7 @@ class FileError(Struct, frozen=True):
         return f"{self.file}:{self.error.line}: {self.error.kind}: {self.error.message}"
 
 
-class Report(Struct, frozen=True, kw_only=True):
+class ValidationReport(Struct, frozen=True, kw_only=True):
     recipe: Recipe
     files: dict[str, str]  # split -> path
     splits: dict[str, prepare.SplitStats]
@@ -68,12 +68,12 @@ class Inspection(Struct, frozen=True):
     """What `validate` reports, plus what training needs from the same reading: the tokenizer and
     every split's token sequences (rows with nothing to learn dropped)."""
 
-    report: Report
+    report: ValidationReport
     tokenizer: Any = None
     tokens: dict[str, list[Tokens]] = {}
 
 
-def run(recipe: Recipe, available_gb: float = 0.0) -> Result[Report, str]:
+def run(recipe: Recipe, available_gb: float = 0.0) -> Result[ValidationReport, str]:
     """Everything `validate` says; Failure only when the data cannot be found at all."""
     return inspect(recipe, available_gb).map(lambda i: i.report)
 
@@ -113,7 +113,7 @@ def inspect(recipe: Recipe, available_gb: float = 0.0) -> Result[Inspection, str
     seq_len = min(recipe.train.max_seq_length, -(-longest // 32) * 32) if longest else 0
     estimate = _estimate(facts, recipe, tokens.get("train"), seq_len) if facts else None
     findings = model_findings + validate.check(recipe, splits, facts, estimate, available_gb)
-    report = Report(
+    report = ValidationReport(
         recipe=recipe, files={k: str(v) for k, v in files.items()}, splits=splits,
         row_errors=row_errors, findings=findings, templates=chosen,
         model=recipe.model.path, facts=facts, estimate=estimate, seq_len=seq_len,
@@ -121,7 +121,7 @@ def inspect(recipe: Recipe, available_gb: float = 0.0) -> Result[Inspection, str
     return Success(Inspection(report, tok.tokenizer if tok else None, tokens))
 
 
-def refusal(report: Report) -> str | None:
+def refusal(report: ValidationReport) -> str | None:
     """The one line `ft train start` stops with when validate would exit 2, else None."""
     errors = [f for f in report.findings if f.level == "error"]
     if report.row_errors:
@@ -161,17 +161,21 @@ def _model(recipe: Recipe) -> Result[tuple[modelinfo.ModelFacts, Tokenizing], st
 
 def template_for(recipe: Recipe, fmt: str, chat_template: str) -> Result[templates.Template, str]:
     """The recipe's template for rows of `fmt` (a file path is read as Jinja)."""
-    name = recipe.data.template
     if fmt == "text":
         return Success("plain")  # text rows are trained as they are
+    return read_template(recipe.data.template, fmt, chat_template, "$.data.template")
+
+
+def read_template(name: str, fmt: str, chat_template: str, field: str) -> Result[templates.Template, str]:
+    """A built-in name, `tokenizer`, Jinja text, or a file holding Jinja; errors name `field`."""
     if "{" not in name and Path(name).is_file():
         try:
-            return templates.resolve(name, fmt, chat_template, Path(name).read_text(encoding="utf-8"))
+            return templates.choose(name, fmt, chat_template, Path(name).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as err:
-            return Failure(f"$.data.template: cannot read template file {name} ({err})")
+            return Failure(f"{field}: cannot read template file {name} ({err})")
     if name.endswith((".jinja", ".j2")):
-        return Failure(f"$.data.template: template file {name} not found")
-    return templates.resolve(name, fmt, chat_template)
+        return Failure(f"{field}: template file {name} not found")
+    return templates.choose(name, fmt, chat_template)
 
 
 def encode_split(recipe: Recipe, samples, tok: Tokenizing | None, chosen: dict[str, str]):

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from finetune.shell.check import Report
+from finetune.shell.check import ValidationReport
 from finetune.shell.paths import write_text
 
 METRICS = "metrics.jsonl"
@@ -22,7 +22,7 @@ def console(stderr: bool = False) -> Console:
     return Console(file=sys.stderr if stderr else sys.stdout, soft_wrap=True, highlight=False)
 
 
-def show_check(report: Report, out: Console, max_errors: int = 20) -> None:
+def show_check(report: ValidationReport, out: Console, max_errors: int = 20) -> None:
     r = report.recipe
     out.print(f"[bold]Recipe[/bold] {r.name} (profile {r.profile})  [bold]model[/bold] {report.model}")
     for split, path in report.files.items():

@@ -20,6 +20,7 @@ from finetune.core import lora, memplan, schedule
 from finetune.core.adapters import AdapterSpec
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
+from finetune.engines import rundir
 from finetune.engines.rundir import (  # engine-free, shared with the torch engine
     Outcome,
     fingerprint,
@@ -118,7 +119,7 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, memory_limi
     return Success(Prepared(recipe, model, tok, splits, spec, adapters.model_kind(model), planned))
 
 
-def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test: bool = False) -> Result[Outcome, str]:
+def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test: bool = False) -> Result[Outcome, str]:
     """Train (or continue) in `run_dir`; every file lands atomically. Rank 0 alone writes and logs."""
     recipe, model = prepared.recipe, prepared.model
     cfg = recipe.train
@@ -155,7 +156,7 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
         f"on {len(train_data.examples):,} rows in {len(train_data.plan):,} batches"
         + (f", {distributed.describe(world)}" if world.size > 1 else ""))
 
-    def on_report(r: trainer.Report) -> None:
+    def on_report(r: trainer.StepReport) -> None:
         row = {**msgspec.to_builtins(r), "world_size": world.size, "distributed_backend": world.backend}
         metrics.append(row)
         if lead:
@@ -187,7 +188,7 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
         checkpointing = cfg.grad_checkpoint or bool(planned and planned.grad_checkpoint)
         with (_progress(steps, cursor.step) as advance, trainer.checkpointed(model, checkpointing),
               budget.enforced(planned.limit_gb) if planned else nullcontext()):
-            cursor = trainer.train(
+            cursor = trainer.run_steps(
                 model, optimizer, train_data, valid_data, cfg, steps, cursor,
                 on_report=lambda r: (on_report(r), advance(r)),
                 on_save=on_save, on_step=lambda c: advance(None), on_log=log, world=world,
@@ -218,7 +219,7 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
 
 
 @contextmanager
-def _progress(total: int, done: int) -> Iterator[Callable[[trainer.Report | None], None]]:
+def _progress(total: int, done: int) -> Iterator[Callable[[trainer.StepReport | None], None]]:
     """A rich progress bar on stderr (terminals only): step, loss, tokens/s, ETA."""
     import sys
 
@@ -238,7 +239,7 @@ def _progress(total: int, done: int) -> Iterator[Callable[[trainer.Report | None
     )
     task = progress.add_task("train", total=total, completed=done, status="")
 
-    def advance(report: trainer.Report | None) -> None:
+    def advance(report: trainer.StepReport | None) -> None:
         if report is None:
             progress.advance(task)
         else:
@@ -322,6 +323,7 @@ def check_output(run_dir: Path, resume: bool) -> Result[None, str]:
     """Refuse to overwrite a finished or started run unless resuming it (rank 0 decides)."""
     if distributed.setup().rank > 0:  # other hosts hold no run directory
         return Success(None)
+    return rundir.check_output(run_dir, resume)
     started = (run_dir / "adapters.safetensors").exists() or bool(checkpoints.complete(run_dir))
     if resume and not checkpoints.complete(run_dir):
         return Failure(f"{run_dir}: no checkpoint to resume from")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,8 +20,9 @@ from finetune.engines.rundir import (  # engine-free, shared with the torch engi
     Cursor,
     Data,
     Interrupted,
-    Report,
+    StepReport,
     StopFlag,
+    Window,
 )
 from finetune.shell import distributed
 from finetune.shell.distributed import World
@@ -94,7 +94,7 @@ def evaluate(model: nn.Module, data: Data, max_length: int, num_batches: int, wo
     return (total / mx.maximum(count, 1.0)).item()
 
 
-def train(
+def run_steps(
     model: nn.Module,
     optimizer: optim.Optimizer,
     train_data: Data,
@@ -102,7 +102,7 @@ def train(
     cfg: TrainingConfig,
     total_steps: int,
     cursor: Cursor,
-    on_report: Callable[[Report], None],
+    on_report: Callable[[StepReport], None],
     on_save: Callable[[Cursor], None],
     on_step: Callable[[Cursor], None] = lambda c: None,
     on_log: Callable[[str], None] = lambda line: print(line, flush=True),
@@ -146,7 +146,7 @@ def train(
         return loss, tokens, None, tokens_total  # all ranks' supervised tokens of this step
 
     plan_size = len(train_data.plan)
-    window = _Window()
+    window = Window()
     stop = StopFlag()
     model.train()
     with stop:
@@ -187,49 +187,15 @@ def train(
                 val = evaluate(model, valid_data, cfg.max_seq_length, cfg.val_batches, world)
             if cursor.step % cfg.report_every == 0 or last or val is not None:
                 lr = float(optimizer.learning_rate.item())
-                on_report(window.report(cursor, plan_size, lr, val, world))
-                window = _Window()
+                reduce = distributed.sum_values if world.size > 1 else None
+                on_report(window.report(cursor, plan_size, lr, val, mx.get_peak_memory() / 1e9, reduce))
+                window = Window()
             if (cfg.save_every and cursor.step % cfg.save_every == 0) or last:
                 on_save(cursor)
             if stop.requested and not last:
                 on_save(cursor)
                 raise Interrupted(cursor.step)
     return cursor
-
-
-class _Window:
-    """Sums between two reports."""
-
-    def __init__(self) -> None:
-        self.loss = self.tokens = self.seconds = 0.0
-        self.supervised = self.processed = self.slots = self.steps = 0
-
-    def add(self, loss: float, tokens: float, batch: batching.Batch) -> None:
-        self.loss += loss
-        self.tokens += tokens
-        self.supervised += batch.supervised
-        self.processed += batch.tokens
-        self.slots += batch.inputs.size
-
-    def report(self, cursor: Cursor, plan_size: int, lr: float, val: float | None, world: World) -> Report:
-        if world.size > 1:  # every rank reports at the same steps: the sums are the whole batches'
-            sums = [self.loss, self.tokens, self.supervised, self.processed, self.slots]
-            self.loss, self.tokens, *counts = distributed.sum_values(sums)
-            self.supervised, self.processed, self.slots = (int(c) for c in counts)
-        seconds = max(self.seconds, 1e-9)
-        return Report(
-            step=cursor.step,
-            epoch=cursor.batch_index / plan_size,
-            train_loss=self.loss / self.tokens if self.tokens else math.nan,
-            learning_rate=lr,
-            tokens_per_second=self.supervised / seconds,
-            processed_tokens_per_second=self.processed / seconds,
-            iterations_per_second=self.steps / seconds,
-            trained_tokens=cursor.trained_tokens,
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
-            padding_efficiency=self.processed / self.slots if self.slots else 0.0,
-            val_loss=val,
-        )
 
 
 @contextmanager

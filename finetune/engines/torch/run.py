@@ -97,7 +97,7 @@ def save_adapters(directory: Path, params: dict[str, Any], spec: AdapterSpec, ki
     write_text(directory / "adapter_config.json", json.dumps(core_adapters.config_json(spec), indent=2) + "\n")
 
 
-def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test: bool = False) -> Result[rundir.Outcome, str]:
+def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test: bool = False) -> Result[rundir.Outcome, str]:
     """Train (or continue) in `run_dir`; every file lands atomically."""
     recipe, model, where = prepared.recipe, prepared.model, prepared.device
     cfg = recipe.train
@@ -121,7 +121,7 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
     log(f"Training {trainable:,} LoRA parameters ({trainable / total:.3%} of {total:,}) for {steps} steps "
         f"on {len(train_data.examples):,} rows in {len(train_data.plan):,} batches")
 
-    def on_report(r: rundir.Report) -> None:
+    def on_report(r: rundir.StepReport) -> None:
         row = msgspec.to_builtins(r)
         metrics.append(row)
         report.append_metrics(run_dir, row)
@@ -139,7 +139,7 @@ def train(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_te
         checkpoints.save(run_dir, c.step, params, optimizer.state(), state, cfg.keep_checkpoints)
 
     try:
-        cursor = ttrain.train(model, optimizer, train_data, valid_data, cfg, steps, cursor, where,
+        cursor = ttrain.run_steps(model, optimizer, train_data, valid_data, cfg, steps, cursor, where,
                               on_report=on_report, on_save=on_save, on_log=log)
     except rundir.Interrupted as stop:
         raise Interrupted(f"interrupted at step {stop.args[0]}: checkpoint saved in {run_dir}; continue with --resume") from None

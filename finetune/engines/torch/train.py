@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from finetune.core import batching, schedule
 from finetune.core.config import TrainingConfig
-from finetune.engines.rundir import Cursor, Data, Interrupted, Report, StopFlag, Window
+from finetune.engines.rundir import Cursor, Data, Interrupted, StepReport, StopFlag, Window
 from finetune.engines.torch.model import Lora
 
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -122,7 +122,7 @@ def peak_memory_gb(device: torch.device) -> float:
     return rss * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
-def train(
+def run_steps(
     model: Lora,
     optimizer: Optimizer,
     train_data: Data,
@@ -131,7 +131,7 @@ def train(
     total_steps: int,
     cursor: Cursor,
     device: torch.device,
-    on_report: Callable[[Report], None],
+    on_report: Callable[[StepReport], None],
     on_save: Callable[[Cursor], None],
     on_step: Callable[[Cursor], None] = lambda c: None,
     on_log: Callable[[str], None] = lambda line: print(line, flush=True),
