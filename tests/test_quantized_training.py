@@ -189,3 +189,13 @@ def test_quantizing_on_load_never_holds_the_whole_float_model(tmp_path, bases):
     peak = mx.get_peak_memory()
     assert isinstance(loaded.lm_head, nn.QuantizedLinear)
     assert peak < 0.5 * float_bytes  # the 4-bit model plus about one float layer at a time
+
+
+def test_qlora_on_a_quantized_gpt2_checkpoint_matches_mlx_lm(tmp_path, capsys, bases):
+    tok, vocab = make_tokenizer(tmp_path / "tok")
+    source = float_source("gpt2", vocab, tok, tmp_path / "gpt2")
+    q8 = mlx_convert(source, tmp_path / "gpt2-q8", q_bits=8, q_group_size=64)
+    run = train(capsys, q8, bases["data"], tmp_path / "run")
+    assert json.loads((run / "adapter_config.json").read_text())["base_quantization"]["bits"] == 8
+    reference, _ = mlx_lm.load(str(q8), adapter_path=str(run))
+    assert max_diff(mlx_logits(ours(q8, run)), mlx_logits(reference)) <= 1e-5
