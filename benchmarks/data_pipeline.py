@@ -9,9 +9,10 @@ import time
 
 from finetune.core import prepare
 from finetune.core.config import DataConfig, Recipe
-from finetune.shell import datasets, tokenizer
-from finetune.shell.check import template_for
-from finetune.shell.tiny import ensure_tiny
+from finetune.shell.data import datasets
+from finetune.shell.data.check import template_for
+from finetune.shell.models import tokenizer
+from finetune.shell.models.tiny import ensure_tiny
 
 
 def main() -> None:

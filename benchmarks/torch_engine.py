@@ -42,7 +42,7 @@ def write_model(name: str, out: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finetune.shell.tiny import ensure_tiny
+    from finetune.shell.models.tiny import ensure_tiny
 
     directory = out / f"model-{name}"
     torch.manual_seed(0)

@@ -45,7 +45,7 @@ def recipe_of(recipe: str | Path | Recipe | None = None, **overrides: Any) -> Re
         close = difflib.get_close_matches(unknown[0], names, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise UserError(f"{unknown[0]!r} is not a recipe setting ({hint}see `ft train start --help`)")
-    from finetune.shell import recipes
+    from finetune.shell.training import recipes
 
     if isinstance(recipe, Recipe):
         layers = [("recipe", core_recipe.to_builtins(recipe))]
@@ -60,7 +60,7 @@ def validate(recipe: str | Path | Recipe | None = None, **overrides: Any):
 
     `report.ok` is False when `ft train validate` would exit 2; `report.findings` say why.
     """
-    from finetune.shell import check
+    from finetune.shell.data import check
 
     return unwrap(check.run(recipe_of(recipe, **overrides), available_gb=_available_gb()))
 
@@ -103,8 +103,8 @@ def prepare(recipe: Recipe, device: str | None, log: Log, engine: str | None = N
         log(torch_device.describe(where, torch_device.resolve_dtype(recipe.model.dtype, where), why))
         available = torch_device.memory_gb(where) * 1e9 / 1024**3
         return unwrap(torch_run.prepare_run(recipe, log, available_gb=available, device=device))
-    from finetune.shell import backend
-    from finetune.shell import run as shell_run
+    from finetune.shell.runtime import backend
+    from finetune.shell.training import run as shell_run
 
     info = backend.select(device)
     log(backend.describe(info))
@@ -139,9 +139,10 @@ def evaluate(run: Run | str | Path, split: str = "test", model: Any = None) -> f
 
     `model` reuses an already loaded `finetune.load(..., adapter=run)` instead of loading again.
     """
-    from finetune.shell import check, trainer
-    from finetune.shell import run as shell_run
-    from finetune.shell.load import load
+    from finetune.shell.data import check
+    from finetune.shell.models.load import load
+    from finetune.shell.training import run as shell_run
+    from finetune.shell.training import trainer
 
     run_dir = run.run_dir if isinstance(run, Run) else Path(run)
     resolved = recipe_of(run_dir / "recipe.toml")
@@ -159,8 +160,8 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_tokens: int = 64, t
              top_p: float = 1.0, seed: int = 0, template: str | None = None) -> str:
     """The model's continuation of `prompt` (raw text, or a user turn rendered with `template`)."""
     from finetune.core import templates
-    from finetune.shell.generate import build_prompt, decoder
-    from finetune.shell.generate import generate as tokens_after
+    from finetune.shell.models.generate import build_prompt, decoder
+    from finetune.shell.models.generate import generate as tokens_after
 
     chosen = None
     if template is not None:
@@ -173,7 +174,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_tokens: int = 64, t
 
 def _available_gb() -> float:
     """Memory of the device training would use (system memory on the CPU and Apple silicon)."""
-    from finetune.shell import backend
+    from finetune.shell.runtime import backend
 
     return backend.select(None).memory_gb * 1e9 / 1024**3
 
@@ -184,7 +185,7 @@ def _engine_run(prepared: Any) -> Any:
         from finetune.engines.torch import run as torch_run
 
         return torch_run
-    from finetune.shell import run as shell_run
+    from finetune.shell.training import run as shell_run
 
     return shell_run
 

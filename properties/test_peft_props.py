@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from finetune.core import lora
 from finetune.core import peft as core_peft
 from finetune.core.adapters import BLOCK_LINEARS, AdapterSpec
-from finetune.shell import adapters
+from finetune.shell.export import adapters
 
 PROPS = settings(max_examples=60, deadline=None)
 PREFIX = {"llama": "model.layers", "gpt2": "transformer.h"}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import finetune  # noqa: F401  first: loads the optimized BLAS before anything imports mlx
-from finetune.shell.tokenizer import load_tokenizer, train_bpe
+from finetune.shell.models.tokenizer import load_tokenizer, train_bpe
 
 TOKENIZER_VOCAB = 400
 

@@ -20,7 +20,7 @@ from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
 from finetune.models import build
 from finetune.models import lora as lora_modules
-from finetune.shell import trainer
+from finetune.shell.training import trainer
 
 
 def rows(count: int, length: int, supervised: float, vocab: int) -> list[Tokens]:

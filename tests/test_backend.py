@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from finetune.shell import backend, blas
+from finetune.shell.runtime import backend, blas
 
 MACHINE = "x86_64"
 DEBIAN = f"usr/lib/{MACHINE}-linux-gnu"

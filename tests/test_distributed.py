@@ -24,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from finetune.shell import checkpoints
+from finetune.shell.training import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
@@ -84,7 +84,7 @@ def run(ranks: int, args: list, home: Path, log: Path, shell: str | None = None)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, finetune_home):
     """(data dir, FINETUNE_HOME with `tiny` built, the 1-process reference run)."""
-    from finetune.shell import tiny
+    from finetune.shell.models import tiny
 
     os.environ["FINETUNE_HOME"] = str(finetune_home)  # build tiny once, before ranks race for it
     tiny.ensure_tiny()

@@ -19,7 +19,7 @@ import finetune
 from finetune.cli import train as cli_train
 from finetune.core import flags
 from finetune.core.config import DataConfig, LoRAConfig, ModelConfig, Recipe, TrainingConfig
-from finetune.shell import recipes
+from finetune.shell.training import recipes
 
 ROOT = Path(__file__).parents[1]
 FAST = ("--iters", "2", "--batch-size", "2", "--report-every", "1", "--eval-every", "0", "--val-batches", "1")
@@ -122,7 +122,7 @@ def test_a_plain_start_resolves_the_sequence_length_against_the_model(tmp_path, 
 
 
 def _tiny_config() -> Path:
-    from finetune.shell.tiny import ensure_tiny
+    from finetune.shell.models.tiny import ensure_tiny
 
     return ensure_tiny() / "config.json"
 

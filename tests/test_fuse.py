@@ -27,7 +27,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from finetune.models import build
-from finetune.shell import adapters
+from finetune.shell.export import adapters
 
 VARIANTS = ("llama", "llama-tied", "gpt2")
 

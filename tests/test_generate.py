@@ -17,12 +17,12 @@ from finetune.core.records import Message
 from finetune.core.templates import render
 from finetune.core.tokenize import tokenize
 from finetune.models import build
-from finetune.shell import backend
-from finetune.shell import generate as gen
-from finetune.shell.generate import TextStream, build_prompt, decoder, generate
-from finetune.shell.sampling import sample
-from finetune.shell.tokenizer import encoder, load_tokenizer, specials, train_bpe
-from finetune.shell.weights import read_safetensors_dir
+from finetune.shell.models import generate as gen
+from finetune.shell.models.generate import TextStream, build_prompt, decoder, generate
+from finetune.shell.models.sampling import sample
+from finetune.shell.models.tokenizer import encoder, load_tokenizer, specials, train_bpe
+from finetune.shell.models.weights import read_checkpoint
+from finetune.shell.runtime import backend
 
 VARIANTS = ("llama", "qwen2", "gpt2")
 PROMPT = [5, 17, 33, 99, 120, 7]
@@ -45,7 +45,7 @@ def parity(tmp_path_factory):
             hf = build_hf(variant)
             directory = save_hf(hf, tmp_path_factory.mktemp(variant))
             config = json.loads((directory / "config.json").read_text())
-            weights = hf_to_mlx(config["model_type"], config, read_safetensors_dir(directory))
+            weights = hf_to_mlx(config["model_type"], config, read_checkpoint(directory).unwrap())
             ours = build(config).load_weights(list(weights.unwrap().items()), strict=True)
             cache[variant] = (hf, ours)
         return cache[variant]
@@ -213,7 +213,7 @@ def test_cli_streams_text_and_reports_speed(model_dir, tokenizer, capsys, monkey
     stats = err.strip().splitlines()[-1]
     assert stats.endswith("tokens/s)") and "tokens/s (prompt: " in stats
     # The streamed text is exactly the decoded greedy tokens of the library call.
-    from finetune.shell.load import load_model
+    from finetune.shell.models.load import load_model
 
     model, tok = load_model(str(model_dir)).unwrap()
     plan = build_prompt(tok, text="SELECT name").unwrap()

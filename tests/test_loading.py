@@ -21,9 +21,9 @@ from returns.result import Failure, Success
 import finetune
 from finetune.cli import main
 from finetune.errors import UserError
-from finetune.shell.load import load_model
-from finetune.shell.torchbin import read_torch_bin
-from finetune.shell.weights import read_checkpoint
+from finetune.shell.models.load import load_model
+from finetune.shell.models.torchbin import read_torch_bin
+from finetune.shell.models.weights import read_checkpoint
 
 TOL = 1e-4
 

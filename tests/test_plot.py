@@ -20,7 +20,7 @@ from PIL import Image
 
 from finetune.core.convert import mlx_to_hf
 from finetune.models import build
-from finetune.shell import plot, recipes, run
+from finetune.shell.training import plot, recipes, run
 
 ROOT = Path(__file__).parents[1]
 

@@ -98,7 +98,7 @@ def test_quantize_bits_on_a_quantized_checkpoint_and_a_group_that_does_not_divid
 
 
 def test_only_lora_trains_in_float32_on_a_quantized_base(bases, q4_run):
-    from finetune.shell.trainer import flat_trainable
+    from finetune.shell.training.trainer import flat_trainable
 
     model = ours(bases["q4"], q4_run)
     model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
@@ -168,7 +168,7 @@ def test_qlora_in_bfloat16_keeps_lora_the_optimizer_and_the_loss_in_float32(tmp_
 def test_quantizing_on_load_never_holds_the_whole_float_model(tmp_path, bases):
     from finetune.core import quantization
     from finetune.models import build
-    from finetune.shell.load import load_model
+    from finetune.shell.models.load import load_model
 
     config = {**json.loads((bases["float"] / "config.json").read_text()), "hidden_size": 256,
               "intermediate_size": 704, "num_hidden_layers": 4, "head_dim": 64, "tie_word_embeddings": False}

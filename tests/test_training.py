@@ -35,9 +35,10 @@ from finetune.core.convert import mlx_to_hf
 from finetune.core.tokenize import Tokens
 from finetune.models import build
 from finetune.models import lora as lora_modules
-from finetune.shell import adapters, recipes, trainer
-from finetune.shell.tokenizer import load_tokenizer
-from finetune.shell.trainer import supervised_ce
+from finetune.shell.export import adapters
+from finetune.shell.models.tokenizer import load_tokenizer
+from finetune.shell.training import recipes, trainer
+from finetune.shell.training.trainer import supervised_ce
 
 ROOT = Path(__file__).parents[1]
 METRIC_FIELDS = (
@@ -679,7 +680,7 @@ def compare_with_mlx_lm(model_dir: Path, spec: str, run: Path) -> None:
 
 
 def test_mlx_lm_loads_our_adapters_for_tiny(tmp_path, capsys, reverse_data):
-    from finetune.shell.tiny import ensure_tiny
+    from finetune.shell.models.tiny import ensure_tiny
 
     tiny_dir = ensure_tiny()
     run = tmp_path / "run"

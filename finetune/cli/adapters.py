@@ -37,12 +37,12 @@ def export(
     force
         Replace a non-empty OUTPUT.
     """
-    from finetune.shell import adapters
+    from finetune.shell.export import adapters
 
     adapter = unwrap(adapters.load_any(directory))
     if format == "peft":
         if not base_model and adapter.model == "tiny":  # a name only FineTune knows: its directory
-            from finetune.shell.tiny import ensure_tiny
+            from finetune.shell.models.tiny import ensure_tiny
 
             base_model = str(ensure_tiny())
         tensors, config = adapters.peft_files(adapter, base_model or "")
@@ -77,7 +77,7 @@ def import_(
     force
         Replace a non-empty OUTPUT.
     """
-    from finetune.shell import adapters
+    from finetune.shell.export import adapters
 
     fmt = unwrap(adapters.detect(directory))
     if fmt != "peft":
@@ -98,7 +98,8 @@ def inspect(directory: Path, /, *, model: str | None = None, json: bool = False)
         Print the description as JSON instead of text.
     """
     from finetune.core import adapters as core_adapters
-    from finetune.shell import adapters, report
+    from finetune.shell.data import report
+    from finetune.shell.export import adapters
 
     adapter = unwrap(adapters.load_any(directory))
     paths = core_adapters.paths_of(adapter.params)
@@ -152,9 +153,9 @@ def _num_layers(adapter) -> str:
 
 
 def _config(spec: str) -> Result[dict, str]:
-    from finetune.shell import resolve
+    from finetune.shell.models import sources
 
-    return resolve.model_dir(spec).bind(resolve.read_config)
+    return sources.model_dir(spec).bind(sources.read_config)
 
 
 def _fit(adapter, model: str) -> Result[None, str]:
@@ -187,7 +188,7 @@ def _fit(adapter, model: str) -> Result[None, str]:
 def _total_layers(model: str | None, named: str) -> int | None:
     """The base model's block count: from --model, else the named model when it is on this machine."""
     from finetune.core import modelinfo
-    from finetune.shell import resolve
+    from finetune.shell.models import sources
 
     if model is not None:
         return unwrap(_config(model).bind(modelinfo.facts)).num_layers
@@ -195,8 +196,8 @@ def _total_layers(model: str | None, named: str) -> int | None:
         return None
     if Path(named).expanduser().is_dir() or named == "tiny":
         found = _config(named)
-    elif resolve.is_hub_id(named) and (snapshot := resolve.cached_snapshot(named)) is not None:
-        found = resolve.read_config(snapshot)
+    elif sources.is_hub_id(named) and (snapshot := sources.cached_snapshot(named)) is not None:
+        found = sources.read_config(snapshot)
     else:
         return None
     return found.bind(modelinfo.facts).map(lambda f: f.num_layers).value_or(None)

@@ -55,7 +55,7 @@ def fuse(
         Hub branch, tag or commit of MODEL.
     """
     from finetune.core.fusing import parse_size
-    from finetune.shell.fuse import fuse as run
+    from finetune.shell.export.fuse import fuse as run
 
     if rows < 1:
         raise UserError(f"--rows must be at least 1, got {rows}")

@@ -62,10 +62,10 @@ def generate(
 
     chat = None if messages is None else _messages(messages)
 
-    from finetune.shell import backend
-    from finetune.shell.generate import TextStream, build_prompt, decoder
-    from finetune.shell.generate import generate as tokens
-    from finetune.shell.load import load_model
+    from finetune.shell.models.generate import TextStream, build_prompt, decoder
+    from finetune.shell.models.generate import generate as tokens
+    from finetune.shell.models.load import load_model
+    from finetune.shell.runtime import backend
 
     info = backend.select(device)  # before loading: dtype="auto" depends on the device
     print(backend.describe(info), file=sys.stderr)
@@ -147,7 +147,7 @@ def _messages(value: str) -> tuple:
 
 def _template(name: str, chat_template: str) -> Result:
     """--template: a built-in, tokenizer, Jinja text, or a file holding Jinja."""
-    from finetune.shell import check
+    from finetune.shell.data import check
 
     from_file = "{" not in name and (Path(name).is_file() or name.endswith((".jinja", ".j2")))
     result = check.read_template(name, "chat", chat_template, "--template")

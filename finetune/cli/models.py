@@ -34,7 +34,8 @@ def list_models(*, json: bool = False) -> int:
     """
     from rich.table import Table
 
-    from finetune.shell import inventory, report
+    from finetune.shell.data import report
+    from finetune.shell.models import inventory
 
     rows = inventory.list_models()
     if json:
@@ -77,11 +78,12 @@ def info(model: str, /, *, revision: str = "main", load: bool = False, json: boo
 
     from rich.markup import escape
 
-    from finetune.shell import inventory, report
+    from finetune.shell.data import report
+    from finetune.shell.models import inventory
 
     loaded = ""
     if load:  # first, so that the description below lists the cache entry it fills
-        from finetune.shell.load import load_model
+        from finetune.shell.models.load import load_model
 
         start = time.perf_counter()
         match load_model(model, revision=revision):

@@ -57,7 +57,8 @@ def validate(
     ids
         With --show, print each token's id after it.
     """
-    from finetune.shell import check, recipes, report
+    from finetune.shell.data import check, report
+    from finetune.shell.training import recipes
 
     is_recipe = Path(target).suffix in recipes.SUFFIXES
     flags = dict(model=model, template=template, format=format, max_seq_length=max_seq_length,
@@ -82,7 +83,7 @@ def validate(
 
 def _show_rows(result, tokenizer, n: int, ids: bool) -> None:
     """`--show N`: the first N rows token by token (the resolved recipe, the model's tokenizer)."""
-    from finetune.shell import report, show
+    from finetune.shell.data import report, show
 
     out = report.console()
     if tokenizer is None:
@@ -99,7 +100,7 @@ def list_data(*paths: str) -> int:
     paths
         Extra dataset files or directories to describe.
     """
-    from finetune.shell import catalog, report
+    from finetune.shell.data import catalog, report
 
     entries = unwrap(catalog.describe_all([Path(p) for p in paths], Path.cwd()))
     report.show_catalog(entries, report.console())
@@ -188,7 +189,7 @@ def quick(
         GB (2^30 bytes) the run may use; planned before loading weights (micro-batches, checkpointing). 0: free RAM, or Metal's working set.
     """
     from finetune import api
-    from finetune.shell import recipes
+    from finetune.shell.training import recipes
 
     given = _settings(settings, model=model, data=data)
     r = api.recipe_of(recipes.bundled("quick"), **given)
@@ -196,7 +197,7 @@ def quick(
     prepared = api.prepare(r, device, _log, backend, memory_limit)
     mlx = type(prepared).__module__.startswith("finetune.shell")  # the samples generate with MLX
     if mlx:
-        from finetune.shell import samples
+        from finetune.shell.training import samples
 
         before = samples.show(prepared, "Before training")
     outcome = api.run(prepared, run_dir, resume=False, test=False, log=_log)
@@ -253,7 +254,7 @@ def recipe(
     """
     from finetune import api
     from finetune.errors import UserError
-    from finetune.shell import recipes
+    from finetune.shell.training import recipes
 
     if Path(out).suffix not in recipes.SUFFIXES:
         raise UserError(f"{out}: a recipe file must end in .toml, .yaml or .yml")

@@ -16,7 +16,7 @@ from finetune.core import batching
 from finetune.core import recipe as core_recipe
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
-from finetune.shell import checkpoints
+from finetune.shell.training import checkpoints
 
 # Recipe fields that may change between a checkpoint and its resumption.
 CADENCE = ("report_every", "eval_every", "val_batches", "save_every", "keep_checkpoints", "iters", "epochs")

@@ -25,8 +25,10 @@ from finetune.engines.torch import model as tmodel
 from finetune.engines.torch import packing
 from finetune.engines.torch import train as ttrain
 from finetune.errors import Interrupted
-from finetune.shell import check, checkpoints, plot, recipes, report, resolve
+from finetune.shell.data import check, report
+from finetune.shell.models import sources
 from finetune.shell.paths import write_safetensors, write_text
+from finetune.shell.training import checkpoints, plot, recipes
 
 Log = Callable[[str], None]
 
@@ -50,21 +52,15 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, device: str
         return Failure("$.model.quantize_bits: the torch engine trains float bases only; use --backend mlx for QLoRA")
     where = devices.pick(device)
     dtype = devices.resolve_dtype(recipe.model.dtype, where)
-    match check.inspect(recipe, available_gb):  # validate's checks, before any weight loads
+    match check.before_training(recipe, available_gb, log):
         case Success(inspection):
             pass
         case Failure(message):
             return Failure(message)
-    refusal = check.refusal(inspection.report)
-    if refusal:
-        return Failure(refusal)
-    for finding in inspection.report.findings:
-        if finding.level == "warning":
-            log(f"warning: {finding.field}: {finding.message}")
     recipe = inspection.report.recipe
     splits = {k: v for k, v in inspection.tokens.items() if v}
     log(f"Loading {recipe.model.path} ...")
-    match resolve.model_dir(recipe.model.path, recipe.model.revision):
+    match sources.model_dir(recipe.model.path, recipe.model.revision):
         case Success(directory):
             pass
         case Failure(message):

@@ -18,7 +18,7 @@ from finetune.core import quantization
 from finetune.core.convert import SUPPORTED
 from finetune.core.quantization import Quant
 from finetune.errors import UserError
-from finetune.shell import resolve, weights
+from finetune.shell.models import sources, weights
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -56,6 +56,13 @@ def _checkpoint_dtype(directory: Path, config: Mapping[str, Any]) -> str | None:
     return weights.checkpoint_dtype(directory) or config.get("torch_dtype") or config.get("dtype")
 
 
+def model_config(spec: str, revision: str = "main") -> Result[tuple[Path, Mapping[str, Any]], str]:
+    """MODEL's local directory and its checked config.json (no weights read)."""
+    return sources.model_dir(spec, revision).bind(
+        lambda directory: sources.read_config(directory).bind(lambda c: check_config(c, spec)).map(lambda c: (directory, c))
+    )
+
+
 def load_model(
     spec: str,
     *,
@@ -73,13 +80,8 @@ def load_model(
     """
     if dtype not in DTYPES:
         return Failure(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    match resolve.model_dir(spec, revision):
-        case Success(directory):
-            pass
-        case failure:
-            return failure
-    match resolve.read_config(directory).bind(lambda c: check_config(c, spec)):
-        case Success(config):
+    match model_config(spec, revision):
+        case Success((directory, config)):
             pass
         case failure:
             return failure
@@ -96,8 +98,8 @@ def load_model(
         return loaded
 
     def attach_adapter(pair: tuple[nn.Module, Any]) -> Result[tuple[nn.Module, Any], str]:
-        from finetune.shell.adapters import attach
-        from finetune.shell.quantized import check_record
+        from finetune.shell.export.adapters import attach
+        from finetune.shell.models.quantized import check_record
 
         want = quantization.parse_block(record, adapter).value_or(None) if record else None
         checked = check_record(pair[0], want, adapter) if record else Success(pair[0])
@@ -110,7 +112,7 @@ def _recorded(adapter: str | None) -> Result[dict[str, Any] | None, str]:
     """The quantized base an adapter was trained on, as its adapter_config.json records it."""
     if adapter is None:
         return Success(None)
-    from finetune.shell.adapters import base_quantization
+    from finetune.shell.export.adapters import base_quantization
 
     return base_quantization(adapter)
 
@@ -125,8 +127,8 @@ def _load_dir(
     quantize: Quant | None = None,
 ) -> Result[tuple[nn.Module, Any], str]:
     from finetune.models import build
-    from finetune.shell import manager
-    from finetune.shell.tokenizer import load_tokenizer
+    from finetune.shell.models import manager
+    from finetune.shell.models.tokenizer import load_tokenizer
 
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         return Failure(
@@ -162,7 +164,7 @@ def _load_dir(
         model.load_weights(list(tensors.items()), strict=True)
         del tensors, converted  # quantizing on load: the lazy float weights are read once, layer by layer, then freed
         if quantize is not None:
-            from finetune.shell.quantized import quantize_on_load
+            from finetune.shell.models.quantized import quantize_on_load
 
             match quantize_on_load(model, quantize, "--quantize-group-size"):
                 case Failure(message):
@@ -178,7 +180,7 @@ def _load_quantized(
     spec: str, model: nn.Module, directory: Path, config: Mapping[str, Any], stored: Quant,
     dtype: str, quantize: Quant | None,
 ) -> Result[nn.Module, str]:
-    from finetune.shell.quantized import load_stored
+    from finetune.shell.models.quantized import load_stored
 
     if quantize is not None:
         return Failure(f"{spec} is already quantized ({stored.summary()}); drop --quantize-bits "

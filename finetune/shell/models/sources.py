@@ -62,7 +62,7 @@ def model_dir(spec: str, revision: str = "main") -> Result[Path, str]:
             return Failure(f"{spec}: not a model directory (no config.json)")
         return Success(path)
     if spec == "tiny":
-        from finetune.shell.tiny import ensure_tiny
+        from finetune.shell.models.tiny import ensure_tiny
 
         return Success(ensure_tiny())
     if path.exists():

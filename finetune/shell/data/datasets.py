@@ -10,6 +10,7 @@ from typing import Any
 
 from returns.result import Failure, Result, Success
 
+import finetune
 from finetune.core.records import RowError
 
 SPLITS = ("train", "valid", "test")
@@ -19,7 +20,7 @@ Rows = list[tuple[int, Any]]  # (1-based line, parsed JSON value)
 
 def bundled_root() -> Path:
     """`data/` of a source checkout, or the copy packed into the wheel."""
-    here = Path(__file__).resolve().parent.parent
+    here = Path(finetune.__file__).resolve().parent  # the package: data/ and recipes/ sit beside it
     for candidate in (here.parent / "data", here / "bundled"):
         if candidate.is_dir():
             return candidate

@@ -25,9 +25,9 @@ import msgspec
 from returns.result import Result, Success
 
 from finetune.core.convert import hf_to_mlx
-from finetune.shell import weights
+from finetune.shell.models import weights
+from finetune.shell.models.weights import cast_weights
 from finetune.shell.paths import cache_root, write_bytes, write_safetensors
-from finetune.shell.weights import cast_weights
 
 FORMAT = 1  # bump when conversion changes what the cached files hold
 WEIGHTS = "model.safetensors"

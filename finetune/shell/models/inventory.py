@@ -10,7 +10,7 @@ from returns.result import Failure, Result, Success
 
 from finetune.core import memory, modelinfo
 from finetune.core.config import Recipe
-from finetune.shell import manager, resolve, tiny, weights
+from finetune.shell.models import manager, sources, tiny, weights
 
 DEMO_NOTE = "pipeline demo: random weights from a fixed seed, not a useful language model"
 
@@ -92,7 +92,7 @@ def _hub_rows() -> list[Row]:
     from huggingface_hub import scan_cache_dir
 
     try:
-        repos = scan_cache_dir(resolve.hub_cache_dir()).repos
+        repos = scan_cache_dir(sources.hub_cache_dir()).repos
     except Exception:  # no cache directory yet, or one huggingface_hub cannot read
         return []
     rows = []
@@ -156,15 +156,10 @@ def has_chat_template(directory: Path) -> bool:
 
 def info(spec: str, revision: str = "main") -> Result[Info, str]:
     """Config summary, sizes and a LoRA memory estimate at the default recipe, without weights."""
-    from finetune.shell.load import check_config, on_gpu, resolve_dtype
+    from finetune.shell.models.load import model_config, on_gpu, resolve_dtype
 
-    match resolve.model_dir(spec, revision):
-        case Success(directory):
-            pass
-        case failure:
-            return failure
-    match resolve.read_config(directory).bind(lambda c: check_config(c, spec)):
-        case Success(config):
+    match model_config(spec, revision):
+        case Success((directory, config)):
             pass
         case failure:
             return failure

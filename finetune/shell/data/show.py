@@ -16,7 +16,7 @@ from rich.text import Text
 
 from finetune.core import prepare
 from finetune.core.config import Recipe
-from finetune.shell import check, datasets
+from finetune.shell.data import check, datasets
 
 OPEN, CLOSE, SEP = "⟦", "⟧", "¦"  # rare in data, so the marks cannot be mistaken for the text
 NEWLINE = "↵"

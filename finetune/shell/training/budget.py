@@ -41,7 +41,7 @@ def _mem_available() -> int:
 
 def plan(recipe: Recipe, facts: ModelFacts, train: list[Tokens], limit_gb: float) -> Result[memplan.MemoryPlan, str]:
     """Plan the run's micro-steps against `limit_gb` from the training data's actual batches."""
-    from finetune.shell.run import plan as batch_plan
+    from finetune.shell.training.run import plan as batch_plan
 
     batches = memplan.workload(batch_plan(train, recipe), train, recipe.train.max_seq_length)
     dtype = recipe.model.dtype if recipe.model.dtype in memory.BYTES else "float32"

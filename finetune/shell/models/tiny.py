@@ -12,7 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from finetune.shell.datasets import bundled_names, bundled_root
+from finetune.shell.data.datasets import bundled_names, bundled_root
 from finetune.shell.paths import build_dir, cache_root
 
 VERSION = 2
@@ -99,7 +99,7 @@ def init_weights(seed: int = SEED) -> dict[str, mx.array]:
 
 def _build(out: Path) -> None:
     from finetune.core.convert import mlx_to_hf
-    from finetune.shell.tokenizer import train_bpe
+    from finetune.shell.models.tokenizer import train_bpe
 
     train_bpe(
         corpus(),

@@ -146,7 +146,7 @@ def _read_json(path: Path) -> Result[Any, str]:
 
 def _read_tensors(path: Path) -> Result[dict[str, mx.array], str]:
     if path.suffix == ".bin":
-        from finetune.shell.torchbin import read_torch_bin
+        from finetune.shell.models.torchbin import read_torch_bin
 
         return read_torch_bin(path)
     try:

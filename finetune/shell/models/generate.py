@@ -12,8 +12,8 @@ from returns.result import Result, Success
 from finetune.core import templates
 from finetune.core.records import Message
 from finetune.core.tokenize import Segment, tokenize
-from finetune.shell.sampling import sample
-from finetune.shell.tokenizer import encoder, specials
+from finetune.shell.models.sampling import sample
+from finetune.shell.models.tokenizer import encoder, specials
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass while filling the cache
 # End-of-turn markers of common chat templates (ChatML/Qwen, Llama 3, Phi, Gemma).

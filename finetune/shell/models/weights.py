@@ -12,7 +12,7 @@ import mlx.core as mx
 from returns.result import Failure, Result, Success
 
 from finetune.core.convert import merge_shards
-from finetune.shell.torchbin import read_torch_bin
+from finetune.shell.models.torchbin import read_torch_bin
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -154,19 +154,6 @@ def parameter_count(directory: str | Path) -> int | None:
     if not entries or any(tag == "U32" for tag, _ in entries):
         return None
     return sum(n for _, n in entries)
-
-
-def read_safetensors_dir(path: str | Path) -> dict[str, mx.array]:
-    """All tensors of `path/model.safetensors` or of its shards; raises instead of a Result."""
-    path = Path(path)
-    if not (path / SINGLE).is_file() and not (path / INDEX).is_file():
-        raise FileNotFoundError(f"{path} has neither {SINGLE} nor {INDEX}")
-    match read_checkpoint(path):
-        case Success(tensors):
-            return tensors
-        case Failure(message):
-            raise ValueError(message)
-    raise AssertionError("unreachable")
 
 
 def cast_weights(weights: Mapping[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:

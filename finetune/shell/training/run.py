@@ -30,17 +30,9 @@ from finetune.engines.rundir import (  # engine-free, shared with the torch engi
 )
 from finetune.errors import Interrupted
 from finetune.models import lora as lora_modules
-from finetune.shell import (
-    adapters,
-    budget,
-    check,
-    checkpoints,
-    distributed,
-    plot,
-    recipes,
-    report,
-    trainer,
-)
+from finetune.shell.data import check, report
+from finetune.shell.export import adapters
+from finetune.shell.training import budget, checkpoints, distributed, plot, recipes, trainer
 
 Log = Callable[[str], None]
 
@@ -64,20 +56,14 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, memory_limi
     resolved one (model-dependent defaults filled in), which is what recipe.toml records.
     """
     from finetune.core import quantization
-    from finetune.shell.load import load_model
-    from finetune.shell.quantized import describe as describe_quantization
+    from finetune.shell.models.load import load_model
+    from finetune.shell.models.quantized import describe as describe_quantization
 
-    match check.inspect(recipe, available_gb):
+    match check.before_training(recipe, available_gb, log):
         case Success(inspection):
             pass
         case Failure(message):
             return Failure(message)
-    refusal = check.refusal(inspection.report)
-    if refusal:
-        return Failure(refusal)
-    for finding in inspection.report.findings:
-        if finding.level == "warning":
-            log(f"warning: {finding.field}: {finding.message}")
     recipe = inspection.report.recipe
     splits = {k: v for k, v in inspection.tokens.items() if v}
     planned = None
@@ -324,9 +310,3 @@ def check_output(run_dir: Path, resume: bool) -> Result[None, str]:
     if distributed.setup().rank > 0:  # other hosts hold no run directory
         return Success(None)
     return rundir.check_output(run_dir, resume)
-    started = (run_dir / "adapters.safetensors").exists() or bool(checkpoints.complete(run_dir))
-    if resume and not checkpoints.complete(run_dir):
-        return Failure(f"{run_dir}: no checkpoint to resume from")
-    if started and not resume:
-        return Failure(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output")
-    return Success(None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from finetune.core import recipe as core_recipe
 from finetune.core.config import Recipe
 from finetune.core.records import RowError, Sample
 from finetune.core.tokenize import Tokens
-from finetune.shell import datasets, resolve
+from finetune.shell.data import datasets
+from finetune.shell.models import sources
 
 
 class FileError(Struct, frozen=True):
@@ -121,6 +123,23 @@ def inspect(recipe: Recipe, available_gb: float = 0.0) -> Result[Inspection, str
     return Success(Inspection(report, tok.tokenizer if tok else None, tokens))
 
 
+def before_training(recipe: Recipe, available_gb: float, log: Callable[[str], None]) -> Result[Inspection, str]:
+    """What both engines run before loading weights: validate's checks, stopping on its errors
+    (the same one line `refusal` gives) and logging its warnings."""
+    match inspect(recipe, available_gb):
+        case Success(inspection):
+            pass
+        case Failure(message):
+            return Failure(message)
+    stop = refusal(inspection.report)
+    if stop:
+        return Failure(stop)
+    for finding in inspection.report.findings:
+        if finding.level == "warning":
+            log(f"warning: {finding.field}: {finding.message}")
+    return Success(inspection)
+
+
 def refusal(report: ValidationReport) -> str | None:
     """The one line `ft train start` stops with when validate would exit 2, else None."""
     errors = [f for f in report.findings if f.level == "error"]
@@ -138,7 +157,7 @@ def _estimate(facts: modelinfo.ModelFacts, recipe: Recipe, train: list[Tokens] |
     """The peak of the largest batch the training plan will produce (its rows, length, targets)."""
     if not train:
         return memory.estimate(facts, recipe, seq_len)
-    from finetune.shell.run import plan
+    from finetune.shell.training.run import plan
 
     rows, width, chosen = memplan.micro_shape(memplan.workload(plan(train, recipe), train, recipe.train.max_seq_length), 1)
     dtype = recipe.model.dtype if recipe.model.dtype in memory.BYTES else "float32"
@@ -146,17 +165,17 @@ def _estimate(facts: modelinfo.ModelFacts, recipe: Recipe, train: list[Tokens] |
 
 
 def _model(recipe: Recipe) -> Result[tuple[modelinfo.ModelFacts, Tokenizing], str]:
-    from finetune.shell.tokenizer import load_tokenizer
+    from finetune.shell.models.tokenizer import load_tokenizer
 
     def load(directory: Path) -> Result[tuple[modelinfo.ModelFacts, Tokenizing], str]:
-        facts = resolve.read_config(directory).bind(modelinfo.facts)
+        facts = sources.read_config(directory).bind(modelinfo.facts)
         try:
             tok = load_tokenizer(directory)
         except Exception as err:  # transformers raises OSError/ValueError/... for broken files
             return Failure(f"{directory}: cannot load the tokenizer ({type(err).__name__}: {err})")
         return facts.map(lambda f: (f, Tokenizing(tok, tok.chat_template or "")))
 
-    return resolve.model_dir(recipe.model.path, recipe.model.revision).bind(load)
+    return sources.model_dir(recipe.model.path, recipe.model.revision).bind(load)
 
 
 def template_for(recipe: Recipe, fmt: str, chat_template: str) -> Result[templates.Template, str]:
@@ -182,7 +201,7 @@ def encode_split(recipe: Recipe, samples, tok: Tokenizing | None, chosen: dict[s
     """Render and tokenize one split's samples with the recipe's templates; records the choices."""
     if tok is None:
         return [], []
-    from finetune.shell.tokenizer import encoder, specials
+    from finetune.shell.models.tokenizer import encoder, specials
 
     sp, enc = specials(tok.tokenizer), encoder(tok.tokenizer)
     picked: dict[str, templates.Template] = {}

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from finetune.shell.check import ValidationReport
+from finetune.shell.data.check import ValidationReport
 from finetune.shell.paths import write_text
 
 METRICS = "metrics.jsonl"

@@ -23,8 +23,8 @@ from returns.result import Failure, Result, Success
 from finetune.core import fusing, quantization
 from finetune.core.quantization import Params, without_quantization
 from finetune.models.lora import LoRALinear
-from finetune.shell import quantized, resolve, weights
-from finetune.shell.weights import cast_weights
+from finetune.shell.models import quantized, sources, weights
+from finetune.shell.models.weights import cast_weights
 
 Log = Callable[[str], None]
 PROMPT = ("The quick brown fox jumps over the lazy dog. SELECT name, age FROM users WHERE id = 42;\n"
@@ -62,7 +62,7 @@ def fuse(
     A quantized base (as stored, or as the adapter records it was quantized on load) gives a
     fused model quantized the same way, unless `dequantize`.
     """
-    from finetune.shell.load import load_model
+    from finetune.shell.models.load import load_model
 
     match _target(model_spec, revision, adapter, output, force):
         case Success((directory, config)):
@@ -117,14 +117,14 @@ def fuse(
 
 def _target(spec: str, revision: str, adapter: Path, output: Path, force: bool) -> Result[tuple[Path, dict], str]:
     """The base's directory and config, after checking OUTPUT can be written."""
-    from finetune.shell.load import check_config
+    from finetune.shell.models.load import check_config
 
     if output.exists() and not output.is_dir():
         return Failure(f"{output}: exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not force:
         return Failure(f"{output}: already exists and is not empty; pass --force to replace it")
-    match resolve.model_dir(spec, revision).bind(
-        lambda d: resolve.read_config(d).bind(lambda c: check_config(c, spec)).map(lambda c: (d, c))
+    match sources.model_dir(spec, revision).bind(
+        lambda d: sources.read_config(d).bind(lambda c: check_config(c, spec)).map(lambda c: (d, c))
     ):
         case Success((directory, config)):
             pass
@@ -161,7 +161,7 @@ def _write(output: Path, directory: Path, tensors: dict[str, mx.array], config: 
 
 def side_files(directory: Path) -> list[Path]:
     """Tokenizer, chat template and generation files to copy beside the fused weights."""
-    patterns = [p for p in resolve.SIDE_FILES if p != "config.json"]
+    patterns = [p for p in sources.SIDE_FILES if p != "config.json"]
     return sorted({f for p in patterns for f in directory.glob(p) if f.is_file()})
 
 
@@ -180,7 +180,7 @@ def _check_rows(tokenizer: Any, data: str | None, rows: int, vocab: int) -> Resu
     texts = [PROMPT]
     if data is not None:
         from finetune.core.prepare import normalise_rows
-        from finetune.shell import datasets
+        from finetune.shell.data import datasets
 
         match datasets.locate(data):
             case Success(files):

@@ -24,8 +24,8 @@ from finetune.engines.rundir import (  # engine-free, shared with the torch engi
     StopFlag,
     Window,
 )
-from finetune.shell import distributed
-from finetune.shell.distributed import World
+from finetune.shell.training import distributed
+from finetune.shell.training.distributed import World
 
 
 def supervised_ce(

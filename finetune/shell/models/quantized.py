@@ -14,8 +14,8 @@ from returns.result import Failure, Result, Success
 
 from finetune.core import quantization
 from finetune.core.quantization import Params, Quant
-from finetune.shell import weights
-from finetune.shell.weights import cast_weights
+from finetune.shell.models import weights
+from finetune.shell.models.weights import cast_weights
 
 _FLOAT = (nn.Linear, nn.Embedding)
 _QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)

@@ -7,8 +7,8 @@ from typing import Any
 from returns.result import Success
 
 from finetune.core import prepare
-from finetune.shell import check, datasets
-from finetune.shell.generate import build_prompt, decoder, generate
+from finetune.shell.data import check, datasets
+from finetune.shell.models.generate import build_prompt, decoder, generate
 
 MAX_TOKENS = 48
 

@@ -1,0 +1,1 @@
+"""Results elsewhere: adapter directories in every format, and fused HF model directories."""

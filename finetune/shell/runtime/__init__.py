@@ -1,0 +1,1 @@
+"""Where MLX computes: the device and the BLAS behind CPU matmuls."""

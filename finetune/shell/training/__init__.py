@@ -1,0 +1,1 @@
+"""Training: recipes on disk, the run directory, the compiled loop, checkpoints, ranks, loss curves."""
