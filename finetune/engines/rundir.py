@@ -140,6 +140,15 @@ class Window:
         )
 
 
+def log_report(r: StepReport, log: Callable[[str], None]) -> None:
+    """mlx-lm's classic log lines for one report (and its validation loss)."""
+    log(f"Iter {r.step}: Train loss {r.train_loss:.3f}, Learning Rate {r.learning_rate:.3e}, "
+        f"It/sec {r.iterations_per_second:.3f}, Tokens/sec {r.tokens_per_second:.3f}, "
+        f"Trained Tokens {r.trained_tokens}, Peak mem {r.peak_memory_gb:.3f} GB")
+    if r.val_loss is not None:
+        log(f"Iter {r.step}: Val loss {r.val_loss:.3f}")
+
+
 class Interrupted(Exception):
     """Ctrl-C arrived; the loop stopped at a step boundary."""
 

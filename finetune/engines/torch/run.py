@@ -121,11 +121,7 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
         row = msgspec.to_builtins(r)
         metrics.append(row)
         report.append_metrics(run_dir, row)
-        log(f"Iter {r.step}: Train loss {r.train_loss:.3f}, Learning Rate {r.learning_rate:.3e}, "
-            f"It/sec {r.iterations_per_second:.3f}, Tokens/sec {r.tokens_per_second:.3f}, "
-            f"Trained Tokens {r.trained_tokens}, Peak mem {r.peak_memory_gb:.3f} GB")
-        if r.val_loss is not None:
-            log(f"Iter {r.step}: Val loss {r.val_loss:.3f}")
+        rundir.log_report(r, log)
 
     def on_save(c: rundir.Cursor) -> None:
         params = {k: v.numpy() for k, v in model.adapters().items()}
