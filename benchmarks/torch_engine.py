@@ -22,12 +22,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {
-    "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True),
-    "smollm": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                   num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-}
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from train_vs_mlxlm import MODELS  # noqa: E402  (the same tiny and SmolLM-135M shapes as against mlx-lm)
+
 CONFIGS = {
     "mlx": ["--backend", "mlx"],
     "torch-f32": ["--backend", "torch", "--dtype", "float32"],

@@ -42,7 +42,8 @@ def test_a_plan_fits_its_limit_and_keeps_the_effective_batch(rows, batch, accum,
             assert p.estimate.total_gb <= limit
             assert p.effective_batch == batch * accum  # accumulation untouched: splits share each batch
             assert p.batch_size == batch and p.grad_accumulation == accum
-            assert 1 <= p.micro_batch <= batch and -(-max(len(b) for b in work) // p.splits) == p.micro_batch
+            assert 1 <= p.micro_batch <= batch
+            assert -(-max(len(b) for b in work) // p.splits) == p.micro_batch  # the largest share
             assert p.grad_checkpoint or not checkpoint  # a recipe's checkpointing is never turned off
         case Failure(message):
             weights = memory.weight_bytes(FACTS, bits, 64, "float32") / memory.GB

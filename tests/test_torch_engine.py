@@ -192,14 +192,20 @@ def test_bad_backend_choices_get_one_line(tmp_path, capsys, data):
     assert code == 2 and "--backend mlx" in one_line_error(err)
 
 
-def test_backend_mlx_without_mlx_is_one_line(tmp_path):
-    script = (
+# Python source that makes `import mlx` fail in a fresh interpreter, as on a machine without MLX.
+BLOCK_MLX = (
         "import sys, importlib.abc\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path, target=None):\n"
         "        if name == 'mlx' or name.startswith('mlx.'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
+)
+
+
+def test_backend_mlx_without_mlx_is_one_line(tmp_path):
+    script = (
+        BLOCK_MLX +
         "from finetune.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
@@ -215,12 +221,7 @@ def test_backend_mlx_without_mlx_is_one_line(tmp_path):
 def test_the_engines_do_not_import_each_other():
     """The torch engine runs without MLX; the MLX engine's training never loads torch."""
     block_mlx = (
-        "import sys, importlib.abc\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path, target=None):\n"
-        "        if name == 'mlx' or name.startswith('mlx.'):\n"
-        "            raise ImportError('blocked: ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
+        BLOCK_MLX +
         "import finetune.engines.torch.run, finetune.engines.torch.train\n"
     )
     subprocess.run([sys.executable, "-c", block_mlx], check=True)

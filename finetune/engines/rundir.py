@@ -16,7 +16,8 @@ from finetune.core import batching
 from finetune.core import recipe as core_recipe
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
-from finetune.shell.training import checkpoints
+from finetune.errors import Interrupted as RunInterrupted
+from finetune.shell.training import checkpoints, plot
 
 # Recipe fields that may change between a checkpoint and its resumption.
 CADENCE = ("report_every", "eval_every", "val_batches", "save_every", "keep_checkpoints", "iters", "epochs")
@@ -59,6 +60,26 @@ class Outcome(Struct, frozen=True, kw_only=True):
     val_loss: float | None
     test_loss: float | None = None
     trainable: int = 0
+
+
+def finish(run_dir: Path, steps: int, metrics: list[dict[str, Any]], trainable: int,
+           test_loss: float | None, log: Callable[[str], None]) -> Outcome:
+    """The end of a run in either engine: the loss curve and test loss logged, the Outcome."""
+    curve = plot.text_curve(metrics)
+    if curve:
+        log(curve)
+    if test_loss is not None:
+        log(f"Test loss {test_loss:.3f}, Test ppl {math.exp(test_loss):.3f}")
+    last = metrics[-1] if metrics else {}
+    return Outcome(
+        run_dir=str(run_dir), steps=steps, train_loss=last.get("train_loss", math.nan),
+        val_loss=last.get("val_loss"), test_loss=test_loss, trainable=trainable,
+    )
+
+
+def stopped(stop: Interrupted, run_dir: Path) -> RunInterrupted:
+    """The user-facing error for a Ctrl-C that stopped the loop after saving a checkpoint."""
+    return RunInterrupted(f"interrupted at step {stop.args[0]}: checkpoint saved in {run_dir}; continue with --resume")
 
 
 def plan(examples: list[Tokens], recipe: Recipe) -> list[list[list[int]]]:

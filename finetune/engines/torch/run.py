@@ -4,7 +4,6 @@ mlx-lm's format, recipe.toml, metrics.jsonl, checkpoints with the optimizer stat
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,10 @@ from finetune.engines.torch import device as devices
 from finetune.engines.torch import model as tmodel
 from finetune.engines.torch import packing
 from finetune.engines.torch import train as ttrain
-from finetune.errors import Interrupted
 from finetune.shell.data import check, report
 from finetune.shell.models import sources
 from finetune.shell.paths import write_safetensors, write_text
-from finetune.shell.training import checkpoints, plot, recipes
+from finetune.shell.training import checkpoints, recipes
 
 Log = Callable[[str], None]
 
@@ -134,20 +132,12 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
         cursor = ttrain.run_steps(model, optimizer, train_data, valid_data, cfg, steps, cursor, where,
                               on_report=on_report, on_save=on_save, on_log=log)
     except rundir.Interrupted as stop:
-        raise Interrupted(f"interrupted at step {stop.args[0]}: checkpoint saved in {run_dir}; continue with --resume") from None
-    curve = plot.text_curve(metrics)
-    if curve:
-        log(curve)
-    last = metrics[-1] if metrics else {}
+        raise rundir.stopped(stop, run_dir) from None
     test_loss = None
     if evaluate_test and prepared.splits.get("test"):
         test = rundir.data(prepared.splits["test"], recipe)
         test_loss = ttrain.evaluate(model, test, cfg.max_seq_length, -1, where)
-        log(f"Test loss {test_loss:.3f}, Test ppl {math.exp(test_loss):.3f}")
-    return Success(rundir.Outcome(
-        run_dir=str(run_dir), steps=cursor.step, train_loss=last.get("train_loss", math.nan),
-        val_loss=last.get("val_loss"), test_loss=test_loss, trainable=trainable,
-    ))
+    return Success(rundir.finish(run_dir, cursor.step, metrics, trainable, test_loss, log))
 
 
 def _restore(prepared: Prepared, run_dir: Path, optimizer: ttrain.Optimizer, steps: int) -> Result[tuple[rundir.Cursor, list[dict]], str]:

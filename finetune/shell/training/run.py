@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -28,11 +27,10 @@ from finetune.engines.rundir import (  # engine-free, shared with the torch engi
     plan,  # noqa: F401  (callers use run.plan)
     total_steps,
 )
-from finetune.errors import Interrupted
 from finetune.models import lora as lora_modules
 from finetune.shell.data import check, report
 from finetune.shell.export import adapters
-from finetune.shell.training import budget, checkpoints, distributed, plot, recipes, trainer
+from finetune.shell.training import budget, checkpoints, distributed, recipes, trainer
 
 Log = Callable[[str], None]
 
@@ -184,20 +182,12 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
             raise
         raise lost from None
     except trainer.Interrupted as stop:
-        raise Interrupted(f"interrupted at step {stop.args[0]}: checkpoint saved in {run_dir}; continue with --resume") from None
-    curve = plot.text_curve(metrics)
-    if curve:
-        log(curve)
-    last = metrics[-1] if metrics else {}
+        raise rundir.stopped(stop, run_dir) from None
     test_loss = None
     if evaluate_test and prepared.splits.get("test"):
         test = prepared.splits["test"]
         test_loss = trainer.evaluate(model, trainer.Data(test, plan(test, recipe)), cfg.max_seq_length, -1, world)
-        log(f"Test loss {test_loss:.3f}, Test ppl {math.exp(test_loss):.3f}")
-    return Success(Outcome(
-        run_dir=str(run_dir), steps=cursor.step, train_loss=last.get("train_loss", math.nan),
-        val_loss=last.get("val_loss"), test_loss=test_loss, trainable=trainable,
-    ))
+    return Success(rundir.finish(run_dir, cursor.step, metrics, trainable, test_loss, log))
 
 
 @contextmanager
