@@ -157,7 +157,7 @@ def _estimate(facts: modelinfo.ModelFacts, recipe: Recipe, train: list[Tokens] |
     """The peak of the largest batch the training plan will produce (its rows, length, targets)."""
     if not train:
         return memory.estimate(facts, recipe, seq_len)
-    from finetune.shell.training.run import plan
+    from finetune.engines.rundir import plan  # engine-free: validate runs without MLX
 
     rows, width, chosen = memplan.micro_shape(memplan.workload(plan(train, recipe), train, recipe.train.max_seq_length), 1)
     dtype = recipe.model.dtype if recipe.model.dtype in memory.BYTES else "float32"

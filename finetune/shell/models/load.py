@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlx.core as mx
-import mlx.nn as nn
 from returns.result import Failure, Result, Success
 
 from finetune.core import quantization
@@ -20,11 +18,16 @@ from finetune.core.quantization import Quant
 from finetune.errors import UserError
 from finetune.shell.models import sources, weights
 
+if TYPE_CHECKING:  # MLX is imported where it is used: these modules also serve the torch engine
+    import mlx.nn as nn
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def on_gpu() -> bool:
+    import mlx.core as mx  # lazily: model_config and resolve_dtype serve `ft models info` without MLX
+
     return mx.default_device().type == mx.gpu
 
 
@@ -126,6 +129,8 @@ def _load_dir(
     cache: bool,
     quantize: Quant | None = None,
 ) -> Result[tuple[nn.Module, Any], str]:
+    import mlx.core as mx
+
     from finetune.models import build
     from finetune.shell.models import manager
     from finetune.shell.models.tokenizer import load_tokenizer

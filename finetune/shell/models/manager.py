@@ -18,9 +18,8 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlx.core as mx
 import msgspec
 from returns.result import Result, Success
 
@@ -28,6 +27,9 @@ from finetune.core.convert import hf_to_mlx
 from finetune.shell.models import weights
 from finetune.shell.models.weights import cast_weights
 from finetune.shell.paths import cache_root, write_bytes, write_safetensors
+
+if TYPE_CHECKING:  # MLX is imported where it is used: these modules also serve the torch engine
+    import mlx.core as mx
 
 FORMAT = 1  # bump when conversion changes what the cached files hold
 WEIGHTS = "model.safetensors"
@@ -84,6 +86,7 @@ def _convert(
     directory: Path, config: Mapping[str, Any], dtype: str
 ) -> Result[tuple[dict[str, mx.array], bool], str]:
     """Converted weights, and whether saving them pays: the source is .bin or needs a cast."""
+    import mlx.core as mx  # lazily: `ft models list/info` read manifests without MLX
     kind, target = config.get("model_type", ""), getattr(mx, dtype)
 
     def to_mlx(tensors: dict[str, mx.array]) -> Result[tuple[dict, bool], str]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import mlx.core as mx
+from typing import TYPE_CHECKING
 
 from finetune.shell.data.datasets import bundled_names, bundled_root
 from finetune.shell.paths import build_dir, cache_root
+
+if TYPE_CHECKING:  # MLX is imported where it is used: these modules also serve the torch engine
+    import mlx.core as mx
 
 VERSION = 2
 SEED = 1234
@@ -77,6 +79,7 @@ def init_weights(seed: int = SEED) -> dict[str, mx.array]:
 
     Matrices and embeddings: normal with std 0.02; norm weights: ones; biases: zeros.
     """
+    import mlx.core as mx  # only to build: a built tiny serves the torch engine without MLX
     from mlx.utils import tree_flatten
 
     from finetune.models import build
@@ -98,6 +101,8 @@ def init_weights(seed: int = SEED) -> dict[str, mx.array]:
 
 
 def _build(out: Path) -> None:
+    import mlx.core as mx
+
     from finetune.core.convert import mlx_to_hf
     from finetune.shell.models.tokenizer import train_bpe
 

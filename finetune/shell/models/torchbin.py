@@ -13,10 +13,13 @@ import pickle
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlx.core as mx
 import numpy as np
 from returns.result import Failure, Result, Success
+
+if TYPE_CHECKING:  # MLX is imported where it is used: these modules also serve the torch engine
+    import mlx.core as mx
 
 # torch.<Name>Storage -> dtype of its elements (bfloat16 read as uint16 and reinterpreted later).
 STORAGES = {
@@ -116,6 +119,8 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _to_mx(t: _Tensor) -> mx.array:
+    import mlx.core as mx
+
     if t.dtype == "bfloat16":
         return mx.array(t.data).view(mx.bfloat16)
     return mx.array(t.data)

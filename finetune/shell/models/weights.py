@@ -7,12 +7,15 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import mlx.core as mx
 from returns.result import Failure, Result, Success
 
 from finetune.core.convert import merge_shards
 from finetune.shell.models.torchbin import read_torch_bin
+
+if TYPE_CHECKING:  # MLX is imported where it is used: these modules also serve the torch engine
+    import mlx.core as mx
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -85,6 +88,7 @@ def safetensors_header(path: str | Path) -> Result[dict, str]:
 
 def read_safetensors(path: str | Path) -> Result[dict[str, mx.array], str]:
     """All tensors of one safetensors file (read lazily by MLX), its header checked first."""
+    import mlx.core as mx  # here: header reads (models info, the torch engine) need no MLX
 
     def load(_header: dict) -> Result[dict[str, mx.array], str]:
         try:
@@ -158,6 +162,8 @@ def parameter_count(directory: str | Path) -> int | None:
 
 def cast_weights(weights: Mapping[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
     """Floating-point tensors cast to `dtype`; integer tensors (quantized data) kept as they are."""
+    import mlx.core as mx
+
     return {
         k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
     }
