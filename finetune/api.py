@@ -94,20 +94,27 @@ def prepare(recipe: Recipe, device: str | None, log: Log, engine: str | None = N
     """Select the engine and device, run validate's checks, load the model and attach fresh LoRA."""
     from finetune.engines import choose
 
-    name, why = choose.decide(engine)
+    quantized = choose.quantized_base(recipe.model.path, recipe.model.revision)
+    name, why = choose.decide(engine, choose.mlx_only(recipe.model.quantize_bits, quantized, memory_limit))
+    if name == "torch" and quantized:
+        raise UserError(f"{recipe.model.path}: an mlx-lm quantized checkpoint; the torch engine trains float "
+                        "bases only (QLoRA is the MLX engine's); use --backend mlx")
+    if name == "torch" and memory_limit:
+        raise UserError("--memory-limit: only the MLX engine plans memory; drop it or use --backend mlx")
+    _check_launcher(name, why)
     if name == "torch":
         from finetune.engines.torch import device as torch_device
         from finetune.engines.torch import run as torch_run
 
         where = torch_device.pick(device)
-        log(torch_device.describe(where, torch_device.resolve_dtype(recipe.model.dtype, where), why))
+        log(torch_run.backend_line(where, torch_device.resolve_dtype(recipe.model.dtype, where), why))
         available = torch_device.memory_gb(where) * 1e9 / 1024**3
         return unwrap(torch_run.prepare_run(recipe, log, available_gb=available, device=device))
     from finetune.shell.runtime import backend
     from finetune.shell.training import run as shell_run
 
     info = backend.select(device)
-    log(backend.describe(info))
+    log(backend.describe(info, why))
     return unwrap(shell_run.prepare_run(recipe, log, available_gb=info.memory_gb * 1e9 / 1024**3,
                                         memory_limit_gb=memory_limit))
 
@@ -177,6 +184,20 @@ def _available_gb() -> float:
     from finetune.shell.runtime import backend
 
     return backend.select(None).memory_gb * 1e9 / 1024**3
+
+
+def _check_launcher(engine: str, why: str) -> None:
+    """Ranks come from the engine's own launcher; under the other's, every rank would train the
+    whole batch alone, so refuse."""
+    import os
+
+    mlx_launch = [k for k in ("MLX_RANK", "MLX_HOSTFILE", "MLX_JACCL_COORDINATOR") if k in os.environ]
+    if engine == "torch" and mlx_launch:
+        raise UserError(f"the torch engine ({why}) under mlx.launch ({mlx_launch[0]} is set): mlx.launch starts the "
+                        "MLX engine's ranks (--backend mlx); start the torch engine's with torchrun")
+    if engine == "mlx" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise UserError(f"the MLX engine ({why}) under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): torchrun starts "
+                        "the torch engine's ranks (add --backend torch); start the MLX engine's with mlx.launch")
 
 
 def _engine_run(prepared: Any) -> Any:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 import finetune  # noqa: F401  first: loads the optimized BLAS before anything imports mlx
 from finetune.shell.models.tokenizer import load_tokenizer, train_bpe
+
+# Tests name the engine they test; the rest (and their `ft` subprocesses) exercise the MLX engine,
+# whatever `auto` would pick on this machine (tests of `auto` itself clear this).
+os.environ["FT_BACKEND"] = "mlx"
 
 TOKENIZER_VOCAB = 400
 

@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from finetune.errors import UserError
 
@@ -34,39 +35,110 @@ def nvidia_gpu() -> bool:
     return Path("/proc/driver/nvidia/version").exists()
 
 
-def decide(requested: str | None = None) -> tuple[str, str]:
-    """(engine, why) for `--backend` (None: `$FT_BACKEND`, else auto); missing engines refused."""
+class Machine(NamedTuple):
+    """What choosing looks at: which engines are installed, and where we run."""
+
+    mlx: bool
+    torch: bool  # torch and peft
+    apple_silicon: bool
+    nvidia_gpu: bool
+    linux_x86: bool
+    native_bf16: bool  # AVX512_BF16 or AMX (Linux CPUs)
+
+
+def this_machine() -> Machine:
+    machine = platform.machine()
+    flags = cpu_flags()
+    return Machine(
+        mlx=installed("mlx"), torch=torch_ready(),
+        apple_silicon=sys.platform == "darwin" and machine == "arm64",
+        nvidia_gpu=nvidia_gpu(),
+        linux_x86=sys.platform.startswith("linux") and machine in ("x86_64", "AMD64"),
+        native_bf16=bool(flags & {"avx512_bf16", "amx_bf16"}),
+    )
+
+
+def decide(requested: str | None = None, needs_mlx: str = "", machine: Machine | None = None) -> tuple[str, str]:
+    """(engine, why) for `--backend` (None: `$FT_BACKEND`, else auto); missing engines refused.
+
+    `needs_mlx` names what the run asks for that only the MLX engine has (QLoRA, a quantized
+    mlx-lm base, `--memory-limit`, ranks from mlx.launch); `auto` then keeps MLX.
+    """
     requested = requested or os.environ.get("FT_BACKEND") or "auto"
     if requested not in BACKENDS:
         raise UserError(f"--backend {requested}: choose one of {', '.join(BACKENDS)}")
-    mlx, torch = installed("mlx"), torch_ready()
+    m = machine or this_machine()
     if requested == "mlx":
-        if not mlx:
+        if not m.mlx:
             raise UserError(f"--backend mlx: MLX is not installed here; {INSTALL_MLX}, or use --backend torch")
         return "mlx", "asked for"
     if requested == "torch":
-        if not torch:
+        if not m.torch:
             raise UserError(f"--backend torch: torch and peft are not installed; {INSTALL_TORCH}")
         return "torch", "asked for"
-    if not mlx and not torch:
+    if not m.mlx and not m.torch:
         raise UserError(f"no training engine installed: {INSTALL_TORCH} (any OS), or {INSTALL_MLX}")
-    if sys.platform == "darwin" and platform.machine() == "arm64" and mlx:
-        return "mlx", "auto: Apple silicon"
-    if not mlx:
+    if not m.mlx:
         return "torch", "auto: MLX is not installed"
-    if not torch:
+    if not m.torch:
         return "mlx", "auto: torch is not installed"
-    if nvidia_gpu() and not _mlx_cuda():
-        return "torch", "auto: NVIDIA GPU, and this MLX has no CUDA"
-    return "mlx", "auto: MLX is the default where it runs; --backend torch may be faster on CPUs with native bf16"
+    if m.apple_silicon:
+        return "mlx", "auto: Apple silicon"
+    if needs_mlx:
+        return "mlx", f"auto: {needs_mlx} needs the MLX engine"
+    if m.nvidia_gpu:
+        return "torch", "auto: NVIDIA GPU"
+    if m.linux_x86:
+        bf16 = "with native bf16, " if m.native_bf16 else ""
+        return "torch", f"auto: x86-64 Linux CPU ({bf16}{MEASURED})"
+    return "mlx", "auto: MLX is the default where the torch engine was not measured faster"
 
 
-def _mlx_cuda() -> bool:
-    """mlx[cuda] installed (its CUDA build ships as the `mlx-cuda` distribution)."""
-    from importlib.metadata import PackageNotFoundError, distribution
+# benchmarks/results-torch-engine.json: a 2-core AVX512 (native bf16) Linux CPU, float32 and bf16.
+MEASURED = "torch measured 1.3-1.4x faster than MLX-CPU"
 
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
     try:
-        distribution("mlx-cuda")
-    except PackageNotFoundError:
-        return False
-    return True
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def mlx_only(quantize_bits: int, quantized_base: bool, memory_limit: float) -> str:
+    """What of a run only the MLX engine does, in a few words ("" when either engine can)."""
+    if quantize_bits:
+        return "QLoRA (--quantize-bits)"
+    if quantized_base:
+        return "an mlx-lm quantized base"
+    if memory_limit:
+        return "--memory-limit"
+    if launched_by_mlx():
+        return "mlx.launch"
+    return ""
+
+
+def quantized_base(spec: str, revision: str = "main") -> bool:
+    """`spec` is an mlx-lm quantized checkpoint (local or cached; never downloads to find out)."""
+    import json
+
+    from finetune.shell.models import sources
+
+    path = Path(os.path.expanduser(spec))
+    directory = path if path.is_dir() else sources.cached_snapshot(spec, revision) if sources.is_hub_id(spec) else None
+    try:
+        config = json.loads((directory / "config.json").read_text()) if directory else {}
+    except (OSError, ValueError):
+        return False  # loading reports a broken config.json properly
+    return isinstance(config, dict) and bool(config.get("quantization"))
+
+
+def launched_by_mlx() -> bool:
+    """This process is one rank of `mlx.launch` (its launchers set these)."""
+    env = os.environ
+    return any(k in env for k in ("MLX_RANK", "MLX_HOSTFILE", "MLX_JACCL_COORDINATOR", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))

@@ -85,12 +85,13 @@ def _system_memory() -> int:
         return 0
 
 
-def describe(info: BackendInfo) -> str:
-    """One line for stderr: device, memory, BLAS (and its file), compute dtype; a hint when slow."""
+def describe(info: BackendInfo, why: str = "") -> str:
+    """One line for stderr: device, memory, BLAS (and its file), compute dtype, why MLX; a hint when slow."""
     from finetune.shell.training import distributed
 
     world = distributed.setup()  # joins mlx.launch's ranks; ranks above 0 print nothing from here
     ranks = f", {distributed.describe(world)}" if world.size > 1 else ""
+    ranks += f" ({why})" if why and why != "asked for" else ""
     if info.device == "gpu":
         return f"backend: {info.api} GPU ({info.name}, {info.memory_gb:.1f} GB), {info.blas}{ranks}"
     cores = os.cpu_count() or 1
