@@ -27,6 +27,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     device: Literal["cpu", "gpu"] | None = None,
+    backend: Literal["auto", "mlx", "torch"] | None = None,
     verbose: Annotated[bool, Parameter(name=["--verbose", "-v"], negative=())] = False,
 ) -> int:
     """Generate text with the KV cache, streamed to stdout; speed and backend go to stderr.
@@ -52,7 +53,9 @@ def generate(
     seed
         Seed of the sampling key; the same seed gives the same text.
     device
-        cpu or gpu (Metal or CUDA); default: a GPU when MLX has one, else the CPU.
+        cpu or gpu (Metal, CUDA or MPS); default: a GPU when the engine has one, else the CPU.
+    backend
+        Engine: mlx, torch (transformers; float checkpoints) or auto (default; $FT_BACKEND). Greedy text is the same in both; seeded sampling differs.
     verbose
         Also print the prompt's token count, the stop tokens and BLAS details.
     """
@@ -62,16 +65,12 @@ def generate(
 
     chat = None if messages is None else _messages(messages)
 
+    from finetune.engines import choose
     from finetune.shell.models.generate import TextStream, build_prompt, decoder
-    from finetune.shell.models.generate import generate as tokens
-    from finetune.shell.models.load import load_model
-    from finetune.shell.runtime import backend
 
-    info = backend.select(device)  # before loading: dtype="auto" depends on the device
-    print(backend.describe(info), file=sys.stderr)
-    if verbose and info.blas_path:
-        print(f"BLAS library: {info.blas_path}", file=sys.stderr)
-    net, tokenizer = unwrap(load_model(model, adapter=None if adapter is None else str(adapter)))
+    engine, why = choose.decide(backend, _mlx_only(model, adapter))
+    load = _load_torch if engine == "torch" else _load_mlx
+    net, tokenizer, tokens = load(model, None if adapter is None else str(adapter), device, why, verbose)
     chosen = None
     if chat is not None or template is not None:
         chosen = unwrap(_template(template or "auto", tokenizer.chat_template or ""))
@@ -101,6 +100,45 @@ def generate(
     print(f"{count} tokens, {rate:.1f} tokens/s (prompt: {len(plan.ids)} tokens, "
           f"{prompt_rate:.1f} tokens/s)", file=sys.stderr)
     return 0
+
+
+def _load_mlx(model: str, adapter: str | None, device: str | None, why: str, verbose: bool):
+    """(model, tokenizer, token generator) of the MLX engine; the backend line first."""
+    from finetune.shell.models.generate import generate as tokens
+    from finetune.shell.models.load import load_model
+    from finetune.shell.runtime import backend
+
+    info = backend.select(device)  # before loading: dtype="auto" depends on the device
+    print(backend.describe(info, why), file=sys.stderr)
+    if verbose and info.blas_path:
+        print(f"BLAS library: {info.blas_path}", file=sys.stderr)
+    net, tokenizer = unwrap(load_model(model, adapter=adapter))
+    return net, tokenizer, tokens
+
+
+def _load_torch(model: str, adapter: str | None, device: str | None, why: str, verbose: bool):
+    """(model, tokenizer, token generator) of the torch engine; the backend line first."""
+    from finetune.engines.torch import device as torch_device
+    from finetune.engines.torch import generate as torch_generate
+
+    where = torch_device.pick(device)
+    net, tokenizer = unwrap(torch_generate.load(model, adapter, where))
+    dtype = next(net.parameters()).dtype
+    print(torch_device.describe(where, dtype, why), file=sys.stderr)
+    return net, tokenizer, torch_generate.generate
+
+
+def _mlx_only(model: str, adapter: Path | None) -> str:
+    """What only the MLX engine generates with: an mlx-lm quantized base, or an adapter trained on one."""
+    from finetune.engines import choose
+
+    if choose.quantized_base(model):
+        return "an mlx-lm quantized base"
+    try:
+        config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8")) if adapter else {}
+    except (OSError, ValueError):
+        return ""  # loading the adapter reports what is wrong with it
+    return "an adapter trained on a quantized base" if isinstance(config, dict) and config.get("base_quantization") else ""
 
 
 def _check_flags(max_tokens: int, temp: float, top_p: float) -> None:

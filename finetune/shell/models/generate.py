@@ -1,18 +1,19 @@
-"""Generation: prompt ids from text or messages, KV-cached decoding, streamed UTF-8 text."""
+"""Generation: prompt ids from text or messages, KV-cached decoding, streamed UTF-8 text.
+
+Only `generate` is MLX (imported there): prompts, stops and the text stream serve both engines.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
-import mlx.core as mx
 from msgspec import Struct
 from returns.result import Result, Success
 
 from finetune.core import templates
 from finetune.core.records import Message
 from finetune.core.tokenize import Segment, tokenize
-from finetune.shell.models.sampling import sample
 from finetune.shell.models.tokenizer import encoder, specials
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass while filling the cache
@@ -37,6 +38,10 @@ def generate(
     `max_tokens` extends the same sequence. The next step is queued (`mx.async_eval`) before the
     current token is read back, keeping the device busy while Python yields.
     """
+    import mlx.core as mx
+
+    from finetune.shell.models.sampling import sample
+
     if not prompt_ids:
         raise ValueError("generation needs at least one prompt token")
     cache = model.make_cache()
