@@ -3,12 +3,15 @@ the step count, the resume fingerprint, the report rows of metrics.jsonl, Ctrl-C
 
 from __future__ import annotations
 
+import hashlib
 import math
 import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import numpy as np
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
@@ -81,6 +84,68 @@ def stopped(stop: Interrupted, run_dir: Path) -> RunInterrupted:
     """The user-facing error for a Ctrl-C that stopped the loop after saving a checkpoint."""
     return RunInterrupted(f"interrupted at step {stop.args[0]}: checkpoint saved in {run_dir}; continue with --resume")
 
+
+class World(Struct, frozen=True):
+    """This process among data-parallel ranks, as its engine's launcher started it."""
+
+    rank: int
+    size: int
+    backend: str  # "gloo", "nccl", "ring", ...; "none" for one process
+
+
+SINGLE = World(0, 1, "none")
+
+
+def describe_world(world: World) -> str:
+    return "one process" if world.size == 1 else f"{world.size} ranks over {world.backend}"
+
+
+def batch_share(data: Data, index: int, max_length: int, rank: int = 0, ranks: int = 1,
+                part: int = 0, parts: int = 1) -> batching.Batch:
+    """Micro-step `part` of `parts` of rank `rank`'s share of the plan's batch `index`.
+
+    Ranks split the batch first, then each splits its own share. An empty share (more ranks or
+    parts than rows) is the batch's first row with every weight 0: it adds nothing to the sums
+    yet runs the same step, so its rank still joins the collectives.
+    """
+    share = batching.shares(batching.shares(data.plan[index], ranks)[rank], parts)[part]
+    rows = [[data.examples[i] for i in row] for row in share or data.plan[index][:1]]
+    b = batching.make_batch(rows, max_length)
+    if not share:
+        b = msgspec.structs.replace(b, weights=np.zeros_like(b.weights), tokens=0, supervised=0)
+    return b
+
+
+def run_digest(recipe: Recipe, splits: dict[str, list[Tokens]], shapes: list[str]) -> bytes:
+    """A hash of what every rank must share: the recipe (but names and paths), the tokens, the
+    model's parameter `shapes` (one string each)."""
+    raw = core_recipe.to_builtins(recipe)
+    for key in ("name", "output"):
+        raw.pop(key, None)
+    for section in ("model", "data"):
+        raw.get(section, {}).pop("path", None)  # hosts may keep the same files in different places
+    h = hashlib.sha256(msgspec.json.encode(raw))
+    for split in sorted(splits):
+        h.update(split.encode())
+        for t in splits[split]:
+            h.update(msgspec.json.encode((t.ids, t.mask)))
+    for line in shapes:
+        h.update(line.encode())
+    return h.digest()
+
+
+def disagreement(what: str, ranks: list[int]) -> str:
+    """The one line for ranks whose digest differs from rank 0's."""
+    return (f"rank {', '.join(map(str, ranks))} and rank 0 disagree about {what}; start every rank with the same "
+            "recipe, data and model (same files on every host)")
+
+
+def check_world(world: World, rows: int) -> Result[None, str]:
+    """Every rank gets at least one row of a full batch."""
+    if world.size > rows:
+        return Failure(f"$.train.batch_size: {rows} rows per batch cannot be shared by {world.size} ranks "
+                       f"(a rank would never train); use --batch-size {world.size} or more, or fewer ranks")
+    return Success(None)
 
 def plan(examples: list[Tokens], recipe: Recipe) -> list[list[list[int]]]:
     lengths = [len(t.ids) for t in examples]

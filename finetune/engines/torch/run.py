@@ -18,11 +18,12 @@ from finetune.core.adapters import AdapterSpec
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
 from finetune.engines import rundir
-from finetune.engines.rundir import check_output, plan  # noqa: F401  (the engine's surface, as shell.run's)
+from finetune.engines.rundir import World, plan  # noqa: F401  (the engine's surface, as shell.run's)
 from finetune.engines.torch import device as devices
+from finetune.engines.torch import distributed, packing
 from finetune.engines.torch import model as tmodel
-from finetune.engines.torch import packing
 from finetune.engines.torch import train as ttrain
+from finetune.errors import UserError
 from finetune.shell.data import check, report
 from finetune.shell.models import sources
 from finetune.shell.paths import write_safetensors, write_text
@@ -42,6 +43,14 @@ class Prepared(Struct):
     kind: str  # gpt2 or llama: how mlx-lm names the adapter tensors
     device: Any  # torch.device
     dtype: Any  # torch.dtype of the base
+    world: World = rundir.SINGLE  # torchrun's ranks
+
+
+def backend_line(where: Any, dtype: Any, why: str) -> str:
+    """The backend line, after joining torchrun's ranks (from here ranks above 0 print nothing)."""
+    world = distributed.setup(where.type)
+    line = devices.describe(where, dtype, why)
+    return line if world.size == 1 else f"{line}, {rundir.describe_world(world)}"
 
 
 def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, device: str | None = None) -> Result[Prepared, str]:
@@ -50,6 +59,7 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, device: str
         return Failure("$.model.quantize_bits: the torch engine trains float bases only; use --backend mlx for QLoRA")
     where = devices.pick(device)
     dtype = devices.resolve_dtype(recipe.model.dtype, where)
+    world = distributed.setup(where.type)
     match check.before_training(recipe, available_gb, log):
         case Success(inspection):
             pass
@@ -81,7 +91,7 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, device: str
         num_layers=recipe.lora.num_layers, model=recipe.model.path,
     )
     kind = architectures.family_of_blocks(model.prefix).family  # how mlx-lm names the tensors
-    return Success(Prepared(recipe, model, inspection.tokenizer, splits, spec, kind, where, dtype))
+    return Success(Prepared(recipe, model, inspection.tokenizer, splits, spec, kind, where, dtype, world))
 
 
 def save_adapters(directory: Path, params: dict[str, Any], spec: AdapterSpec, kind: str) -> None:
@@ -92,9 +102,14 @@ def save_adapters(directory: Path, params: dict[str, Any], spec: AdapterSpec, ki
 
 
 def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test: bool = False) -> Result[rundir.Outcome, str]:
-    """Train (or continue) in `run_dir`; every file lands atomically."""
-    recipe, model, where = prepared.recipe, prepared.model, prepared.device
+    """Train (or continue) in `run_dir`; every file lands atomically. Rank 0 alone writes and logs."""
+    recipe, model, where, world = prepared.recipe, prepared.model, prepared.device, prepared.world
     cfg = recipe.train
+    match _join(prepared):
+        case Failure(message):
+            return Failure(message)
+    lead = world.rank == 0
+    log = log if lead else (lambda line: None)
     train_data = rundir.data(prepared.splits["train"], recipe)
     valid = prepared.splits.get("valid")
     valid_data = rundir.data(valid, recipe) if valid else None
@@ -102,26 +117,33 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
     optimizer = ttrain.Optimizer(model.trainable(), cfg, steps)
     cursor = rundir.Cursor()
     metrics: list[dict[str, Any]] = []
-    if resume:
-        match _restore(prepared, run_dir, optimizer, steps):
+    if resume:  # rank 0 reads the checkpoint (other hosts have none) and hands it to every rank
+        restored = _restore(prepared, run_dir, optimizer, steps) if lead else Success((cursor, metrics))
+        match distributed.all_ok(world, restored):
             case Success((cursor, metrics)):
+                cursor = _broadcast_state(prepared, optimizer, cursor)
                 log(f"Resuming at step {cursor.step} of {steps} from {run_dir}")
             case Failure(message):
                 return Failure(message)
-    else:
+    elif lead:
         report.start_metrics(run_dir)
-    recipes.save(recipe, run_dir / "recipe.toml")
+    if lead:
+        recipes.save(recipe, run_dir / "recipe.toml")
     trainable, total = tmodel.describe_trainable(model)
     log(f"Training {trainable:,} LoRA parameters ({trainable / total:.3%} of {total:,}) for {steps} steps "
-        f"on {len(train_data.examples):,} rows in {len(train_data.plan):,} batches")
+        f"on {len(train_data.examples):,} rows in {len(train_data.plan):,} batches"
+        + (f", {rundir.describe_world(world)}" if world.size > 1 else ""))
 
     def on_report(r: rundir.StepReport) -> None:
-        row = msgspec.to_builtins(r)
+        row = {**msgspec.to_builtins(r), "world_size": world.size, "distributed_backend": world.backend}
         metrics.append(row)
-        report.append_metrics(run_dir, row)
+        if lead:
+            report.append_metrics(run_dir, row)
         rundir.log_report(r, log)
 
     def on_save(c: rundir.Cursor) -> None:
+        if not lead:
+            return
         params = {k: v.numpy() for k, v in model.adapters().items()}
         save_adapters(run_dir, model.adapters(), prepared.spec, prepared.kind)
         state = {**msgspec.to_builtins(c), "total_steps": steps, "recipe": rundir.fingerprint(recipe),
@@ -130,13 +152,20 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
 
     try:
         cursor = ttrain.run_steps(model, optimizer, train_data, valid_data, cfg, steps, cursor, where,
-                              on_report=on_report, on_save=on_save, on_log=log)
+                                  on_report=on_report, on_save=on_save, on_log=log, world=world)
+        test_loss = None
+        if evaluate_test and prepared.splits.get("test"):
+            test = rundir.data(prepared.splits["test"], recipe)
+            test_loss = ttrain.evaluate(model, test, cfg.max_seq_length, -1, where, world)
     except rundir.Interrupted as stop:
         raise rundir.stopped(stop, run_dir) from None
-    test_loss = None
-    if evaluate_test and prepared.splits.get("test"):
-        test = rundir.data(prepared.splits["test"], recipe)
-        test_loss = ttrain.evaluate(model, test, cfg.max_seq_length, -1, where)
+    except distributed.Terminated as err:
+        raise UserError(f"{err}; the last checkpoint in {run_dir} is intact: continue with --resume") from None
+    except RuntimeError as err:  # a collective failed: name the lost rank instead of a trace
+        lost = distributed.lost_peer(err, world, run_dir)
+        if lost is None:
+            raise
+        raise lost from None
     return Success(rundir.finish(run_dir, cursor.step, metrics, trainable, test_loss, log))
 
 
@@ -169,3 +198,37 @@ def _restore(prepared: Prepared, run_dir: Path, optimizer: ttrain.Optimizer, ste
     optimizer.restore(opt)
     cursor = rundir.Cursor(step=state["step"], batch_index=state["batch_index"], trained_tokens=state["trained_tokens"])
     return Success((cursor, report.metrics_until(run_dir, cursor.step)))
+
+
+def check_output(run_dir: Path, resume: bool) -> Result[None, str]:
+    """Refuse to overwrite a finished or started run unless resuming it (rank 0 decides; every
+    rank stops with it, so none is left waiting in a collective)."""
+    world = distributed.current()  # joined by prepare_run
+    mine = rundir.check_output(run_dir, resume) if world.rank == 0 else Success(None)
+    return distributed.all_ok(world, mine)
+
+
+def _join(prepared: Prepared) -> Result[None, str]:
+    """Before anything is written: every rank has the same recipe, data and model, and a row."""
+    world = prepared.world
+    if world.size == 1:
+        return Success(None)
+    shapes = [f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in prepared.model.named_parameters()]
+    digest = rundir.run_digest(prepared.recipe, prepared.splits, shapes)
+    return distributed.agree(world, "the recipe, data or model", digest).bind(
+        lambda _: rundir.check_world(world, prepared.recipe.train.batch_size))
+
+
+def _broadcast_state(prepared: Prepared, optimizer: ttrain.Optimizer, cursor: rundir.Cursor) -> rundir.Cursor:
+    """Rank 0's restored adapters, optimizer state and cursor on every rank."""
+    world = prepared.world
+    if world.size == 1:
+        return cursor
+    tensors = {f"param/{k}": p for k, p in optimizer.params.items()}
+    tensors |= {f"m/{k}": t for k, t in optimizer.m.items()} | {f"v/{k}": t for k, t in optimizer.v.items()}
+    distributed.broadcast_(world, tensors)
+    numbers = [cursor.step, cursor.batch_index, cursor.trained_tokens, optimizer.step]
+    step, batch_index, trained, opt_step = (int(n) for n in distributed.sum_values(
+        world, numbers if world.rank == 0 else [0, 0, 0, 0]))  # float64: exact
+    optimizer.step = opt_step
+    return rundir.Cursor(step=step, batch_index=batch_index, trained_tokens=trained)

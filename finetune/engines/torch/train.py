@@ -19,16 +19,27 @@ import torch.nn.functional as F
 
 from finetune.core import batching, schedule
 from finetune.core.config import TrainingConfig
-from finetune.engines.rundir import Cursor, Data, Interrupted, StepReport, StopFlag, Window
+from finetune.engines import rundir
+from finetune.engines.rundir import (
+    SINGLE,
+    Cursor,
+    Data,
+    Interrupted,
+    StepReport,
+    StopFlag,
+    Window,
+    World,
+)
+from finetune.engines.torch import distributed
 from finetune.engines.torch.model import Lora
 
 BETAS, EPS = (0.9, 0.999), 1e-8
 
 
-def batch_tensors(data: Data, index: int, max_length: int, device: torch.device) -> tuple[batching.Batch, tuple[torch.Tensor, ...]]:
-    """The plan's batch `index` as numpy (for counts) and as tensors (for the step)."""
-    rows = [[data.examples[i] for i in row] for row in data.plan[index]]
-    b = batching.make_batch(rows, max_length)
+def batch_tensors(data: Data, index: int, max_length: int, device: torch.device,
+                  world: World = SINGLE) -> tuple[batching.Batch, tuple[torch.Tensor, ...]]:
+    """This rank's share of the plan's batch `index` as numpy (for counts) and tensors (for the step)."""
+    b = rundir.batch_share(data, index, max_length, world.rank, world.size)
     arrays = [b.inputs.astype(np.int64), b.select.astype(np.int64), b.targets.astype(np.int64), b.weights]
     if b.positions is not None:
         arrays.append(b.positions.astype(np.int64))
@@ -100,16 +111,23 @@ def clip_(grads: dict[str, torch.Tensor], max_norm: float) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: Lora, data: Data, max_length: int, num_batches: int, device: torch.device) -> float:
-    """Token-weighted mean loss over the first `num_batches` batches (-1 = all), in plan order."""
+def evaluate(model: Lora, data: Data, max_length: int, num_batches: int, device: torch.device,
+             world: World = SINGLE) -> float:
+    """Token-weighted mean loss over the first `num_batches` batches (-1 = all), in plan order.
+
+    Each rank evaluates its share of every batch; the sums are added across ranks.
+    """
     model.eval()
     total, count = 0.0, 0.0
     n = len(data.plan) if num_batches < 0 else min(num_batches, len(data.plan))
     for i in range(n):
-        _, tensors = batch_tensors(data, i, max_length, device)
+        if not batching.shares(data.plan[i], world.size)[world.rank]:
+            continue
+        _, tensors = batch_tensors(data, i, max_length, device, world)
         loss, tokens = supervised_ce(model, *tensors)
         total, count = total + loss.item(), count + tokens.item()
     model.train()
+    total, count = distributed.sum_values(world, [total, count])
     return total / max(count, 1.0)
 
 
@@ -135,8 +153,13 @@ def run_steps(
     on_save: Callable[[Cursor], None],
     on_step: Callable[[Cursor], None] = lambda c: None,
     on_log: Callable[[str], None] = lambda line: print(line, flush=True),
+    world: World = SINGLE,
 ) -> Cursor:
-    """Run optimizer steps `cursor.step + 1 .. total_steps`, as `shell.trainer.train` does."""
+    """Run optimizer steps `cursor.step + 1 .. total_steps`, as `shell.trainer.run_steps` does.
+
+    With several ranks each takes its share of every batch; the gradients and token counts
+    of all ranks are summed in one all_reduce before the one division.
+    """
     params = optimizer.params
     accum, clip, plan_size = cfg.grad_accumulation, cfg.grad_clip, len(train_data.plan)
     window, stop = Window(), StopFlag()
@@ -144,23 +167,26 @@ def run_steps(
     with stop:
         if valid_data and cursor.step == 0 and cfg.eval_every:
             tic = time.perf_counter()
-            val = evaluate(model, valid_data, cfg.max_seq_length, cfg.val_batches, device)
+            val = evaluate(model, valid_data, cfg.max_seq_length, cfg.val_batches, device, world)
             on_log(f"Iter 0: Val loss {val:.3f}, Val took {time.perf_counter() - tic:.3f}s")
         while cursor.step < total_steps:
             tic = time.perf_counter()
-            torch.manual_seed(cfg.seed * 1_000_003 + cursor.step)  # dropout from (seed, step) alone
+            # Dropout from (seed, step, rank) alone: a resumed run draws the masks an uninterrupted
+            # one would. Ranks draw different masks (their rows differ); one process keeps its seeds.
+            torch.manual_seed((cfg.seed * 1_000_003 + cursor.step) * world.size + world.rank)
             for p in params.values():
                 p.grad = None
             step_tokens = 0.0
             for _ in range(accum):
                 index = batching.batch_at(plan_size, cfg.seed, cursor.batch_index)
-                numbers, tensors = batch_tensors(train_data, index, cfg.max_seq_length, device)
+                numbers, tensors = batch_tensors(train_data, index, cfg.max_seq_length, device, world)
                 loss, tokens = supervised_ce(model, *tensors)
                 loss.backward()
                 step_tokens += tokens.item()
                 cursor.batch_index += 1
                 window.add(loss.item(), tokens.item(), numbers)
             grads = {k: p.grad for k, p in params.items()}
+            step_tokens, stopping = distributed.sum_grads(world, list(grads.values()), step_tokens, stop.requested)
             for g in grads.values():
                 g.div_(max(step_tokens, 1.0))  # token-weighted mean
             if clip > 0:
@@ -174,14 +200,15 @@ def run_steps(
             last = cursor.step == total_steps
             val = None
             if valid_data and ((cfg.eval_every and cursor.step % cfg.eval_every == 0) or last):
-                val = evaluate(model, valid_data, cfg.max_seq_length, cfg.val_batches, device)
+                val = evaluate(model, valid_data, cfg.max_seq_length, cfg.val_batches, device, world)
             if cursor.step % cfg.report_every == 0 or last or val is not None:
                 lr = optimizer.learning_rate(cursor.step - 1)
-                on_report(window.report(cursor, plan_size, lr, val, peak_memory_gb(device)))
+                reduce = (lambda values: distributed.sum_values(world, values)) if world.size > 1 else None
+                on_report(window.report(cursor, plan_size, lr, val, peak_memory_gb(device), reduce))
                 window = Window()
             if (cfg.save_every and cursor.step % cfg.save_every == 0) or last:
                 on_save(cursor)
-            if stop.requested and not last:
+            if (stop.requested if world.size == 1 else stopping) and not last:
                 on_save(cursor)
                 raise Interrupted(cursor.step)
     return cursor

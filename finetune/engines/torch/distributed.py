@@ -1,0 +1,174 @@
+"""Data parallel over `torch.distributed` as torchrun starts it: the world, sums, agreement, lost peers.
+
+gloo on CPUs, NCCL on CUDA, nothing of our own on the wire. The contract is the MLX engine's
+(`shell/training/distributed.py`): the batch plan is global, each rank trains on its share,
+gradients and token counts are summed across ranks and divided once, rank 0 alone writes and prints.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from returns.result import Failure, Result, Success
+
+from finetune.engines.rundir import SINGLE, World, disagreement
+from finetune.errors import UserError
+
+# How long a collective waits for a rank that stays silent (stopped, wedged). A rank that dies
+# closes its sockets, and its peers fail at once; this bounds the silent case. FT_DIST_TIMEOUT overrides.
+TIMEOUT_S = 300.0
+
+
+def launched() -> bool:
+    """torchrun started this process as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+class Terminated(UserError):
+    """torchrun stopped this rank: another rank failed, or the job was stopped."""
+
+
+_joined: list[World] = []  # the group this process joined (a process joins once)
+
+
+def current() -> World:
+    """The world `setup` joined (one process before that)."""
+    return _joined[0] if _joined else SINGLE
+
+
+def setup(device_type: str = "cpu") -> World:
+    """Join torchrun's group (one process when not launched); ranks above 0 print nothing.
+
+    NCCL when the engine computes on CUDA (one GPU per local rank), gloo otherwise.
+    Errors still reach stderr from every rank.
+    """
+    if _joined or not launched():
+        return current()
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(seconds=float(os.environ.get("FT_DIST_TIMEOUT", TIMEOUT_S)))
+    try:
+        dist.init_process_group(backend, timeout=timeout)
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"rank {os.environ.get('RANK', '?')}: could not join torchrun's group over {backend}: "
+                        f"{str(err).splitlines()[0]}") from None
+    atexit.register(_leave)
+    world = World(dist.get_rank(), dist.get_world_size(), backend)
+    _joined.append(world)
+    # torchrun ends the other ranks with SIGTERM when one fails: one line and the temporary
+    # files removed (atomic writes clean up on an exception), instead of a silent death.
+    signal.signal(signal.SIGTERM, lambda signum, frame: _terminated(world))
+    if world.rank > 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+    return world
+
+
+def _terminated(world: World) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated(f"rank {world.rank}: stopped by torchrun (another rank failed or the job was stopped; "
+                     "torchrun's summary names the rank)")
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _wire(world: World) -> torch.device:
+    """Where collectives take their tensors: the GPU for NCCL, the CPU for gloo."""
+    return torch.device("cuda") if world.backend == "nccl" else torch.device("cpu")
+
+
+def sum_grads(world: World, grads: list[torch.Tensor], tokens: float, stop: bool) -> tuple[float, bool]:
+    """Sum `grads` (in place), the supervised-token count and the stop flags over all ranks, in
+    one all_reduce: (all ranks' tokens, whether any rank was asked to stop).
+
+    float32 on the wire; the count rides along exactly (integers below 2**24 per step). Every
+    rank sees the same stop flag at the same step, so all stop there and rank 0 saves.
+    """
+    if world.size == 1:
+        return tokens, stop
+    wire = _wire(world)
+    flat = torch.cat([g.detach().reshape(-1).to(wire, torch.float32) for g in grads]
+                     + [torch.tensor([tokens, float(stop)], dtype=torch.float32, device=wire)])
+    dist.all_reduce(flat)
+    at = 0
+    for g in grads:
+        g.copy_(flat[at: at + g.numel()].view_as(g))
+        at += g.numel()
+    return float(flat[-2]), bool(flat[-1] > 0)
+
+
+def sum_values(world: World, values: list[float]) -> list[float]:
+    """Sum a few Python numbers (loss sums, token counts) over all ranks, in float64."""
+    if world.size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_wire(world))
+    dist.all_reduce(t)
+    return [float(v) for v in t.cpu().tolist()]
+
+
+def broadcast_(world: World, tensors: dict[str, torch.Tensor]) -> None:
+    """Rank 0's values of `tensors` on every rank, in place, in sorted-name order (the same
+    collectives in the same order on every rank, whatever order each built its dict in)."""
+    if world.size == 1:
+        return
+    wire = _wire(world)
+    for name in sorted(tensors):
+        t = tensors[name]
+        moved = t.detach().to(wire)
+        dist.broadcast(moved, src=0)
+        with torch.no_grad():
+            t.copy_(moved)
+
+
+def agree(world: World, what: str, digest: bytes) -> Result[None, str]:
+    """Every rank holds the same `digest` of `what`, or a Failure naming the ranks that differ."""
+    if world.size == 1:
+        return Success(None)
+    wire = _wire(world)
+    mine = torch.tensor(list(digest), dtype=torch.uint8, device=wire)
+    every = [torch.empty_like(mine) for _ in range(world.size)]
+    dist.all_gather(every, mine)
+    rows = [e.cpu().tolist() for e in every]
+    differ = [r for r, d in enumerate(rows) if d != rows[0]]
+    return Failure(disagreement(what, differ)) if differ else Success(None)
+
+
+def all_ok(world: World, result: Result[Any, str]) -> Result[Any, str]:
+    """`result` where every rank succeeded; else a Failure (its own message, or the failing ranks)."""
+    if world.size == 1:
+        return result
+    flags = [0.0] * world.size
+    flags[world.rank] = float(isinstance(result, Failure))
+    failed = [r for r, f in enumerate(sum_values(world, flags)) if f]
+    if not failed or isinstance(result, Failure):
+        return result
+    return Failure(f"rank {', '.join(map(str, failed))} stopped (its error is above); this rank stops with it")
+
+
+# What gloo and NCCL say when a peer's sockets close or a collective runs out of time.
+_LOST = ("connection", "peer", "broken pipe", "timed out", "timeout", "nccl communicator was aborted")
+
+
+def lost_peer(err: RuntimeError, world: World, run_dir: Path) -> UserError | None:
+    """A one-line error when a collective failed because another rank died or went silent."""
+    text = str(err).lower()
+    if world.size == 1 or not any(word in text for word in _LOST):
+        return None
+    others = [r for r in range(world.size) if r != world.rank]
+    peers = f"rank {others[0]}" if len(others) == 1 else "another rank (torchrun's summary names it)"
+    how = "went silent past the timeout" if "time" in text else "died or was stopped"
+    return UserError(
+        f"rank {world.rank}: lost {peers} ({how}); the last checkpoint in {run_dir} is intact: "
+        "continue with --resume (any number of ranks)"
+    )

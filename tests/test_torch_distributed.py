@@ -1,0 +1,240 @@
+"""Data parallel in the torch engine: `torchrun --nproc-per-node 2 -m finetune.cli train start --backend torch`
+on loopback (gloo, one thread per rank).
+
+Covers: 2 ranks = 1 process with the same global batch (uneven 3 + 2 shares, accumulation); only
+rank 0 writes and prints; world size and backend recorded; --resume with 2 ranks and with 1 from
+the 2-rank run's checkpoint; a SIGKILLed rank ends the job in bounded time with the rank named and
+the last checkpoint intact (and resumable); ranks that disagree stop before writing; each
+launcher refuses the other engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from finetune.cli import main
+from finetune.engines import rundir
+from finetune.shell.training import checkpoints
+
+torch.set_num_threads(1)  # the reference run, like each rank below
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 20
+# dropout 0, float32; uneven shares (5 rows = 3 + 2) and accumulation 2, as tests/test_distributed.py.
+ARGS = ["--batch-size", "5", "--grad-accumulation", "2", "--lora-dropout", "0", "--learning-rate", "2e-4",
+        "--max-seq-length", "64", "--lora-rank", "4", "--report-every", "5", "--eval-every", "10",
+        "--val-batches", "2", "--save-every", "5", "--warmup", "0", "--backend", "torch", "--dtype", "float32"]
+
+
+def env(home: Path) -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    e.update(FINETUNE_HOME=str(home), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    for key in ("FT_DEBUG", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MLX_RANK", "MLX_HOSTFILE"):
+        e.pop(key, None)
+    return e
+
+
+def torchrun(ranks: int, args: list, *, shell: str | None = None) -> list[str]:
+    ft = [sys.executable, "-m", "finetune.cli", *map(str, args)]
+    if shell is not None:  # one command line per rank: `shell` may use $RANK
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+                "--no-python", "bash", "-c", " ".join(ft) + " " + shell]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+            "-m", "finetune.cli", *map(str, args)]
+
+
+def start(cmd: list[str], home: Path, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as f:  # its own session: a failed test ends torchrun and every rank with one killpg
+        return subprocess.Popen(cmd, cwd=ROOT, env=env(home), stdout=f, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def end(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run(cmd: list[str], home: Path, log: Path) -> tuple[int, str]:
+    proc = start(cmd, home, log)
+    try:
+        code = proc.wait(240)
+    finally:
+        end(proc)
+    return code, log.read_text()
+
+
+def train_args(data: Path, out: Path, *extra, steps: int = STEPS) -> list:
+    return ["train", "start", "tiny", data, "--iters", steps, *ARGS, "--output", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, finetune_home):
+    """(data dir, FINETUNE_HOME with `tiny` built, the 1-process reference run, the 2-rank run)."""
+    from finetune.shell.models import tiny
+
+    os.environ["FINETUNE_HOME"] = str(finetune_home)  # build tiny once, before ranks race for it
+    tiny.ensure_tiny()
+    base = tmp_path_factory.mktemp("tdist")
+    data = base / "data"
+    data.mkdir()
+    for split, n, offset in (("train", 40, 0), ("valid", 10, 100)):
+        rows = [{"prompt": f"SELECT name FROM users WHERE id = {i}", "completion": f" row {i} " * (1 + i % 4)}
+                for i in range(offset, offset + n)]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reference, two = base / "reference", base / "two"
+    assert main([str(a) for a in train_args(data, reference)]) == 0  # in-process: one import of torch fewer
+    code, text = run(torchrun(2, train_args(data, two)), finetune_home, base / "two.log")
+    assert code == 0 and (two / "adapters.safetensors").exists(), text
+    return data, finetune_home, reference, two, text
+
+
+def close_adapters(run_dir: Path, reference: Path, rtol: float = 1e-4) -> None:
+    a, b = load_file(str(run_dir / "adapters.safetensors")), load_file(str(reference / "adapters.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        assert np.linalg.norm(a[k] - b[k]) <= rtol * np.linalg.norm(b[k]), (k, np.linalg.norm(a[k] - b[k]) / np.linalg.norm(b[k]))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_curve(run_dir: Path, reference: Path) -> None:
+    rows, one = metrics(run_dir), metrics(reference)
+    # rank 0 alone appends: one row per report, not one per rank
+    assert [m["step"] for m in rows] == [m["step"] for m in one] == [5, 10, 15, 20]
+    assert [m["trained_tokens"] for m in rows] == [m["trained_tokens"] for m in one]
+    for m, r in zip(rows, one, strict=True):
+        assert m["train_loss"] == pytest.approx(r["train_loss"], rel=1e-4)
+        assert (m["val_loss"] is None) == (r["val_loss"] is None)
+        if r["val_loss"] is not None:  # summed over the ranks' shares
+            assert m["val_loss"] == pytest.approx(r["val_loss"], rel=1e-4)
+
+
+def test_two_ranks_train_what_one_process_trains_and_rank_0_alone_writes(setup):
+    data, home, reference, two, text = setup
+    close_adapters(two, reference)
+    same_curve(two, reference)
+    assert {(m["world_size"], m["distributed_backend"]) for m in metrics(two)} == {(2, "gloo")}
+    assert {(m["world_size"], m["distributed_backend"]) for m in metrics(reference)} == {(1, "none")}
+    # rank 0 alone prints: every log line once, and the backend line names the ranks
+    assert text.count("Iter 20: Train loss") == 1 and text.count("backend: torch") == 1, text
+    assert "2 ranks over gloo" in text.splitlines()[[line.startswith("backend:") for line in text.splitlines()].index(True)]
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert not [p for p in two.rglob("*") if p.name.startswith(".")], "temporary files left behind"
+
+
+@pytest.mark.parametrize("ranks", [2, 1])
+def test_resume_the_two_rank_run_with_either_world_size(tmp_path, setup, ranks):
+    """The plan is global: 2 ranks or 1 continue from the 2-rank run's step-10 checkpoint."""
+    data, home, reference, two, _ = setup
+    again = tmp_path / "again"
+    shutil.copytree(two, again)
+    for later in checkpoints.complete(again)[1:]:  # keep step 10 (of 10, 15, 20)
+        shutil.rmtree(later)
+    assert [p.name for p in checkpoints.complete(again)] == ["step-0000010"]
+    if ranks == 2:
+        code, text = run(torchrun(2, train_args(data, again, "--resume")), home, tmp_path / "resume.log")
+        assert code == 0, text
+    else:
+        assert main([str(a) for a in train_args(data, again, "--resume")]) == 0
+    close_adapters(again, reference)
+    same_curve(again, reference)
+    expected = (2, "gloo") if ranks == 2 else (1, "none")
+    assert [(m["world_size"], m["distributed_backend"]) for m in metrics(again)][-2:] == [expected] * 2
+
+
+def test_a_killed_rank_ends_the_job_naming_it_and_the_checkpoint_resumes(tmp_path, setup):
+    data, home, _, _, _ = setup
+    out, log = tmp_path / "killed", tmp_path / "ft.log"
+    proc = start(torchrun(2, train_args(data, out, steps=100_000)), home, log)
+    try:
+        wait_for(out / "checkpoints" / "step-0000005", proc, log)
+        os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+        tic = time.monotonic()
+        code = proc.wait(60)
+        assert time.monotonic() - tic < 60
+    finally:
+        end(proc)
+    text = log.read_text()
+    assert code != 0
+    # torchrun's summary names the rank that died; rank 0 says in one line why it stopped
+    assert "rank      : 1 (local_rank: 1)" in text and "SIGKILL" in text, text
+    ours = [line for line in text.splitlines() if line.startswith("ft: error:")]
+    assert len(ours) <= 1 and all(line.startswith(("ft: error: rank 0: lost rank 1", "ft: error: rank 0: stopped by torchrun"))
+                                  for line in ours), text
+    assert "finetune/" not in "".join(line for line in text.splitlines() if line.lstrip().startswith("File ")), text
+    saved = checkpoints.complete(out)
+    assert saved
+    step = int(saved[-1].name.removeprefix("step-"))
+    # the last checkpoint loads and --resume finishes the run (here 2 steps on, in one process)
+    assert main([str(a) for a in train_args(data, out, "--resume", steps=step + 2)]) == 0
+    assert metrics(out)[-1]["step"] == step + 2
+
+
+def test_ranks_that_disagree_stop_before_writing(tmp_path, setup):
+    data, home, _, _, _ = setup
+    out = tmp_path / "differ"
+    code, text = run(torchrun(2, train_args(data, out, steps=2), shell="--seed $((1 + RANK))"), home, tmp_path / "ft.log")
+    errors = [line for line in text.splitlines() if line.startswith("ft: error:")]
+    assert code != 0 and len(errors) == 2, text
+    assert all("rank 1 and rank 0 disagree about the recipe, data or model" in e for e in errors), text
+    assert not (out / "adapters.safetensors").exists() and not (out / "recipe.toml").exists()
+
+
+def test_more_ranks_than_rows_per_batch_is_refused():
+    message = rundir.check_world(rundir.World(1, 3, "gloo"), 2).failure()
+    assert message.startswith("$.train.batch_size: 2 rows per batch cannot be shared by 3 ranks")
+    assert rundir.check_world(rundir.World(0, 2, "gloo"), 2).unwrap() is None
+
+
+def test_torch_under_mlx_launch_is_refused(tmp_path, monkeypatch, capsys, setup):
+    data = setup[0]
+    monkeypatch.setenv("MLX_RANK", "0")
+    assert main([str(a) for a in train_args(data, tmp_path / "run", steps=2)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("ft: error: the torch engine (asked for) under mlx.launch (MLX_RANK is set)"), line
+    assert "torchrun" in line and not (tmp_path / "run").exists()
+
+
+def test_mlx_under_torchrun_is_refused(tmp_path, monkeypatch, capsys, setup):
+    data = setup[0]
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("LOCAL_RANK", "0")
+    args = [str(a) for a in train_args(data, tmp_path / "run", steps=2)]
+    args[args.index("--backend") + 1] = "mlx"
+    assert main(args) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("ft: error: the MLX engine (asked for) under torchrun (WORLD_SIZE=2)"), line
+    assert "--backend torch" in line and "mlx.launch" in line and not (tmp_path / "run").exists()
+
+
+def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"exited ({proc.returncode}) before {path} appeared:\n{log.read_text()}"
+        assert time.monotonic() < end, f"{path} did not appear in {timeout}s:\n{log.read_text()}"
+        time.sleep(0.01)
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker that runs `rank` (from its RANK)."""
+    for child in Path(f"/proc/{launcher}/task").glob("*/children"):
+        for pid in child.read_text().split():
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environ:
+                return int(pid)
+    raise AssertionError(f"no rank {rank} under torchrun {launcher}")
