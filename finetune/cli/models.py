@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from returns.result import Failure, Success
 
 from finetune.errors import UserError
@@ -60,7 +62,15 @@ def list_models(*, json: bool = False) -> int:
     return 0
 
 
-def info(model: str, /, *, revision: str = "main", load: bool = False, json: bool = False) -> int:
+def info(
+    model: str,
+    /,
+    *,
+    revision: str = "main",
+    load: bool = False,
+    json: bool = False,
+    backend: Literal["auto", "mlx", "torch"] | None = None,
+) -> int:
     """Describe a model: architecture, sizes, dtype, chat template and a LoRA memory estimate.
 
     Parameters
@@ -73,28 +83,21 @@ def info(model: str, /, *, revision: str = "main", load: bool = False, json: boo
         Also load the weights (reads every file, fills the converted cache) and time it.
     json
         Print the description as JSON instead of text.
+    backend
+        Engine to describe loading and training with: mlx, torch (transformers) or auto (default; $FT_BACKEND).
     """
-    import time
-
     from rich.markup import escape
 
+    from finetune.engines import choose
     from finetune.shell.data import report
-    from finetune.shell.models import inventory
 
-    loaded = ""
-    if load:  # first, so that the description below lists the cache entry it fills
-        from finetune.shell.models.load import load_model
-
-        start = time.perf_counter()
-        match load_model(model, revision=revision):
-            case Failure(message):
-                raise UserError(message)
-        loaded = f"loaded in {time.perf_counter() - start:.2f} s"
-    match inventory.info(model, revision):
-        case Success(found):
-            pass
-        case Failure(message):
-            raise UserError(message)
+    quantized = choose.quantized_base(model, revision)
+    engine, why = choose.decide(backend, "an mlx-lm quantized base" if quantized else "")
+    if engine == "torch":
+        found, loaded, computes = _torch_info(model, revision, load, why, quantized)
+    else:
+        found, loaded = _mlx_info(model, revision, load)
+        computes = f"computes in {found.load_dtype} on this {found.device.upper()}"
     if json:
         import msgspec
 
@@ -113,8 +116,7 @@ def info(model: str, /, *, revision: str = "main", load: bool = False, json: boo
         ("context length", f"{f.context_length:,}"),
         ("tied embeddings", "yes" if f.tied_embeddings else "no"),
         ("parameters", f"{found.parameters:,} ({_count(found.parameters)})"),
-        ("dtype", f"{found.dtype} (computes in {found.load_dtype} on this {found.device.upper()}; "
-                  "LoRA, optimizer and loss in float32)"),
+        ("dtype", f"{found.dtype} ({computes}; LoRA, optimizer and loss in float32)"),
         ("quantization", found.quantization or "none (float weights)"),
         ("size on disk", _size(found.size)),
         ("chat template", "yes" if found.chat_template else "no"),
@@ -122,7 +124,8 @@ def info(model: str, /, *, revision: str = "main", load: bool = False, json: boo
             "LoRA memory",
             f"{m.total_gb:.2f} GB at the default recipe (weights {m.weights_gb:.2f}, "
             f"adapters+optimizer {m.lora_gb:.2f}, activations {m.activations_gb:.2f}; "
-            f"{m.trainable:,} trainable)",
+            f"{m.trainable:,} trainable)" + ("; MLX-CPU's fitted activation copies at the torch dtype, "
+                                              "not fitted to torch" if engine == "torch" else ""),
         ),
         ("converted cache", ", ".join(found.converted) or "none"),
     ]
@@ -133,3 +136,66 @@ def info(model: str, /, *, revision: str = "main", load: bool = False, json: boo
     for key, value in lines:
         out.print(f"[bold]{key:<{width}}[/bold]  {escape(value)}")
     return 0
+
+
+def _mlx_info(model: str, revision: str, load: bool):
+    """inventory.info where MLX computes; `--load` first, so the description lists the cache entry it fills."""
+    import time
+
+    from finetune.shell.models import inventory
+
+    loaded = ""
+    if load:
+        from finetune.shell.models.load import load_model
+
+        start = time.perf_counter()
+        match load_model(model, revision=revision):
+            case Failure(message):
+                raise UserError(message)
+        loaded = f"loaded in {time.perf_counter() - start:.2f} s"
+    match inventory.info(model, revision):
+        case Success(found):
+            return found, loaded
+        case Failure(message):
+            raise UserError(message)
+    raise AssertionError("unreachable")
+
+
+def _torch_info(model: str, revision: str, load: bool, why: str, quantized: bool):
+    """inventory.info for the torch engine: its device, the dtype it trains in, the estimate at that
+    dtype; `--load` reads the weights through transformers (AutoModelForCausalLM) and times it."""
+    import sys
+    import time
+
+    import msgspec
+
+    from finetune.core import memory
+    from finetune.core.config import Recipe
+    from finetune.engines.torch import device as torch_device
+    from finetune.shell.models import inventory
+
+    if quantized:
+        raise UserError(f"{model}: an mlx-lm quantized checkpoint; the torch engine loads float checkpoints only; use --backend mlx")
+    where = torch_device.pick(None)
+    dtype = torch_device.resolve_dtype(Recipe().model.dtype, where)
+    print(torch_device.describe(where, dtype, why), file=sys.stderr)
+    match inventory.info(model, revision, gpu=where.type != "cpu"):
+        case Success(found):
+            pass
+        case Failure(message):
+            raise UserError(message)
+    name = str(dtype).removeprefix("torch.")
+    found = msgspec.structs.replace(found, load_dtype=name, device=where.type,
+                                    memory=memory.estimate(found.facts, Recipe(), dtype=name))
+    loaded = ""
+    if load:
+        from pathlib import Path
+
+        from finetune.engines.torch.model import load_base
+
+        start = time.perf_counter()
+        match load_base(Path(found.directory), dtype, model):
+            case Failure(message):
+                raise UserError(message)
+        loaded = f"loaded with transformers in {time.perf_counter() - start:.2f} s"
+    return found, loaded, f"the torch engine trains with a {name} base on this {where.type.upper()}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -26,6 +27,7 @@ def validate(
     json: bool = False,
     show: int = 0,
     ids: bool = False,
+    backend: Literal["auto", "mlx", "torch"] | None = None,
 ) -> int:
     """Check a recipe or a dataset without training.
 
@@ -56,8 +58,10 @@ def validate(
         Print the first N rows token by token as training sees them, supervised tokens marked (colour on a terminal, ⟦brackets⟧ otherwise).
     ids
         With --show, print each token's id after it.
+    backend
+        Engine the memory estimate is for: mlx, torch or auto (default; $FT_BACKEND), as train start would choose.
     """
-    from finetune.shell.data import check, report
+    from finetune.shell.data import report
     from finetune.shell.training import recipes
 
     is_recipe = Path(target).suffix in recipes.SUFFIXES
@@ -68,7 +72,7 @@ def validate(
     if show and json:
         raise UserError("--show prints rows for people to read; leave out --json")
     recipe = unwrap(recipes.load(target if is_recipe else None, flags))
-    inspection = unwrap(check.inspect(recipe, available_gb=_available_gb()))
+    inspection, note = _inspect(recipe, backend)
     result = inspection.report
     if json:
         import msgspec
@@ -77,8 +81,42 @@ def validate(
     else:
         if show > 0:
             _show_rows(result, inspection.tokenizer, show, ids)
+        if note and result.estimate:
+            print(note)
         report.show_check(result, report.console(), max_errors=max_errors)
     return 0 if result.ok else 2
+
+
+def _inspect(recipe, backend: str | None):
+    """validate's inspection with the chosen engine's memory estimate, and a note saying what it is.
+
+    MLX: `core.memory` as fitted to MLX peaks, at the dtype MLX loads. torch: the same arithmetic
+    at the dtype the torch engine trains in (bf16 where native); it was not fitted to torch's peaks.
+    """
+    import msgspec
+
+    from finetune.engines import choose
+    from finetune.shell.data import check
+
+    quantized = choose.quantized_base(recipe.model.path, recipe.model.revision)
+    engine, why = choose.decide(backend, choose.mlx_only(recipe.model.quantize_bits, quantized, 0.0))
+    if engine == "mlx":
+        return unwrap(check.inspect(recipe, available_gb=_available_gb())), ""
+    if recipe.model.quantize_bits or quantized:
+        raise UserError(f"{recipe.model.path}: the torch engine trains float bases only (QLoRA and mlx-lm quantized "
+                        "bases are the MLX engine's); use --backend mlx")
+    from finetune.engines.torch import device as torch_device
+
+    where = torch_device.pick(None)
+    dtype = str(torch_device.resolve_dtype(recipe.model.dtype, where)).removeprefix("torch.")
+    print(torch_device.describe(where, torch_device.DTYPES[dtype], why), file=sys.stderr)
+    as_torch = msgspec.structs.replace(recipe, model=msgspec.structs.replace(recipe.model, dtype=dtype))
+    inspection = unwrap(check.inspect(as_torch, available_gb=torch_device.memory_gb(where) * 1e9 / 1024**3))
+    shown = msgspec.structs.replace(inspection.report.recipe, model=msgspec.structs.replace(
+        inspection.report.recipe.model, dtype=recipe.model.dtype))  # the recipe as written, not as estimated
+    note = (f"Memory estimate for the torch engine: base weights and activations in {dtype}, LoRA and AdamW "
+            "in float32, with the activation copies fitted to MLX-CPU peaks (not to torch's).")
+    return msgspec.structs.replace(inspection, report=msgspec.structs.replace(inspection.report, recipe=shown)), note
 
 
 def _show_rows(result, tokenizer, n: int, ids: bool) -> None:

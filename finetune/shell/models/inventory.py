@@ -154,8 +154,11 @@ def has_chat_template(directory: Path) -> bool:
     return isinstance(config, dict) and bool(config.get("chat_template"))
 
 
-def info(spec: str, revision: str = "main") -> Result[Info, str]:
-    """Config summary, sizes and a LoRA memory estimate at the default recipe, without weights."""
+def info(spec: str, revision: str = "main", gpu: bool | None = None) -> Result[Info, str]:
+    """Config summary, sizes and a LoRA memory estimate at the default recipe, without weights.
+
+    `gpu`: whether the engine computes on a GPU (None: ask MLX where it computes now).
+    """
     from finetune.shell.models.load import model_config, on_gpu, resolve_dtype
 
     match model_config(spec, revision):
@@ -172,7 +175,8 @@ def info(spec: str, revision: str = "main") -> Result[Info, str]:
 
     quant = from_config(config).value_or(None)  # check_config has validated it
     stored = stored_dtype(directory, config)
-    load_dtype = resolve_dtype("auto", stored, on_gpu())
+    gpu = on_gpu() if gpu is None else gpu
+    load_dtype = resolve_dtype("auto", stored, gpu)
     source = str(directory.resolve())
     return Success(
         Info(
@@ -188,6 +192,6 @@ def info(spec: str, revision: str = "main") -> Result[Info, str]:
             converted=tuple(str(e) for e, m in manager.entries() if m.directory == source),
             note=DEMO_NOTE if directory.resolve() == tiny.tiny_dir().resolve() else "",
             quantization=quant.summary() if quant else "",
-            device="gpu" if on_gpu() else "cpu",
+            device="gpu" if gpu else "cpu",
         )
     )
