@@ -107,7 +107,7 @@ def test_inspect_json_and_fit(capsys, models, run):
 
 
 @pytest.mark.parametrize(("other", "message"), [
-    ("gpt2", "adapters.safetensors: model.layers.1.mlp.down_proj.lora_a names a layer this model does not have"),
+    ("gpt2", "adapter_config.json: mlp.down_proj, self_attn.q_proj not in this model's blocks (has: attn.c_attn,"),
     ("narrow", None),
 ])
 def test_inspect_says_when_an_adapter_does_not_fit(tmp_path, capsys, models, other, message):

@@ -286,15 +286,17 @@ def test_sizes_shards_and_configs():
 
 
 def test_the_verdict_refuses_non_finite_vanished_and_drifting_logits():
+    import numpy as np
+
     from finetune.core import fusing
 
-    base = [mx.array([[1.0, -2.0, 3.0]])]
-    adapter = [mx.array([[1.5, -2.0, 2.0]])]
+    base = [np.array([[1.0, -2.0, 3.0]])]
+    adapter = [np.array([[1.5, -2.0, 2.0]])]
     ok = fusing.measure(base, adapter, base, adapter, "float32")
     assert fusing.verdict(ok).unwrap().kept == 1.0
     vanished = fusing.measure(base, adapter, base, base, "bfloat16")
     assert "rounds away in bfloat16" in fusing.verdict(vanished).failure()
-    drift = fusing.measure(base, adapter, base, [mx.array([[1.5, -2.0, 2.01]])], "float32")
+    drift = fusing.measure(base, adapter, base, [np.array([[1.5, -2.0, 2.01]])], "float32")
     assert "disagrees with the adapter model" in fusing.verdict(drift).failure()
-    nan = fusing.measure(base, adapter, base, [mx.array([[float("nan"), 0.0, 0.0]])], "float16")
+    nan = fusing.measure(base, adapter, base, [np.array([[float("nan"), 0.0, 0.0]])], "float16")
     assert "not finite in float16" in fusing.verdict(nan).failure()

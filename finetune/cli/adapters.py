@@ -98,6 +98,7 @@ def inspect(directory: Path, /, *, model: str | None = None, json: bool = False)
         Print the description as JSON instead of text.
     """
     from finetune.core import adapters as core_adapters
+    from finetune.core import dtypes as names
     from finetune.shell.data import report
     from finetune.shell.export import adapters
 
@@ -105,7 +106,7 @@ def inspect(directory: Path, /, *, model: str | None = None, json: bool = False)
     paths = core_adapters.paths_of(adapter.params)
     layers, keys = core_adapters.layers_and_keys(paths)
     count = sum(v.size for v in adapter.params.values())
-    dtypes = sorted({str(v.dtype).removeprefix("mlx.core.") for v in adapter.params.values()})
+    dtypes = sorted({names.name(v) for v in adapter.params.values()})
     fmt = adapters.FORMATS[adapter.format] + (f" ({adapter.note})" if adapter.note else "")
     rows: dict[str, Any] = {
         "format": fmt,
@@ -160,29 +161,9 @@ def _config(spec: str) -> Result[dict, str]:
 
 def _fit(adapter, model: str) -> Result[None, str]:
     """Whether the adapter's tensors fit `model`'s linear layers (from its config; no weights read)."""
-    from finetune.core import adapters as core_adapters
-    from finetune.core import lora, modelinfo
+    from finetune.shell.export import adapters
 
-    match _config(model).bind(modelinfo.facts):
-        case Success(facts):
-            pass
-        case failure:
-            return failure
-    prefix = facts.architecture.blocks
-    block = facts.linear_shapes()
-    every = core_adapters.block_shapes(block, prefix, facts.num_layers)
-    source = str(adapter.weights_path)
-    checked = core_adapters.check_shapes(adapter.params, every, adapter.rank, source, adapter.names)
-    if isinstance(checked, Failure) or adapter.spec is None:
-        return checked
-    keys = lora.resolve_keys(adapter.spec.keys or ("all-linear",), tuple(block))
-    if unknown := [k for k in keys if k not in block]:
-        return Failure(f"{adapter.config_path}: {unknown[0]} is not a linear of this model's blocks")
-    wanted = lora.targets(prefix, lora.select_layers(facts.num_layers, adapter.spec.num_layers), keys)
-    missing = core_adapters.missing_targets(adapter.params, wanted)
-    if missing:
-        return Failure(f"{source}: no tensors for {missing[0]} (and {len(missing) - 1} more), which adapter_config.json targets")
-    return Success(None)
+    return _config(model).bind(lambda config: adapters.fit(adapter, config)).map(lambda _: None)
 
 
 def _total_layers(model: str | None, named: str) -> int | None:

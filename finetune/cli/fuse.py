@@ -24,6 +24,7 @@ def fuse(
     max_shard_size: str = "2GB",
     force: bool = False,
     revision: str = "main",
+    backend: Literal["auto", "mlx", "torch"] | None = None,
 ) -> int:
     """Merge every LoRA pair into its base weight and write a complete HF model directory.
 
@@ -53,6 +54,8 @@ def fuse(
         Replace a non-empty OUTPUT.
     revision
         Hub branch, tag or commit of MODEL.
+    backend
+        Engine whose libraries run the logit check: auto, mlx (our MLX modules) or torch (transformers); default: $FT_BACKEND, else auto. Reading, fusing and writing are NumPy either way; a quantized base needs mlx (unless --dequantize).
     """
     from finetune.core.fusing import parse_size
     from finetune.shell.export.fuse import fuse as run
@@ -71,7 +74,7 @@ def fuse(
         print(line, file=sys.stderr)
 
     match run(model, adapter, output, dtype=dtype, dequantize=dequantize, data=data, rows=rows,
-              max_shard_bytes=shard_bytes, force=force, revision=revision, log=log):
+              max_shard_bytes=shard_bytes, force=force, revision=revision, backend=backend, log=log):
         case Success(done):
             pass
         case Failure(message):
@@ -80,5 +83,5 @@ def fuse(
     print(f"Fused {done.layers} LoRA layers into {done.output} ({done.dtype}"
           f"{', dequantized' if done.dequantized else ''}"
           f"{', quantized ' + done.quantization if done.quantization else ''}; {files}, {done.size / 1e6:.1f} MB)")
-    print(done.check.summary())
+    print(f"{done.check.summary()}; checked with {done.engine}")
     return 0

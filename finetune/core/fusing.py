@@ -13,16 +13,16 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import mlx.core as mx
+import numpy as np
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
-from finetune.core import lora
+from finetune.core import dtypes, lora
 from finetune.core.convert import mlx_to_hf
 from finetune.core.quantization import Params, Quant, without_quantization
 from finetune.core.records import Sample
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = dtypes.FLOATS
 # Logit tolerance per output dtype, relative to the largest logit (at least 1).
 RTOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 # The adapter's effect "vanished" when fusing keeps less than this share of it.
@@ -32,46 +32,46 @@ INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD = "2GB"
 
 
-def dequantize(weights: Mapping[str, mx.array], plan: Mapping[str, Params]) -> dict[str, mx.array]:
-    """Every planned quantized `<path>.weight` (with `.scales`, `.biases`) as a dense matrix."""
+def unpack(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
+    """mlx-lm's packed uint32 words (little-endian bit stream per row) -> `width` integers per row."""
+    stream = np.unpackbits(np.ascontiguousarray(packed).view(np.uint8), axis=-1, bitorder="little")
+    digits = stream[..., : width * bits].reshape(*packed.shape[:-1], width, bits).astype(np.uint32)
+    return (digits << np.arange(bits, dtype=np.uint32)).sum(-1, dtype=np.uint32)
+
+
+def dequantize_affine(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int, bits: int) -> np.ndarray:
+    """`scales · q + biases` per group, as float32 holding `mx.dequantize`'s values exactly: it
+    rounds after the product and after the sum to the scales' dtype, and so does this."""
+    dtype = dtypes.name(scales)
+    width = packed.shape[-1] * 32 // bits
+    s = np.repeat(dtypes.as_float32(scales), group_size, axis=-1)
+    b = np.repeat(dtypes.as_float32(biases), group_size, axis=-1)
+    return dtypes.rounded(dtypes.rounded(s * unpack(packed, bits, width).astype(np.float32), dtype) + b, dtype)
+
+
+def dequantize(weights: Mapping[str, np.ndarray], plan: Mapping[str, Params]) -> dict[str, np.ndarray]:
+    """Every planned quantized `<path>.weight` (with `.scales`, `.biases`; affine mode) as a dense
+    float32 matrix; other tensors as they are."""
     out = dict(weights)
     for path, p in plan.items():
-        scales, biases = out.pop(f"{path}.scales"), out.pop(f"{path}.biases", None)
-        out[f"{path}.weight"] = mx.dequantize(
-            weights[f"{path}.weight"], scales, biases, group_size=p.group_size, bits=p.bits, mode=p.mode
-        )
-    return out
-
-
-def requantize(
-    dense: Mapping[str, mx.array], packed: Mapping[str, mx.array], plan: Mapping[str, Params],
-    changed: set[str],
-) -> dict[str, mx.array]:
-    """`dense` with every planned module quantized again: a `changed` one from its dense weight,
-    the others as they were stored (`packed`: their weight, scales and biases)."""
-    out = dict(dense)
-    for path, p in plan.items():
-        names = [f"{path}.{leaf}" for leaf in ("weight", "scales", "biases")]
-        if path in changed:
-            parts = mx.quantize(dense[f"{path}.weight"], group_size=p.group_size, bits=p.bits, mode=p.mode)
-        else:
-            parts = tuple(packed[n] for n in names if n in packed)
-        out.update(zip(names, parts, strict=False))
+        assert p.mode == "affine", f"{path}: only affine quantization is dequantized with NumPy"
+        scales, biases = out.pop(f"{path}.scales"), out.pop(f"{path}.biases")
+        out[f"{path}.weight"] = dequantize_affine(weights[f"{path}.weight"], scales, biases, p.group_size, p.bits)
     return out
 
 
 def fuse_all(
-    weights: Mapping[str, mx.array], pairs: Mapping[str, tuple[mx.array, mx.array]], scale: float
-) -> dict[str, mx.array]:
+    weights: Mapping[str, np.ndarray], pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], scale: float
+) -> dict[str, np.ndarray]:
     """`<path>.weight` replaced by `W + scale · (A B)ᵀ` (in float32) for every LoRA pair."""
     out = dict(weights)
     for path, (a, b) in pairs.items():
-        w = weights[f"{path}.weight"].astype(mx.float32)
-        out[f"{path}.weight"] = lora.fuse(w, a.astype(mx.float32), b.astype(mx.float32), scale)
+        w = dtypes.as_float32(weights[f"{path}.weight"])
+        out[f"{path}.weight"] = lora.fuse(w, dtypes.as_float32(a), dtypes.as_float32(b), np.float32(scale))
     return out
 
 
-def hf_tensors(model_type: str, config: Mapping[str, Any], weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+def hf_tensors(model_type: str, config: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Our weights -> the tensors of a HF checkpoint (Conv1D transposed back for GPT-2).
 
     A tied GPT-2 gets bare names (`h.0.attn.c_attn.weight`, as in the hub's `gpt2`): transformers
@@ -177,13 +177,13 @@ class Check(Struct, frozen=True, kw_only=True):
                 f"{self.fused_effect:.2e} after fusing {self.stored_as} ({self.kept:.0%} of its effect kept)")
 
 
-def _max_abs(xs: Sequence[mx.array], ys: Sequence[mx.array]) -> float:
-    return max((mx.abs(x.astype(mx.float32) - y.astype(mx.float32)).max().item() for x, y in zip(xs, ys, strict=True)), default=0.0)
+def _max_abs(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> float:
+    return max((float(np.abs(x.astype(np.float32) - y.astype(np.float32)).max()) for x, y in zip(xs, ys, strict=True)), default=0.0)
 
 
 def measure(
-    base: Sequence[mx.array], adapter: Sequence[mx.array], base_cast: Sequence[mx.array],
-    fused: Sequence[mx.array], dtype: str, quantized: str = "",
+    base: Sequence[np.ndarray], adapter: Sequence[np.ndarray], base_cast: Sequence[np.ndarray],
+    fused: Sequence[np.ndarray], dtype: str, quantized: str = "",
 ) -> Check:
     """Compare the four models' logits (one array per row) and set the dtype's tolerance.
 
@@ -192,12 +192,12 @@ def measure(
     fused weights afresh adds more, so the fused model may also be as far from the adapter model
     as the base is, but no farther.
     """
-    scale = max((mx.abs(a).max().item() for a in adapter), default=0.0)
+    scale = max((float(np.abs(a).max()) for a in adapter), default=0.0)
     noise = _max_abs(base_cast, base)
     effect = [a - b for a, b in zip(adapter, base, strict=True)]
     survived = [f - c for f, c in zip(fused, base_cast, strict=True)]
-    norm = sum((e * e).sum().item() for e in effect)
-    along = sum((s * e).sum().item() for s, e in zip(survived, effect, strict=True))
+    norm = sum(float((e * e).sum()) for e in effect)
+    along = sum(float((s * e).sum()) for s, e in zip(survived, effect, strict=True))
     effect_size = _max_abs(adapter, base)
     return Check(
         rows=len(base), dtype=dtype, fused_vs_adapter=_max_abs(fused, adapter),

@@ -1,23 +1,31 @@
 """Adapter directories: write them (mlx-lm's format), read any (mlx-lm, FineTune run or
-checkpoint, PEFT), attach them to a model, convert between mlx-lm and PEFT."""
+checkpoint, PEFT), attach them to a model, convert between mlx-lm and PEFT.
+
+Files are read and written with NumPy (`tensorfile`): converting and inspecting need no MLX; only
+`attach` (an MLX model) imports it.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlx.core as mx
-import mlx.nn as nn
+import numpy as np
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
 from finetune.core import adapters as core_adapters
 from finetune.core import architectures, lora
 from finetune.core import peft as core_peft
-from finetune.models import lora as lora_modules
+from finetune.core.dtypes import BF16
+from finetune.shell.export import tensorfile
 from finetune.shell.paths import write_dir, write_safetensors, write_text
+
+if TYPE_CHECKING:  # MLX only where an adapter meets an MLX model
+    import mlx.core as mx
+    import mlx.nn as nn
 
 WEIGHTS = "adapters.safetensors"
 CONFIG = "adapter_config.json"
@@ -33,6 +41,8 @@ FORMATS = {
 
 def model_kind(model: nn.Module) -> str:
     """`gpt2` when the blocks live under `transformer.h`, else the Llama family's naming."""
+    from finetune.models import lora as lora_modules
+
     return architectures.family_of_blocks(lora_modules.layers_prefix(model)).family
 
 
@@ -42,7 +52,7 @@ def save(directory: Path, params: Mapping[str, mx.array], spec: core_adapters.Ad
     write_text(directory / CONFIG, json.dumps(core_adapters.config_json(spec, extra), indent=2) + "\n")
 
 
-def read(directory: str | Path) -> Result[tuple[core_adapters.AdapterSpec, dict[str, mx.array]], str]:
+def read(directory: str | Path) -> Result[tuple[core_adapters.AdapterSpec, dict[str, np.ndarray]], str]:
     """The spec and the tensors (file names, not yet renamed for a model)."""
     d = Path(directory)
     if not d.is_dir():
@@ -56,15 +66,14 @@ def read(directory: str | Path) -> Result[tuple[core_adapters.AdapterSpec, dict[
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         return Failure(f"{cfg_path}: not valid JSON ({err})")
-    try:
-        weights = mx.load(str(weights_path))
-    except Exception as err:  # mlx raises RuntimeError/ValueError for truncated or foreign files
-        return Failure(f"{weights_path}: unreadable safetensors ({err})")
-    return core_adapters.parse_config(raw, str(cfg_path)).map(lambda spec: (spec, weights))
+    return tensorfile.read(weights_path).bind(
+        lambda weights: core_adapters.parse_config(raw, str(cfg_path)).map(lambda spec: (spec, weights)))
 
 
 def expected_shapes(model: nn.Module, spec: core_adapters.AdapterSpec) -> dict[str, tuple[int, int]]:
     """`{module path: (in, out)}` of the linears an adapter with `spec` targets in `model`."""
+    from finetune.models import lora as lora_modules
+
     block = lora_modules.block_linears(model)
     keys = lora.resolve_keys(spec.keys or ("all-linear",), block)
     unknown = [k for k in keys if k not in block]
@@ -77,6 +86,8 @@ def expected_shapes(model: nn.Module, spec: core_adapters.AdapterSpec) -> dict[s
 
 def attach(model: nn.Module, directory: str | Path) -> Result[nn.Module, str]:
     """Load an adapter directory of any format onto `model` (frozen base, LoRA layers swapped in)."""
+    from finetune.models import lora as lora_modules
+
     match load_any(directory):
         case Failure(message):
             return Failure(message)
@@ -106,15 +117,56 @@ def attach(model: nn.Module, directory: str | Path) -> Result[nn.Module, str]:
     return Success(_attached(model, adapter))
 
 
+def fit(adapter: Adapter, config: Mapping[str, Any]) -> Result[dict[str, np.ndarray], str]:
+    """The adapter's tensors under `config`'s module names, if they fit its linear layers (from
+    the config alone: no weights read, no engine)."""
+    from finetune.core import modelinfo
+
+    match modelinfo.facts(config):
+        case Success(facts):
+            pass
+        case failure:
+            return failure
+    prefix = facts.architecture.blocks
+    block = facts.linear_shapes()
+    every = core_adapters.block_shapes(block, prefix, facts.num_layers)
+    source = str(adapter.weights_path)
+    params = core_adapters.from_file_keys(
+        core_adapters.to_file_keys(adapter.params, adapter.kind), architectures.family_of_blocks(prefix).family
+    )
+    keys = lora.resolve_keys(adapter.spec.keys or ("all-linear",), tuple(block)) if adapter.spec else ()
+    if unknown := [k for k in keys if k not in block]:
+        return Failure(f"{adapter.config_path}: {', '.join(unknown)} not in this model's blocks (has: {', '.join(block)})")
+    checked = core_adapters.check_shapes(params, every, adapter.rank, source, adapter.names)
+    if isinstance(checked, Failure) or adapter.spec is None:
+        return checked.map(lambda _: params)
+    wanted = lora.targets(prefix, lora.select_layers(facts.num_layers, adapter.spec.num_layers), keys)
+    missing = core_adapters.missing_targets(params, wanted)
+    if missing:
+        return Failure(f"{source}: no tensors for {missing[0]} (and {len(missing) - 1} more), which adapter_config.json targets")
+    return Success(params)
+
+
 def base_quantization(directory: str | Path) -> Result[dict[str, Any] | None, str]:
     """The quantized base an adapter records having been trained on (None: float or unrecorded)."""
     return load_any(directory).map(lambda a: a.spec.base_quantization if a.spec else None)
 
 
 def _attached(model: nn.Module, adapter: Adapter) -> nn.Module:
-    lora_modules.attach(model, adapter.params, adapter.scale)
+    import mlx.core as mx
+
+    from finetune.models import lora as lora_modules
+
+    lora_modules.attach(model, mlx_arrays(adapter.params), adapter.scale)
     mx.eval(model.parameters())
     return model
+
+
+def mlx_arrays(tensors: Mapping[str, np.ndarray]) -> dict[str, mx.array]:
+    """NumPy tensors as MLX arrays of the same dtype and bits (bfloat16 included)."""
+    import mlx.core as mx
+
+    return {k: mx.array(v.view(np.uint16)).view(mx.bfloat16) if v.dtype == BF16 else mx.array(v) for k, v in tensors.items()}
 
 
 class Adapter(Struct, kw_only=True):
@@ -128,7 +180,7 @@ class Adapter(Struct, kw_only=True):
     scale: float
     dropout: float
     model: str  # the base model the adapter names
-    params: dict[str, mx.array]  # our module paths: `<path>.lora_a` (in, r), `.lora_b` (r, out)
+    params: dict[str, np.ndarray]  # our module paths: `<path>.lora_a` (in, r), `.lora_b` (r, out)
     names: dict[str, str]  # our tensor name -> the file's
     kind: str  # gpt2 or llama (the naming family)
     spec: core_adapters.AdapterSpec | None = None  # mlx-lm formats: the config as written
@@ -144,15 +196,12 @@ def _read_json(path: Path) -> Result[Any, str]:
         return Failure(f"{path}: not valid JSON ({err})")
 
 
-def _read_tensors(path: Path) -> Result[dict[str, mx.array], str]:
+def _read_tensors(path: Path) -> Result[dict[str, np.ndarray], str]:
     if path.suffix == ".bin":
-        from finetune.shell.models.torchbin import read_torch_bin
+        from finetune.shell.models.torchbin import read_torch_bin_numpy
 
-        return read_torch_bin(path)
-    try:
-        return Success(dict(mx.load(str(path), format="safetensors")))
-    except Exception as err:  # mlx raises RuntimeError/ValueError for truncated or foreign files
-        return Failure(f"{path}: unreadable safetensors ({err})")
+        return read_torch_bin_numpy(path)
+    return tensorfile.read(path)
 
 
 def detect(directory: str | Path) -> Result[str, str]:
@@ -230,7 +279,7 @@ def _load_peft(d: Path) -> Result[Adapter, str]:
     ))
 
 
-def mlx_files(adapter: Adapter, total_layers: int | None) -> Result[tuple[dict[str, mx.array], dict[str, Any]], str]:
+def mlx_files(adapter: Adapter, total_layers: int | None) -> Result[tuple[dict[str, np.ndarray], dict[str, Any]], str]:
     """`adapters.safetensors` tensors and `adapter_config.json` (mlx-lm's format) for `adapter`."""
     if adapter.spec is not None:
         spec = adapter.spec
@@ -249,7 +298,7 @@ def mlx_files(adapter: Adapter, total_layers: int | None) -> Result[tuple[dict[s
     return Success((tensors, core_adapters.config_json(spec, extra)))
 
 
-def peft_files(adapter: Adapter, base_model: str = "") -> tuple[dict[str, mx.array], dict[str, Any]]:
+def peft_files(adapter: Adapter, base_model: str = "") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """`adapter_model.safetensors` tensors and PEFT's `adapter_config.json` for `adapter`."""
     paths = core_adapters.paths_of(adapter.params)
     if adapter.spec is not None:
@@ -263,12 +312,12 @@ def peft_files(adapter: Adapter, base_model: str = "") -> tuple[dict[str, mx.arr
     return core_peft.to_peft(adapter.params), config
 
 
-def write_adapter(out: Path, tensors: Mapping[str, mx.array], config: Mapping[str, Any], fmt: str, force: bool = False) -> Path:
+def write_adapter(out: Path, tensors: Mapping[str, np.ndarray], config: Mapping[str, Any], fmt: str, force: bool = False) -> Path:
     """An adapter directory in `fmt` (`peft` or `mlx-lm`), written as one rename."""
     weights, metadata = (PEFT_WEIGHTS, {"format": "pt"}) if fmt == "peft" else (WEIGHTS, {"format": "mlx"})
 
     def build(tmp: Path) -> None:
-        mx.save_safetensors(str(tmp / weights), dict(tensors), metadata=metadata)
+        tensorfile.write(tmp / weights, tensors, metadata)
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     return write_dir(out, build, force)

@@ -1,30 +1,29 @@
 """`ft fuse`: merge an adapter into its base model and write a complete HF model directory.
 
-load base + adapter (float32 compute; a quantized base stays quantized) -> adapter and base logits ->
-fuse every LoRA pair in float32 (quantized layers dequantized) -> round to the output dtype, and
-re-quantize a quantized base's fused layers unless --dequantize -> check logits -> write config,
+read base + adapter with NumPy -> fuse every LoRA pair in float32 (quantized layers dequantized;
+affine in NumPy) -> round to the output dtype, and re-quantize a quantized base's fused layers
+(mx.quantize) unless --dequantize -> check logits with one engine (fuse_check) -> write config,
 safetensors shards (+ index), tokenizer and generation files into a temporary directory -> rename.
+
+Only the check runs a model, and only MLX-quantized bases need MLX itself.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
+import numpy as np
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
-from finetune.core import fusing, quantization
-from finetune.core.quantization import Params, without_quantization
-from finetune.models.lora import LoRALinear
-from finetune.shell.models import quantized, sources, weights
-from finetune.shell.models.weights import cast_weights
+from finetune.core import dtypes, fusing, quantization
+from finetune.core.quantization import Params, Quant
+from finetune.shell.export import adapters, fuse_check, tensorfile
+from finetune.shell.models import sources, weights
 
 Log = Callable[[str], None]
 PROMPT = ("The quick brown fox jumps over the lazy dog. SELECT name, age FROM users WHERE id = 42;\n"
@@ -39,8 +38,18 @@ class Fused(Struct, frozen=True, kw_only=True):
     files: list[str]
     size: int  # bytes of weights written
     check: fusing.Check
+    engine: str = ""  # whose libraries ran the check
     dequantized: bool = False
     quantization: str = ""  # how the written weights are quantized ("" = float)
+
+
+class Base(Struct, frozen=True, kw_only=True):
+    """The base checkpoint in our names (NumPy), with its quantized layers."""
+
+    tensors: dict[str, np.ndarray]  # quantized layers packed as mlx-lm stores them
+    plan: dict[str, Params]  # quantized module path -> how
+    layers: dict[str, Params | None]  # every quantizable module (None = float)
+    needs_mlx: str = ""  # why this base needs MLX ("" = it does not)
 
 
 def fuse(
@@ -55,77 +64,82 @@ def fuse(
     max_shard_bytes: int = 2_000_000_000,
     force: bool = False,
     revision: str = "main",
+    backend: str | None = None,
     log: Log = lambda _: None,
 ) -> Result[Fused, str]:
     """Fuse `adapter` into `model_spec` and write `output`, or a one-line reason (nothing written).
 
     A quantized base (as stored, or as the adapter records it was quantized on load) gives a
-    fused model quantized the same way, unless `dequantize`.
+    fused model quantized the same way, unless `dequantize`. `backend` picks the engine whose
+    libraries run the logit check (`auto`: as `--backend auto` picks).
     """
-    from finetune.shell.models.load import load_model
-
     match _target(model_spec, revision, adapter, output, force):
         case Success((directory, config)):
             pass
         case failure:
             return failure
-    target = dtype or _default_dtype(directory, config)
     log(f"Loading {model_spec} with {adapter} ...")
-    match load_model(model_spec, revision=revision, dtype="float32", adapter=str(adapter)):
-        case Success((model, tokenizer)):
+    match adapters.load_any(adapter).bind(lambda a: adapters.fit(a, config).map(lambda p: (a, p))).bind(
+        lambda found: _base(directory, config, found[0], model_spec).map(lambda b: (found[0], found[1], b))
+    ):
+        case Success((found, params, base)):
             pass
         case failure:
             return failure
-    match _check_rows(tokenizer, data, rows, int(config.get("vocab_size", 1 << 30))):
+    target = dtype or _default_dtype(directory, config)
+    quant = None if dequantize else quantization.describe(base.layers)
+    why = base.needs_mlx or ("re-quantizing the fused model (the base is quantized) needs MLX; "
+                             "pass --dequantize to write float weights" if quant else "")
+    match _engine(backend, why):
+        case Success(engine):
+            pass
+        case failure:
+            return failure
+    match _check_rows(directory, data, rows, int(config.get("vocab_size", 1 << 30))):
         case Success(ids):
             pass
         case failure:
             return failure
-    adapter_logits, base_logits = _logits(model, ids), _base_logits(model, ids)
-    plan = {p: q for p, q in quantized.layers(model).items() if q is not None}
-    quant = None if dequantize else quantized.describe(model)
-    log(f"Fusing into {target}{' (re-quantized: ' + quant.summary() + ')' if quant else ''} ...")
-    dense, pairs, scale = _dense_weights(model, plan)
-    stored = cast_weights(fusing.fuse_all(dense, pairs, scale), getattr(mx, target))
-    base_stored = cast_weights(dense, getattr(mx, target))
+    pairs = {p.removesuffix(".lora_a"): (a, params[p.removesuffix(".lora_a") + ".lora_b"])
+             for p, a in params.items() if p.endswith(".lora_a")}
+    log(f"Fusing into {target}{' (re-quantized: ' + quant.summary() + ')' if quant else ''}; checking with {engine} ...")
+    dense = _dense(base)
+    stored = dtypes.cast_floats(fusing.fuse_all(dense, pairs, found.scale), target)
+    base_stored = dtypes.cast_floats(dense, target)
     if quant is not None:
-        packed = _own_names(model)
-        stored = fusing.requantize(stored, packed, plan, set(pairs))
-        base_stored = fusing.requantize(base_stored, packed, plan, set(pairs))  # the format's own noise
-    keep = plan if quant is not None else {}
-    plain = without_quantization(config)
-    check = fusing.measure(
-        base_logits, adapter_logits, _logits(_reloaded(plain, base_stored, keep), ids),
-        _logits(_reloaded(plain, stored, keep), ids), target, quant.summary() if quant else "",
-    )
+        stored = requantize(stored, base.tensors, base.plan, set(pairs))
+        base_stored = requantize(base_stored, base.tensors, base.plan, set(pairs))  # the format's own noise
+    model_base = base.tensors if quant is not None or engine == "mlx" else dense
+    plain, adapted, (cast, fused) = fuse_check.logits(
+        engine, config, ids, model_base, base.plan if model_base is base.tensors else {}, pairs, found.scale,
+        [base_stored, stored], base.plan if quant is not None else {})
+    check = fusing.measure(plain, adapted, cast, fused, target, quant.summary() if quant else "")
     match fusing.verdict(check):
         case Failure(message):
             return Failure(f"refusing to write {output}: {message}")
     kind = config["model_type"]
     if quant is not None:  # mlx-lm's layout, as its own fuse writes a quantized model
-        tensors, metadata = quantization.ours_to_mlx(kind, cast_weights(stored, getattr(mx, target))), "mlx"
+        tensors, metadata = quantization.ours_to_mlx(kind, dtypes.cast_floats(stored, target)), "mlx"
     else:
         tensors, metadata = fusing.hf_tensors(kind, config, stored), "pt"
     names = _write(output, directory, tensors, fusing.fused_config(config, target, quant), metadata,
                    max_shard_bytes, force, log)
     return Success(Fused(
         output=str(output), dtype=target, layers=len(pairs), files=names,
-        size=sum(v.nbytes for v in tensors.values()), check=check,
-        dequantized=bool(plan) and quant is None, quantization=quant.summary() if quant else "",
+        size=sum(v.nbytes for v in tensors.values()), check=check, engine=engine,
+        dequantized=bool(base.plan) and quant is None, quantization=quant.summary() if quant else "",
     ))
 
 
 def _target(spec: str, revision: str, adapter: Path, output: Path, force: bool) -> Result[tuple[Path, dict], str]:
     """The base's directory and config, after checking OUTPUT can be written."""
-    from finetune.shell.models.load import check_config
+    from finetune.shell.models.load import model_config
 
     if output.exists() and not output.is_dir():
         return Failure(f"{output}: exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not force:
         return Failure(f"{output}: already exists and is not empty; pass --force to replace it")
-    match sources.model_dir(spec, revision).bind(
-        lambda d: sources.read_config(d).bind(lambda c: check_config(c, spec)).map(lambda c: (d, c))
-    ):
+    match model_config(spec, revision):
         case Success((directory, config)):
             pass
         case failure:
@@ -136,7 +150,154 @@ def _target(spec: str, revision: str, adapter: Path, output: Path, force: bool) 
     return Success((directory, dict(config)))
 
 
-def _write(output: Path, directory: Path, tensors: dict[str, mx.array], config: dict, metadata: str,
+def _engine(backend: str | None, needs_mlx: str) -> Result[str, str]:
+    """Which engine runs the check: `--backend`'s choice, or MLX where the base needs it."""
+    import os
+
+    from finetune.engines import choose
+
+    if not needs_mlx:
+        return Success(choose.decide(backend)[0])
+    if not choose.installed("mlx"):
+        return Failure(f"{needs_mlx}, and MLX is not installed here ({choose.INSTALL_MLX})")
+    if (backend or os.environ.get("FT_BACKEND") or "auto") == "torch":
+        return Failure(f"--backend torch: {needs_mlx}; use --backend mlx")
+    return Success("mlx")
+
+
+def _read_checkpoint(directory: Path) -> Result[dict[str, np.ndarray], str]:
+    """Every tensor of a HF model directory as NumPy arrays, shards merged."""
+    from finetune.core.convert import merge_shards
+    from finetune.shell.models.torchbin import read_torch_bin_numpy
+
+    match weights.checkpoint_files(directory):
+        case Success(files):
+            pass
+        case failure:
+            return failure
+    shards = []
+    for f in files:
+        match read_torch_bin_numpy(f) if f.suffix == ".bin" else tensorfile.read(f):
+            case Success(tensors):
+                shards.append(tensors)
+            case failure:
+                return failure
+    return merge_shards(shards).alt(lambda m: f"{directory}: {m}")
+
+
+def _base(directory: Path, config: dict, adapter: adapters.Adapter, spec: str) -> Result[Base, str]:
+    """The base's tensors in our names and how its layers are quantized (as stored, or as the
+    adapter records they were quantized on load)."""
+    from finetune.core.convert import expected_shapes, hf_to_mlx
+
+    kind, plain = config["model_type"], quantization.without_quantization(config)
+    shapes = expected_shapes(kind, plain)
+    in_dims = {k.removesuffix(".weight"): s[-1] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2}
+    stored = quantization.from_config(config).value_or(None)
+    record = adapter.spec.base_quantization if adapter.spec else None
+    match _read_checkpoint(directory):
+        case Success(raw):
+            pass
+        case failure:
+            return failure
+    if stored is not None:
+        found = _quantized(quantization.mlx_names(kind, raw), stored, in_dims, shapes, spec)
+    else:
+        found = hf_to_mlx(kind, plain, raw).alt(lambda m: f"{spec}: {m}").bind(lambda t: _on_load(t, record, in_dims, spec))
+    match found:
+        case Success((tensors, plan)):
+            pass
+        case failure:
+            return failure
+    layers = {p: plan.get(p) for p in in_dims}
+    want = quantization.parse_block(record, str(adapter.config_path)).value_or(None) if record else None
+    if record and quantization.describe(layers) != want:
+        have = quantization.describe(layers)
+        return Failure(f"{adapter.directory}: the adapter was trained on a {want.summary() if want else 'float'} base, "
+                       f"but this base is {have.summary() if have else 'float'}; load the base it was trained on")
+    modes = sorted({p.mode for p in plan.values()} - {"affine"})
+    needs = f"{modes[0]} quantization is dequantized with MLX" if modes else ""
+    if record and record.get(quantization.ON_LOAD):
+        needs = "the adapter was trained on a base quantized on load, which MLX quantizes"
+    return Success(Base(tensors=tensors, plan=plan, layers=layers, needs_mlx=needs))
+
+
+def _quantized(tensors: dict, quant: Quant, in_dims: dict, shapes: dict, spec: str) -> Result[tuple[dict, dict], str]:
+    """An mlx-lm quantized checkpoint's tensors (our names) and plan, checked against its config."""
+    packed = {k.removesuffix(".scales"): (tuple(tensors[k.removesuffix(".scales") + ".weight"].shape), tuple(v.shape))
+              for k, v in tensors.items() if k.endswith(".scales") and k.removesuffix(".scales") + ".weight" in tensors}
+    match quantization.stored_plan(quant, in_dims, packed, spec):
+        case Success(plan):
+            pass
+        case failure:
+            return failure
+    extra = {f"{p}.{leaf}" for p in plan for leaf in ("scales", "biases")}
+    unknown, missing = sorted(tensors.keys() - shapes.keys() - extra), sorted(shapes.keys() - tensors.keys())
+    if unknown or missing:
+        what = f"unknown keys {', '.join(unknown[:5])}" if unknown else f"missing keys {', '.join(missing[:5])}"
+        return Failure(f"{spec}: quantized checkpoint does not match its config: {what}")
+    for k, shape in shapes.items():
+        if k.removesuffix(".weight") not in plan and tuple(tensors[k].shape) != tuple(shape):
+            return Failure(f"{spec}: shape mismatch for {k}: expected {tuple(shape)}, got {tuple(tensors[k].shape)}")
+    return Success((tensors, plan))
+
+
+def _on_load(tensors: dict, record: Mapping[str, Any] | None, in_dims: dict, spec: str) -> Result[tuple[dict, dict], str]:
+    """A float base as training saw it: quantized (with MLX) when the adapter records that."""
+    from finetune.engines.choose import installed
+
+    if not record or not record.get(quantization.ON_LOAD):
+        return Success((tensors, {}))
+    quant = quantization.parse_block(record, spec).value_or(None)
+    match quantization.load_plan(quant, in_dims, "--quantize-group-size") if quant else Success({}):
+        case Success(plan):
+            pass
+        case failure:
+            return failure
+    if not installed("mlx"):  # refused by _engine with the reason
+        return Success((tensors, plan))
+    return Success((requantize(dtypes.cast_floats(tensors, "float32"), {}, plan, set(plan)), plan))
+
+
+def _dense(base: Base) -> dict[str, np.ndarray]:
+    """The base's weights in float32, quantized layers dequantized (affine with NumPy)."""
+    affine = {p: q for p, q in base.plan.items() if q.mode == "affine"}
+    out = fusing.dequantize(dtypes.cast_floats(base.tensors, "float32"), affine)
+    if other := {p: q for p, q in base.plan.items() if q.mode != "affine"}:
+        import mlx.core as mx
+
+        for path, p in other.items():
+            parts = [adapters.mlx_arrays({"x": out.pop(f"{path}.{leaf}")})["x"] if f"{path}.{leaf}" in out else None
+                     for leaf in ("weight", "scales", "biases")]
+            dense = mx.dequantize(*parts, group_size=p.group_size, bits=p.bits, mode=p.mode).astype(mx.float32)
+            out[f"{path}.weight"] = np.array(dense)
+    return dtypes.cast_floats(out, "float32")
+
+
+def requantize(dense: Mapping[str, np.ndarray], packed: Mapping[str, np.ndarray], plan: Mapping[str, Params],
+               changed: set[str]) -> dict[str, np.ndarray]:
+    """`dense` with every planned module quantized again (mx.quantize, as mlx-lm does): a
+    `changed` one from its dense weight, the others as they were stored (`packed`)."""
+    import mlx.core as mx
+
+    from finetune.core.dtypes import BF16
+
+    def numpy(x: mx.array) -> np.ndarray:
+        return np.array(x.view(mx.uint16)).view(BF16) if x.dtype == mx.bfloat16 else np.array(x)
+
+    out = dict(dense)
+    for path, p in plan.items():
+        names = [f"{path}.{leaf}" for leaf in ("weight", "scales", "biases")]
+        if path in changed:
+            weight = adapters.mlx_arrays({"w": dense[f"{path}.weight"]})["w"]
+            parts = [numpy(x) for x in mx.quantize(weight, group_size=p.group_size, bits=p.bits, mode=p.mode)]
+        else:
+            parts = [packed[n] for n in names if n in packed]
+        out.update(zip(names, parts, strict=False))
+    return out
+
+
+def _write(output: Path, directory: Path, tensors: dict[str, np.ndarray], config: dict, metadata: str,
            max_shard_bytes: int, force: bool, log: Log) -> list[str]:
     """Config, weight shards (+ index) and the base's tokenizer files, as one rename."""
     from finetune.shell.paths import write_dir
@@ -148,7 +309,7 @@ def _write(output: Path, directory: Path, tensors: dict[str, mx.array], config: 
 
     def build(tmp: Path) -> None:
         for shard, name in zip(plan, names, strict=True):
-            mx.save_safetensors(str(tmp / name), {k: tensors[k] for k in shard}, metadata={"format": metadata})
+            tensorfile.write(tmp / name, {k: tensors[k] for k in shard}, metadata={"format": metadata})
         if len(plan) > 1:
             _write_json(tmp / fusing.INDEX, fusing.index_json(plan, sizes))
         _write_json(tmp / "config.json", config)
@@ -175,8 +336,10 @@ def _default_dtype(directory: Path, config: dict) -> str:
     return found if found in fusing.DTYPES else "float32"
 
 
-def _check_rows(tokenizer: Any, data: str | None, rows: int, vocab: int) -> Result[list[list[int]], str]:
+def _check_rows(directory: Path, data: str | None, rows: int, vocab: int) -> Result[list[list[int]], str]:
     """Token ids of the check rows: the first `rows` of `data`'s train split, else a fixed prompt."""
+    from finetune.shell.models.tokenizer import load_tokenizer
+
     texts = [PROMPT]
     if data is not None:
         from finetune.core.prepare import normalise_rows
@@ -192,60 +355,10 @@ def _check_rows(tokenizer: Any, data: str | None, rows: int, vocab: int) -> Resu
         texts = [t for t in (fusing.sample_text(s) for _, s in samples) if t][:rows]
         if not texts:
             return Failure(f"{files['train']}: no usable rows for the fused-model check")
+    try:
+        tokenizer = load_tokenizer(directory)
+    except Exception as err:  # transformers raises OSError/ValueError/... for missing files
+        return Failure(f"{directory}: cannot load the tokenizer for the fused-model check ({type(err).__name__})")
     ids = [[i for i in tokenizer(t)["input_ids"] if i < vocab][:MAX_TOKENS] for t in texts]
     ids = [row for row in ids if row]
     return Success(ids) if ids else Failure("the check prompt tokenizes to nothing")
-
-
-def _logits(model: nn.Module, rows: list[list[int]]) -> list[mx.array]:
-    out = [model(mx.array([row]))[0].astype(mx.float32) for row in rows]  # (T, vocab) each
-    mx.eval(out)
-    return out
-
-
-def _base_logits(model: nn.Module, rows: list[list[int]]) -> list[mx.array]:
-    """The base model's logits: every LoRA layer's scale set to 0 for the call (exactly the base)."""
-    wrapped = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
-    scales = [m.scale for m in wrapped]
-    for m in wrapped:
-        m.scale = 0.0
-    try:
-        return _logits(model, rows)
-    finally:
-        for m, s in zip(wrapped, scales, strict=True):
-            m.scale = s
-
-
-def _own_names(model: nn.Module) -> dict[str, mx.array]:
-    """The model's base tensors under their own names (a LoRA layer's base under its path)."""
-    wrapped = {path for path, m in model.named_modules() if isinstance(m, LoRALinear)}
-    flat: dict[str, mx.array] = {}
-    for name, value in tree_flatten(model.parameters()):
-        path, _, leaf = name.rpartition(".")
-        if leaf in ("lora_a", "lora_b") and path in wrapped:
-            continue
-        owner = path.removesuffix(".linear")
-        flat[f"{owner}.{leaf}" if owner in wrapped else name] = value
-    return flat
-
-
-def _dense_weights(model: nn.Module, plan: dict[str, Params]) -> tuple[dict[str, mx.array], dict[str, tuple[mx.array, mx.array]], float]:
-    """The base weights under their own names (dequantized, float32), the LoRA pairs and scale."""
-    wrapped = {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
-    pairs = {path: (m.lora_a, m.lora_b) for path, m in wrapped.items()}
-    scales = {m.scale for m in wrapped.values()}
-    assert len(scales) <= 1, "one adapter has one scale"
-    flat = fusing.dequantize(_own_names(model), plan)
-    return cast_weights(flat, mx.float32), pairs, scales.pop() if scales else 0.0
-
-
-def _reloaded(config: dict, tensors: dict[str, mx.array], plan: dict[str, Params]) -> nn.Module:
-    """A fresh model holding `tensors` (floats upcast, `plan`'s modules quantized): what the
-    written checkpoint computes."""
-    from finetune.models import build
-
-    model = build(config)
-    quantized.apply(model, plan)
-    model.load_weights(list(cast_weights(tensors, mx.float32).items()), strict=True)
-    model.eval()
-    return model

@@ -118,16 +118,24 @@ class _Unpickler(pickle.Unpickler):
         return data
 
 
-def _to_mx(t: _Tensor) -> mx.array:
+def _to_mx(t: np.ndarray) -> mx.array:
     import mlx.core as mx
 
-    if t.dtype == "bfloat16":
-        return mx.array(t.data).view(mx.bfloat16)
-    return mx.array(t.data)
+    from finetune.core.dtypes import BF16
+
+    if t.dtype == BF16:
+        return mx.array(t.view(np.uint16)).view(mx.bfloat16)
+    return mx.array(t)
 
 
 def read_torch_bin(path: str | Path) -> Result[dict[str, mx.array], str]:
-    """The tensors of a `torch.save`d state dict (zip format), or a one-line reason it was refused."""
+    """The tensors of a `torch.save`d state dict (zip format) as MLX arrays, or a one-line reason."""
+    return read_torch_bin_numpy(path).map(lambda state: {k: _to_mx(v) for k, v in state.items()})
+
+
+def read_torch_bin_numpy(path: str | Path) -> Result[dict[str, np.ndarray], str]:
+    """The tensors of a `torch.save`d state dict (zip format) as NumPy arrays (bfloat16 as
+    `core.dtypes.BF16`), or a one-line reason it was refused."""
     path = Path(path)
     if not zipfile.is_zipfile(path):
         return Failure(
@@ -154,4 +162,6 @@ def read_torch_bin(path: str | Path) -> Result[dict[str, mx.array], str]:
         isinstance(k, str) and isinstance(v, _Tensor) for k, v in state.items()
     ):
         return Failure(f"{path}: not a state dict of named tensors")
-    return Success({k: _to_mx(v) for k, v in state.items()})
+    from finetune.core.dtypes import BF16
+
+    return Success({k: v.data.view(BF16) if v.dtype == "bfloat16" else v.data for k, v in state.items()})
