@@ -88,8 +88,8 @@ def fuse(
             return failure
     target = dtype or _default_dtype(directory, config)
     quant = None if dequantize else quantization.describe(base.layers)
-    why = base.needs_mlx or ("re-quantizing the fused model (the base is quantized) needs MLX; "
-                             "pass --dequantize to write float weights" if quant else "")
+    why = base.needs_mlx or ("re-quantizing the fused model needs MLX (the base is quantized; "
+                             "--dequantize writes float weights)" if quant else "")
     match _engine(backend, why):
         case Success(engine):
             pass
