@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,10 @@ FORBIDDEN = (
     "random",
     "glob",
     "rich",
+    "mlx",  # the core serves both engines (and fuse/adapters with neither): NumPy only
+    "mlx_lm",
+    "torch",
+    "peft",
 )
 FORBIDDEN_CALLS = ("open", "print", "input", "breakpoint")
 # The one effect of importing the package: an optimized BLAS must enter the process's global symbol
@@ -180,3 +186,14 @@ def test_the_checker_catches_violations():
     )
     assert "finetune.core.x -> finetune.core.records imports finetune.cli" in found
     assert violations("import math\nfrom collections.abc import Mapping\n", "finetune.core.x") == []
+    assert violations("def f(x):\n    import mlx.core as mx\n    return mx.array(x)\n", "finetune.core.x")
+    assert violations("import torch.nn\n", "finetune.core.x") == ["finetune.core.x imports torch.nn"]
+
+
+def test_importing_finetune_and_its_core_loads_no_engine():
+    """A fresh interpreter: `import finetune` and every core module leave MLX and torch unloaded."""
+    names = ", ".join(sorted(module_name(p) for p in CORE))
+    script = (f"import sys, finetune, {names}\n"
+              "print(sorted({m.split('.')[0] for m in sys.modules} & {'mlx', 'mlx_lm', 'torch', 'peft', 'transformers'}))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
