@@ -183,6 +183,48 @@ def test_without_the_launcher_a_lost_peer_is_one_line_naming_the_rank(tmp_path, 
     assert checkpoints.complete(out)
 
 
+def test_a_hung_peer_ends_both_ranks_with_one_line_and_a_checkpoint_to_resume(tmp_path, setup):
+    """A rank stopped (SIGSTOP) keeps its connections open: the all-reduce never fails by itself."""
+    data, home, _ = setup
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"], [f"127.0.0.1:{free_port()}"]]))
+    out, procs = tmp_path / "run", []
+    try:
+        for rank in (0, 1):
+            e = env(home) | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts), "FT_PEER_TIMEOUT": "10"}
+            with open(tmp_path / f"rank{rank}.log", "wb") as f:
+                procs.append(subprocess.Popen(command(1, train_args(data, out, steps=10_000)), cwd=ROOT, env=e,
+                                              stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+        wait_for(out / "checkpoints" / "step-0000005", procs[0], tmp_path / "rank0.log")
+        procs[1].send_signal(signal.SIGSTOP)
+        assert procs[0].wait(120) == -signal.SIGKILL  # the watchdog ends the rank it guards
+        assert procs[1].wait(120) == -signal.SIGKILL  # ... stopped or not
+    finally:
+        for p in procs:
+            end(p)
+    text = (tmp_path / "rank0.log").read_text()
+    lines = [line for line in text.splitlines() if line.startswith("ft: error:")]
+    assert len(lines) == 1 and "Traceback" not in text, text
+    assert lines[0].startswith("ft: error: rank 0: no step finished for ") and "--resume" in lines[0], text
+    assert checkpoints.complete(out)
+
+
+def test_a_host_that_never_joins_is_one_line_naming_it(tmp_path, setup):
+    data, home, _ = setup
+    hosts = tmp_path / "hosts.json"
+    silent = f"127.0.0.1:{free_port()}"  # nobody will listen there
+    hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"], [silent]]))
+    e = env(home) | {"MLX_RANK": "0", "MLX_HOSTFILE": str(hosts), "FT_CONNECT_TIMEOUT": "3"}
+    done = subprocess.run(command(1, train_args(data, tmp_path / "run", steps=2)), cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"ft: error: rank 0: rank 1 at {silent} did not join within 3 s; check that every host in the hostfile is "
+        "reachable at its address from the others and runs this ft (FT_CONNECT_TIMEOUT sets the wait)"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
 def test_ranks_that_disagree_stop_before_writing(tmp_path, setup):
     data, home, _ = setup
     out = tmp_path / "differ"

@@ -8,9 +8,13 @@ across ranks and divided once, and rank 0 alone writes and prints.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -19,6 +23,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
+from finetune.engines import watchdog
 from finetune.errors import UserError
 
 
@@ -37,13 +42,66 @@ def setup() -> World:
 
     Errors still reach stderr from every rank, so a failure on one host is never hidden.
     """
-    group = mx.distributed.init()
+    with _joining():
+        group = mx.distributed.init()
     if group.size() == 1:
         return SINGLE
     world = World(group.rank(), group.size(), _backend())
     if world.rank > 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
     return world
+
+
+@contextmanager
+def _joining() -> Iterator[None]:
+    """While the ranks connect: a host that never joins ends this rank with one line naming it.
+
+    (`mx.distributed.init` waits for every peer inside C++; only a watchdog outside can speak.)
+    """
+    awaited = _awaited()
+    if not awaited:
+        yield
+        return
+    rank = os.environ.get("MLX_RANK", "?")
+    seconds = watchdog.seconds_from_env("FT_CONNECT_TIMEOUT", 120.0)
+    message = (f"rank {rank}: {awaited} did not join within {{seconds}} s; check that every host in the hostfile "
+               "is reachable at its address from the others and runs this ft (FT_CONNECT_TIMEOUT sets the wait)")
+    with watchdog.Watchdog(seconds, message):
+        yield
+
+
+@contextmanager
+def watched(world: World, run_dir: Any) -> Iterator[Callable[[], None]]:
+    """Training under a watchdog (ranks only): call the yielded function after every step.
+
+    A peer that hangs with its connection open blocks the all-reduce forever; after
+    `$FT_PEER_TIMEOUT` s (default 300), or 10x the longest step so far, this rank ends with one line.
+    """
+    if world.size == 1:
+        yield lambda: None
+        return
+    seconds = watchdog.seconds_from_env("FT_PEER_TIMEOUT", 300.0)
+    message = (f"rank {world.rank}: no step finished for {{seconds}} s: another rank hung or its host went away "
+               f"(FT_PEER_TIMEOUT sets the wait); the last checkpoint in {run_dir} is intact: continue with --resume")
+    with watchdog.Watchdog(seconds, message) as dog:
+        yield dog.pet
+
+
+def _awaited() -> str:
+    """The peers `mx.distributed.init` is about to wait for, in words ("" when not launched)."""
+    path = os.environ.get("MLX_HOSTFILE", "")
+    if path:  # the ring: a JSON list, per rank, of "ip:port" addresses
+        try:
+            hosts = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return "the other ranks"
+        mine = os.environ.get("MLX_RANK", "")
+        peers = [f"rank {r} at {', '.join(map(str, a)) if isinstance(a, list) else a}"
+                 for r, a in enumerate(hosts) if str(r) != mine]
+        return "; ".join(peers) or "the other ranks"
+    if "MLX_JACCL_COORDINATOR" in os.environ:
+        return f"the ranks of coordinator {os.environ['MLX_JACCL_COORDINATOR']}"
+    return ""
 
 
 def _backend() -> str:

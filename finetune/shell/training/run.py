@@ -167,11 +167,12 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
             budget.record(run_dir, planned)
         checkpointing = cfg.grad_checkpoint or bool(planned and planned.grad_checkpoint)
         with (_progress(steps, cursor.step) as advance, trainer.checkpointed(model, checkpointing),
-              budget.enforced(planned.limit_gb) if planned else nullcontext()):
+              budget.enforced(planned.limit_gb) if planned else nullcontext(),
+              distributed.watched(world, run_dir) as alive):
             cursor = trainer.run_steps(
                 model, optimizer, train_data, valid_data, cfg, steps, cursor,
                 on_report=lambda r: (on_report(r), advance(r)),
-                on_save=on_save, on_step=lambda c: advance(None), on_log=log, world=world,
+                on_save=on_save, on_step=lambda c: (alive(), advance(None)), on_log=log, world=world,
                 splits=planned.splits if planned else 1, memory_limit_gb=planned.limit_gb if planned else 0.0,
             )
         if planned and lead:
