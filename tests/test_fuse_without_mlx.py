@@ -17,7 +17,15 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from lora_models import build_hf, make_tokenizer, one_line_error, ours, random_adapter, run_cli, write_model
+from lora_models import (
+    build_hf,
+    make_tokenizer,
+    one_line_error,
+    ours,
+    random_adapter,
+    run_cli,
+    write_model,
+)
 from mlx.utils import tree_flatten
 from no_mlx import BLOCK_MLX
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from returns.result import Failure, Result, Success
+from returns.result import Failure, Result
 
 from finetune.errors import UserError, unwrap
 
