@@ -192,15 +192,7 @@ def test_bad_backend_choices_get_one_line(tmp_path, capsys, data):
     assert code == 2 and "--backend mlx" in one_line_error(err)
 
 
-# Python source that makes `import mlx` fail in a fresh interpreter, as on a machine without MLX.
-BLOCK_MLX = (
-        "import sys, importlib.abc\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path, target=None):\n"
-        "        if name == 'mlx' or name.startswith('mlx.'):\n"
-        "            raise ImportError('blocked: ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-)
+from no_mlx import BLOCK_MLX  # noqa: E402  (Python source: `import mlx` fails, as where MLX is missing)
 
 
 def test_backend_mlx_without_mlx_is_one_line(tmp_path):
