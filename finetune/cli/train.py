@@ -233,14 +233,11 @@ def quick(
     r = api.recipe_of(recipes.bundled("quick"), **given)
     run_dir = Path(r.output) if "output" in given else _fresh(Path(r.output))
     prepared = api.prepare(r, device, _log, backend, memory_limit)
-    mlx = type(prepared).__module__.startswith("finetune.shell")  # the samples generate with MLX
-    if mlx:
-        from finetune.shell.training import samples
+    from finetune.shell.training import samples
 
-        before = samples.show(prepared, "Before training")
+    before = samples.show(prepared, "Before training")
     outcome = api.run(prepared, run_dir, resume=False, test=False, log=_log)
-    if mlx:
-        samples.show(prepared, "After training", before)
+    samples.show(prepared, "After training", before)
     print(f"Adapters in {outcome.run_dir}. Try: ft generate {r.model.path} --adapter {outcome.run_dir} --prompt '...'")
     return 0
 

@@ -11,6 +11,7 @@ kills the rank. When the rank ends, for any reason, the pipe closes and the chil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -87,10 +88,8 @@ class Watchdog:
         self._send("m " + message.replace("\n", " ") + "\n")
 
     def _send(self, line: str) -> None:
-        try:
+        with contextlib.suppress(OSError):  # the child is gone (killed with the process group)
             os.write(self._write, line.encode())
-        except OSError:  # the child is gone (killed with the process group): nothing left to tell
-            pass
 
     def close(self) -> None:
         if self._write >= 0:

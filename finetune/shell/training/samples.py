@@ -8,7 +8,7 @@ from returns.result import Success
 
 from finetune.core import prepare
 from finetune.shell.data import check, datasets
-from finetune.shell.models.generate import build_prompt, decoder, generate
+from finetune.shell.models.generate import build_prompt, decoder
 
 MAX_TOKENS = 48
 
@@ -26,7 +26,7 @@ def pick(recipe) -> Any:
 
 def show(prepared, title: str, before: str | None = None) -> str | None:
     """Print the prompt's answer now (and the expected one); returns the answer."""
-    recipe, tok, model = prepared.recipe, prepared.tokenizer, prepared.model
+    recipe, tok = prepared.recipe, prepared.tokenizer
     sample = pick(recipe)
     if sample is None:
         return None
@@ -35,6 +35,7 @@ def show(prepared, title: str, before: str | None = None) -> str | None:
         return None
     history = sample.messages[:-1]
     prompt = build_prompt(tok, messages=history, template=template.unwrap()).unwrap()
+    model, generate = _engine(prepared)
     model.eval()
     ids = list(generate(model, prompt.ids, max_tokens=MAX_TOKENS, stop_ids=prompt.stop_ids))
     model.train()
@@ -44,3 +45,14 @@ def show(prepared, title: str, before: str | None = None) -> str | None:
         print(f"expected: {sample.messages[-1].content}")
     print(f"[{title}] model: {answer or '(nothing)'}\n", flush=True)
     return answer
+
+
+def _engine(prepared) -> tuple[Any, Any]:
+    """The model to sample from and the generate function of the engine that prepared it."""
+    if type(prepared).__module__ == "finetune.engines.torch.run":
+        from finetune.engines.torch.generate import generate
+
+        return prepared.model.lm, generate  # transformers' model with the peft layers in place
+    from finetune.shell.models.generate import generate
+
+    return prepared.model, generate
