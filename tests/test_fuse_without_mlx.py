@@ -8,6 +8,7 @@ runs the same commands (`ft fuse --backend mlx`) and compares. The NumPy pieces 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +204,37 @@ def test_safetensors_files_read_and_write_as_mlx_does(tmp_path):
     assert mx.array_equal(back["t"], tensors["a"].T)
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "ours.safetensors").read_bytes()[:-3])
     assert "truncated" in tensorfile.read(tmp_path / "cut.safetensors").failure()
+
+
+# ---------------------------------------------------------------------------------------------
+# neither engine: NumPy alone fuses, and checks the fused layers' weights
+
+HIDE_TORCH = BLOCK_MLX + (
+    "class _HideTorch(_Hide):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in ('torch', 'peft'):\n"
+    "            return None\n"
+    "        return super().find_spec(name, path, target)\n"
+    "sys.meta_path[:] = [_HideTorch(f) for f in sys.meta_path]\n"
+)
+
+
+def test_with_neither_engine_fuse_checks_the_weights_and_writes_the_same_bytes(tmp_path, setup):
+    bases, adapter, _, _, root = setup
+    vanishing = random_adapter(bases["bf16"], tmp_path / "vanishing", b_std=1e-6)
+    script = [["fuse", str(bases["bf16"]), "--adapter", str(adapter["bf16"]), "--output", "fused"],
+              ["fuse", str(bases["bf16"]), "--adapter", str(vanishing), "--output", "vanished"],
+              ["fuse", str(bases["llama"]), "--adapter", str(adapter["llama"]), "--output", "o", "--backend", "mlx"],
+              ["fuse", str(bases["llama"]), "--adapter", str(adapter["llama"]), "--output", "o", "--backend", "torch"]]
+    env = {k: v for k, v in os.environ.items() if k != "FT_BACKEND"}
+    done = subprocess.run([sys.executable, "-c", HIDE_TORCH + RUN_ALL.removeprefix(BLOCK_MLX),
+                           json.dumps(script)], capture_output=True, text=True, cwd=tmp_path, env=env, check=True)
+    fused, vanished, mlx, torch_, loaded = json.loads(done.stdout)
+    assert loaded == []
+    assert fused["code"] == 0, fused["stderr"]
+    assert "check on the weights of 14 fused layers" in fused["stdout"] and "checked with NumPy" in fused["stdout"]
+    same_files(tmp_path / "fused", root / "nomlx" / "fuse-bf16")
+    assert vanished["code"] == 2 and "rounds away in bfloat16" in one_line_error(vanished["stderr"])
+    assert not (tmp_path / "vanished").exists()
+    assert one_line_error(mlx["stderr"]).startswith("ft: error: --backend mlx: MLX is not installed here")
+    assert one_line_error(torch_["stderr"]).startswith("ft: error: --backend torch: torch and peft are not installed")

@@ -55,7 +55,7 @@ def fuse(
     revision
         Hub branch, tag or commit of MODEL.
     backend
-        Engine whose libraries run the logit check: auto, mlx (our MLX modules) or torch (transformers); default: $FT_BACKEND, else auto. Reading, fusing and writing are NumPy either way; a quantized base needs mlx (unless --dequantize).
+        Engine whose libraries run the logit check: auto, mlx (our MLX modules) or torch (transformers); default: $FT_BACKEND, else auto (with neither installed: the check compares the fused layers' weights). Reading, fusing and writing are NumPy either way; a quantized base needs mlx (unless --dequantize).
     """
     from finetune.core.fusing import parse_size
     from finetune.shell.export.fuse import fuse as run
@@ -83,5 +83,6 @@ def fuse(
     print(f"Fused {done.layers} LoRA layers into {done.output} ({done.dtype}"
           f"{', dequantized' if done.dequantized else ''}"
           f"{', quantized ' + done.quantization if done.quantization else ''}; {files}, {done.size / 1e6:.1f} MB)")
-    print(f"{done.check.summary()}; checked with {done.engine}")
+    how = "NumPy (neither MLX nor torch is installed to run the model)" if done.engine == "numpy" else done.engine
+    print(f"{done.check.summary()}; checked with {how}")
     return 0

@@ -3,7 +3,8 @@ and the check that the fused model still computes what the adapter model compute
 
 The check compares logits of four models on a few rows: the base (float32), the adapter model
 (base + unfused LoRA, float32), the base with its weights rounded to the output dtype, and the
-fused model as it will be stored (computed in float32, so only the stored values differ).
+fused model as it will be stored (computed in float32, so only the stored values differ). With no
+engine installed to run a model, the same measures are taken on the fused layers' weights.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from finetune.core.records import Sample
 DTYPES = dtypes.FLOATS
 # Logit tolerance per output dtype, relative to the largest logit (at least 1).
 RTOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+EPS32 = float(np.finfo(np.float32).eps)
 # The adapter's effect "vanished" when fusing keeps less than this share of it.
 VANISHED = 0.5
 SINGLE = "model.safetensors"
@@ -154,7 +156,8 @@ def sample_text(sample: Sample) -> str:
 
 
 class Check(Struct, frozen=True, kw_only=True):
-    """Largest absolute logit differences measured on the check rows."""
+    """Largest absolute logit differences measured on the check rows (or weight differences on the
+    fused layers, `on == "weights"`)."""
 
     rows: int
     dtype: str
@@ -166,14 +169,16 @@ class Check(Struct, frozen=True, kw_only=True):
     logit_scale: float  # largest |logit| of the adapter model
     kept: float  # share of the adapter's effect the fused model keeps (projection; 1 = all)
     quantized: str = ""  # the re-quantization of a quantized base's fused layers ("" = float output)
+    on: str = "logits"  # or "weights": no engine ran the model
 
     @property
     def stored_as(self) -> str:
         return f"re-quantized ({self.quantized})" if self.quantized else f"in {self.dtype}"
 
     def summary(self) -> str:
-        return (f"check on {self.rows} rows: fused vs adapter logits max |diff| {self.fused_vs_adapter:.2e} "
-                f"(tolerance {self.tolerance:.2e}); the adapter moves logits by up to {self.adapter_effect:.2e}, "
+        where = f"{self.rows} rows" if self.on == "logits" else f"the weights of {self.rows} fused layers"
+        return (f"check on {where}: fused vs adapter {self.on} max |diff| {self.fused_vs_adapter:.2e} "
+                f"(tolerance {self.tolerance:.2e}); the adapter moves {self.on} by up to {self.adapter_effect:.2e}, "
                 f"{self.fused_effect:.2e} after fusing {self.stored_as} ({self.kept:.0%} of its effect kept)")
 
 
@@ -183,7 +188,7 @@ def _max_abs(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> float:
 
 def measure(
     base: Sequence[np.ndarray], adapter: Sequence[np.ndarray], base_cast: Sequence[np.ndarray],
-    fused: Sequence[np.ndarray], dtype: str, quantized: str = "",
+    fused: Sequence[np.ndarray], dtype: str, quantized: str = "", on: str = "logits",
 ) -> Check:
     """Compare the four models' logits (one array per row) and set the dtype's tolerance.
 
@@ -204,7 +209,7 @@ def measure(
         tolerance=RTOL[dtype] * max(1.0, scale) + 3.0 * noise + (effect_size if quantized else 0.0),
         adapter_effect=effect_size,
         fused_effect=_max_abs(fused, base_cast), cast_noise=noise, logit_scale=scale,
-        kept=along / norm if norm > 0 else 1.0, quantized=quantized,
+        kept=along / norm if norm > 0 else 1.0, quantized=quantized, on=on,
     )
 
 
@@ -214,18 +219,20 @@ def verdict(check: Check) -> Result[Check, str]:
     if check.quantized:
         hint = "; fuse with --dequantize to keep it in float weights"
     if not math.isfinite(check.fused_vs_adapter + check.fused_effect):
-        return Failure(f"the fused model's logits are not finite in {check.dtype} (weights out of its range){hint}")
-    significant = check.adapter_effect > RTOL["float32"] * max(1.0, check.logit_scale)
+        return Failure(f"the fused model's {check.on} are not finite in {check.dtype} (weights out of its range){hint}")
+    # an effect beyond float32 noise: logits' relative tolerance; weights' (fused exactly) a few ulps
+    floor = RTOL["float32"] * max(1.0, check.logit_scale) if check.on == "logits" else 4 * EPS32 * check.logit_scale
+    significant = check.adapter_effect > floor
     if significant and check.kept < VANISHED:
         return Failure(
-            f"the adapter's effect rounds away {check.stored_as}: the fused model's logits differ from the "
+            f"the adapter's effect rounds away {check.stored_as}: the fused model's {check.on} differ from the "
             f"base model's by at most {check.fused_effect:.2e}, the adapter model's by {check.adapter_effect:.2e} "
             f"(only {max(check.kept, 0.0):.0%} of the adapter's effect survives; its LoRA update is tiny next to "
             f"the base weights){hint}"
         )
     if check.fused_vs_adapter > check.tolerance:
         return Failure(
-            f"the fused model disagrees with the adapter model: max |logit difference| "
+            f"the fused model disagrees with the adapter model: max |{check.on.removesuffix('s')} difference| "
             f"{check.fused_vs_adapter:.2e} > tolerance {check.tolerance:.2e} {check.stored_as}{hint}"
         )
     return Success(check)

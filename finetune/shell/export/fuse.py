@@ -21,6 +21,7 @@ from msgspec import Struct
 from returns.result import Failure, Result, Success
 
 from finetune.core import dtypes, fusing, quantization
+from finetune.core.quantization import Quant
 from finetune.shell.export import adapters, fuse_base, fuse_check, tensorfile
 from finetune.shell.models import sources, weights
 
@@ -85,7 +86,7 @@ def fuse(
             pass
         case failure:
             return failure
-    match _check_rows(directory, data, rows, int(config.get("vocab_size", 1 << 30))):
+    match _check_rows(directory, data, rows, int(config.get("vocab_size", 1 << 30))) if engine != "numpy" else Success([]):
         case Success(ids):
             pass
         case failure:
@@ -94,16 +95,17 @@ def fuse(
              for p, a in params.items() if p.endswith(".lora_a")}
     log(f"Fusing into {target}{' (re-quantized: ' + quant.summary() + ')' if quant else ''}; checking with {engine} ...")
     dense = fuse_base.dense(base)
-    stored = dtypes.cast_floats(fusing.fuse_all(dense, pairs, found.scale), target)
-    base_stored = dtypes.cast_floats(dense, target)
+    exact = fusing.fuse_all(dense, pairs, found.scale)
+    stored, base_stored = dtypes.cast_floats(exact, target), dtypes.cast_floats(dense, target)
     if quant is not None:
         stored = fuse_base.requantize(stored, base.tensors, base.plan, set(pairs))
         base_stored = fuse_base.requantize(base_stored, base.tensors, base.plan, set(pairs))  # the format's own noise
-    model_base = base.tensors if quant is not None or engine == "mlx" else dense
-    plain, adapted, (cast, fused) = fuse_check.logits(
-        engine, config, ids, model_base, base.plan if model_base is base.tensors else {}, pairs, found.scale,
-        [base_stored, stored], base.plan if quant is not None else {})
-    check = fusing.measure(plain, adapted, cast, fused, target, quant.summary() if quant else "")
+    if engine == "numpy":  # float output only: re-quantizing needs MLX
+        names = [f"{p}.weight" for p in pairs]
+        check = fusing.measure(*([dtypes.as_float32(t[n]) for n in names] for t in (dense, exact, base_stored, stored)),
+                               target, on="weights")
+    else:
+        check = _logit_check(engine, config, ids, base, dense, (base_stored, stored), pairs, found.scale, quant, target)
     match fusing.verdict(check):
         case Failure(message):
             return Failure(f"refusing to write {output}: {message}")
@@ -119,6 +121,19 @@ def fuse(
         size=sum(v.nbytes for v in tensors.values()), check=check, engine=engine,
         dequantized=bool(base.plan) and quant is None, quantization=quant.summary() if quant else "",
     ))
+
+
+def _logit_check(engine: str, config: dict, ids: list[list[int]], base: fuse_base.Base, dense: dict,
+                 written: tuple[dict, dict], pairs: dict, scale: float, quant: Quant | None, target: str) -> fusing.Check:
+    """The four models' logits (base, adapter, base as written, fused as written) compared.
+
+    MLX runs a quantized base as stored; torch runs its dequantized weights (float output only).
+    """
+    model_base = base.tensors if quant is not None or engine == "mlx" else dense
+    plain, adapted, (cast, fused) = fuse_check.logits(
+        engine, config, ids, model_base, base.plan if model_base is base.tensors else {}, pairs, scale,
+        list(written), base.plan if quant is not None else {})
+    return fusing.measure(plain, adapted, cast, fused, target, quant.summary() if quant else "")
 
 
 def _target(spec: str, revision: str, adapter: Path, output: Path, force: bool) -> Result[tuple[Path, dict], str]:
@@ -141,16 +156,20 @@ def _target(spec: str, revision: str, adapter: Path, output: Path, force: bool) 
 
 
 def _engine(backend: str | None, needs_mlx: str) -> Result[str, str]:
-    """Which engine runs the check: `--backend`'s choice, or MLX where the base needs it."""
+    """Which engine runs the check: `--backend`'s choice, MLX where the base needs it, or `numpy`
+    (the weights checked, no model run) where neither engine is installed."""
     import os
 
     from finetune.engines import choose
 
+    requested = backend or os.environ.get("FT_BACKEND") or "auto"
+    if not needs_mlx and requested == "auto" and not choose.installed("mlx") and not choose.torch_ready():
+        return Success("numpy")  # no engine to run a model: the check measures the weights
     if not needs_mlx:
         return Success(choose.decide(backend)[0])
     if not choose.installed("mlx"):
         return Failure(f"{needs_mlx}, and MLX is not installed here ({choose.INSTALL_MLX})")
-    if (backend or os.environ.get("FT_BACKEND") or "auto") == "torch":
+    if requested == "torch":
         return Failure(f"--backend torch: {needs_mlx}; use --backend mlx")
     return Success("mlx")
 
