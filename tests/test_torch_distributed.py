@@ -2,8 +2,8 @@
 on loopback (gloo, one thread per rank).
 
 Covers: 2 ranks = 1 process with the same global batch (uneven 3 + 2 shares, accumulation); only
-rank 0 writes and prints; world size and backend recorded; --resume with 2 ranks and with 1 from
-the 2-rank run's checkpoint; a SIGKILLed rank ends the job in bounded time with the rank named and
+rank 0 writes and prints; world size and backend recorded; Ctrl-C at torchrun stops every rank at
+one step with rank 0's checkpoint saved; --resume from it with 2 ranks and with 1; a SIGKILLed rank ends the job in bounded time with the rank named and
 the last checkpoint intact (and resumable); ranks that disagree stop before writing; each
 launcher refuses the other engine.
 """
@@ -83,7 +83,7 @@ def train_args(data: Path, out: Path, *extra, steps: int = STEPS) -> list:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, finetune_home):
-    """(data dir, FINETUNE_HOME with `tiny` built, the 1-process reference run, the 2-rank run)."""
+    """(data dir, FINETUNE_HOME with `tiny` built, the 1-process reference run)."""
     from finetune.shell.models import tiny
 
     os.environ["FINETUNE_HOME"] = str(finetune_home)  # build tiny once, before ranks race for it
@@ -95,11 +95,9 @@ def setup(tmp_path_factory, finetune_home):
         rows = [{"prompt": f"SELECT name FROM users WHERE id = {i}", "completion": f" row {i} " * (1 + i % 4)}
                 for i in range(offset, offset + n)]
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    reference, two = base / "reference", base / "two"
+    reference = base / "reference"
     assert main([str(a) for a in train_args(data, reference)]) == 0  # in-process: one import of torch fewer
-    code, text = run(torchrun(2, train_args(data, two)), finetune_home, base / "two.log")
-    assert code == 0 and (two / "adapters.safetensors").exists(), text
-    return data, finetune_home, reference, two, text
+    return data, finetune_home, reference
 
 
 def close_adapters(run_dir: Path, reference: Path, rtol: float = 1e-4) -> None:
@@ -113,53 +111,61 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def same_curve(run_dir: Path, reference: Path) -> None:
+def same_curve(run_dir: Path, reference: Path, resumed_at: int) -> None:
+    """The reports match, but the train loss of a window cut by the resume (it restarts there)."""
     rows, one = metrics(run_dir), metrics(reference)
     # rank 0 alone appends: one row per report, not one per rank
     assert [m["step"] for m in rows] == [m["step"] for m in one] == [5, 10, 15, 20]
     assert [m["trained_tokens"] for m in rows] == [m["trained_tokens"] for m in one]
     for m, r in zip(rows, one, strict=True):
-        assert m["train_loss"] == pytest.approx(r["train_loss"], rel=1e-4)
+        if not m["step"] - 5 < resumed_at < m["step"]:
+            assert m["train_loss"] == pytest.approx(r["train_loss"], rel=1e-4)
         assert (m["val_loss"] is None) == (r["val_loss"] is None)
         if r["val_loss"] is not None:  # summed over the ranks' shares
             assert m["val_loss"] == pytest.approx(r["val_loss"], rel=1e-4)
 
 
-def test_two_ranks_train_what_one_process_trains_and_rank_0_alone_writes(setup):
-    data, home, reference, two, text = setup
-    close_adapters(two, reference)
-    same_curve(two, reference)
-    assert {(m["world_size"], m["distributed_backend"]) for m in metrics(two)} == {(2, "gloo")}
+def test_two_ranks_train_what_one_process_trains_through_ctrl_c_and_resume(tmp_path, setup):
+    """A 2-rank run stopped with Ctrl-C at torchrun, resumed with 2 ranks and with 1: both end
+    where the 1-process run does (the plan is global, so any stopping step will do)."""
+    data, home, reference = setup
+    stopped, log = tmp_path / "stopped", tmp_path / "ft.log"
+    proc = start(torchrun(2, train_args(data, stopped)), home, log)
+    try:
+        wait_for(stopped / "checkpoints" / "step-0000005", proc, log)
+        os.kill(proc.pid, signal.SIGINT)  # torchrun passes it on to every rank
+        proc.wait(60)
+    finally:
+        end(proc)
+    text = log.read_text()
+    saved = checkpoints.complete(stopped)
+    at = int(saved[-1].name.removeprefix("step-"))
+    assert 5 <= at < STEPS, f"the run finished before Ctrl-C:\n{text}"
+    # every rank stopped at the same step, and rank 0 saved it
+    assert text.count(f"ft: interrupted at step {at}: checkpoint saved in {stopped}") == 2, text
+    assert not [p for p in stopped.rglob("*") if p.name.startswith(".")], "temporary files left behind"
+    assert {(m["world_size"], m["distributed_backend"]) for m in metrics(stopped)} == {(2, "gloo")}
+    for ranks in (2, 1):
+        again = tmp_path / f"resumed-{ranks}"
+        shutil.copytree(stopped, again)
+        if ranks == 2:
+            code, text = run(torchrun(2, train_args(data, again, "--resume")), home, tmp_path / "resume.log")
+            assert code == 0 and f"Resuming at step {at} of {STEPS}" in text, text
+            # rank 0 alone prints: every log line once, and the backend line names the ranks
+            assert text.count("Iter 20: Train loss") == 1 and text.count("backend: torch") == 1, text
+            assert [line for line in text.splitlines() if line.startswith("backend:")][0].endswith(", 2 ranks over gloo")
+        else:  # in-process: one import of torch fewer
+            assert main([str(a) for a in train_args(data, again, "--resume")]) == 0
+        close_adapters(again, reference)
+        same_curve(again, reference, at)
+        expected = (2, "gloo") if ranks == 2 else (1, "none")
+        assert [(m["world_size"], m["distributed_backend"]) for m in metrics(again)][-1] == expected
+        assert sorted(p.name for p in again.iterdir()) == sorted(p.name for p in reference.iterdir())
     assert {(m["world_size"], m["distributed_backend"]) for m in metrics(reference)} == {(1, "none")}
-    # rank 0 alone prints: every log line once, and the backend line names the ranks
-    assert text.count("Iter 20: Train loss") == 1 and text.count("backend: torch") == 1, text
-    assert "2 ranks over gloo" in text.splitlines()[[line.startswith("backend:") for line in text.splitlines()].index(True)]
-    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in reference.iterdir())
-    assert not [p for p in two.rglob("*") if p.name.startswith(".")], "temporary files left behind"
-
-
-@pytest.mark.parametrize("ranks", [2, 1])
-def test_resume_the_two_rank_run_with_either_world_size(tmp_path, setup, ranks):
-    """The plan is global: 2 ranks or 1 continue from the 2-rank run's step-10 checkpoint."""
-    data, home, reference, two, _ = setup
-    again = tmp_path / "again"
-    shutil.copytree(two, again)
-    for later in checkpoints.complete(again)[1:]:  # keep step 10 (of 10, 15, 20)
-        shutil.rmtree(later)
-    assert [p.name for p in checkpoints.complete(again)] == ["step-0000010"]
-    if ranks == 2:
-        code, text = run(torchrun(2, train_args(data, again, "--resume")), home, tmp_path / "resume.log")
-        assert code == 0, text
-    else:
-        assert main([str(a) for a in train_args(data, again, "--resume")]) == 0
-    close_adapters(again, reference)
-    same_curve(again, reference)
-    expected = (2, "gloo") if ranks == 2 else (1, "none")
-    assert [(m["world_size"], m["distributed_backend"]) for m in metrics(again)][-2:] == [expected] * 2
 
 
 def test_a_killed_rank_ends_the_job_naming_it_and_the_checkpoint_resumes(tmp_path, setup):
-    data, home, _, _, _ = setup
+    data, home, _ = setup
     out, log = tmp_path / "killed", tmp_path / "ft.log"
     proc = start(torchrun(2, train_args(data, out, steps=100_000)), home, log)
     try:
@@ -187,7 +193,7 @@ def test_a_killed_rank_ends_the_job_naming_it_and_the_checkpoint_resumes(tmp_pat
 
 
 def test_ranks_that_disagree_stop_before_writing(tmp_path, setup):
-    data, home, _, _, _ = setup
+    data, home, _ = setup
     out = tmp_path / "differ"
     code, text = run(torchrun(2, train_args(data, out, steps=2), shell="--seed $((1 + RANK))"), home, tmp_path / "ft.log")
     errors = [line for line in text.splitlines() if line.startswith("ft: error:")]
