@@ -191,10 +191,11 @@ def _check_launcher(engine: str, why: str) -> None:
     whole batch alone, so refuse."""
     import os
 
-    mlx_launch = [k for k in ("MLX_RANK", "MLX_HOSTFILE", "MLX_JACCL_COORDINATOR") if k in os.environ]
-    if engine == "torch" and mlx_launch:
-        raise UserError(f"the torch engine ({why}) under mlx.launch ({mlx_launch[0]} is set): mlx.launch starts the "
-                        "MLX engine's ranks (--backend mlx); start the torch engine's with torchrun")
+    from finetune.engines import choose
+
+    if engine == "torch" and choose.launched_by_mlx():
+        raise UserError(f"the torch engine ({why}) under mlx.launch: mlx.launch starts the MLX engine's ranks "
+                        "(--backend mlx); start the torch engine's with torchrun")
     if engine == "mlx" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise UserError(f"the MLX engine ({why}) under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): torchrun starts "
                         "the torch engine's ranks (add --backend torch); start the MLX engine's with mlx.launch")

@@ -213,7 +213,7 @@ def test_torch_under_mlx_launch_is_refused(tmp_path, monkeypatch, capsys, setup)
     monkeypatch.setenv("MLX_RANK", "0")
     assert main([str(a) for a in train_args(data, tmp_path / "run", steps=2)]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("ft: error: the torch engine (asked for) under mlx.launch (MLX_RANK is set)"), line
+    assert line.startswith("ft: error: the torch engine (asked for) under mlx.launch: mlx.launch starts the MLX engine's ranks"), line
     assert "torchrun" in line and not (tmp_path / "run").exists()
 
 
