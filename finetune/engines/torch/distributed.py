@@ -53,8 +53,12 @@ def setup(device_type: str = "cpu") -> World:
     if _joined or not launched():
         return current()
     backend = "nccl" if device_type == "cuda" else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if backend == "nccl":  # NCCL refuses two ranks on one GPU: one GPU per local rank
+        local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= gpus:
+            raise UserError(f"rank {os.environ.get('RANK', local)}: local rank {local} but {gpus} CUDA GPU(s) here; "
+                            f"start at most --nproc-per-node {gpus} (one GPU per rank), or train on CPUs with --device cpu")
+        torch.cuda.set_device(local)
     timeout = timedelta(seconds=float(os.environ.get("FT_DIST_TIMEOUT", TIMEOUT_S)))
     try:
         dist.init_process_group(backend, timeout=timeout)
