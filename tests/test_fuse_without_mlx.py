@@ -2,7 +2,7 @@
 
 One interpreter with MLX hidden (tests/no_mlx.py) runs every command; this process, with MLX,
 runs the same commands (`ft fuse --backend mlx`) and compares. The NumPy pieces they rest on
-(affine dequantize, bfloat16 rounding, safetensors files) are compared with MLX's own.
+(affine quantize and dequantize, bfloat16 rounding, safetensors files) are compared with MLX's own.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from lora_models import (
 from mlx.utils import tree_flatten
 from no_mlx import BLOCK_MLX
 
-from finetune.core import dtypes, fusing
+from finetune.core import affine, dtypes
 from finetune.shell.export import tensorfile
 
 RUN_ALL = BLOCK_MLX + (
@@ -59,9 +59,11 @@ def setup(tmp_path_factory):
         "bf16": write_model(build_hf("llama-tied", vocab, seed=2).to(torch.bfloat16), root / "bf16", tok),
     }
     bases["q4"] = _quantized(bases["bf16"], root / "q4", tok)
-    adapter = {name: random_adapter(d, root / f"{name}-adapter") for name, d in bases.items() if name != "q4"}
-    adapter["q4"] = adapter["bf16"]
+    bases["mxfp4"] = _quantized(bases["bf16"], root / "mxfp4", tok, mode="mxfp4")
+    adapter = {name: random_adapter(d, root / f"{name}-adapter") for name, d in bases.items() if name in ("llama", "gpt2", "bf16")}
+    adapter["q4"] = adapter["mxfp4"] = adapter["bf16"]
     adapter["half"] = _bf16_copy(adapter["llama"], root / "half-adapter")
+    adapter["on-load"] = _quantized_on_load(adapter["bf16"], root / "on-load-adapter")
     commands = _commands(bases, adapter)
     script = [[str(a) for a in args] for args in commands.values()]
     done = subprocess.run([sys.executable, "-c", RUN_ALL, json.dumps(script)], capture_output=True, text=True,
@@ -70,18 +72,28 @@ def setup(tmp_path_factory):
     return bases, adapter, dict(zip(commands, results, strict=True)), loaded, root
 
 
-def _quantized(source: Path, d: Path, tok: Path) -> Path:
+def _quantized(source: Path, d: Path, tok: Path, mode: str = "affine") -> Path:
     """mlx-lm's 4-bit layout (packed uint32 weight, bfloat16 scales and biases) of `source`."""
     model = ours(source)
-    nn.quantize(model, group_size=32, bits=4)
+    nn.quantize(model, group_size=32, bits=4, mode=mode)
     d.mkdir()
     tensors = {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(str(d / "model.safetensors"), tensors, metadata={"format": "mlx"})
     config = json.loads((source / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**config, "quantization": {"group_size": 32, "bits": 4}}))
+    (d / "config.json").write_text(json.dumps({**config, "quantization": {"group_size": 32, "bits": 4, "mode": mode}}))
     for f in tok.iterdir():
         (d / f.name).write_bytes(f.read_bytes())
     return d
+
+
+def _quantized_on_load(adapter: Path, out: Path) -> Path:
+    """The adapter as if trained on its float base quantized on load (QLoRA, 4-bit, group 64)."""
+    out.mkdir()
+    (out / "adapters.safetensors").write_bytes((adapter / "adapters.safetensors").read_bytes())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    record = {"group_size": 64, "bits": 4, "mode": "affine", "quantized_on_load": True}
+    (out / "adapter_config.json").write_text(json.dumps({**config, "base_quantization": record}))
+    return out
 
 
 def _bf16_copy(adapter: Path, out: Path) -> Path:
@@ -97,7 +109,10 @@ def _commands(bases: dict[str, Path], adapter: dict[str, Path]) -> dict[str, lis
     fuse = {f"fuse-{n}": ["fuse", bases[n], "--adapter", adapter[n], "--output", f"nomlx/fuse-{n}", "--backend", "auto"]
             for n in ("llama", "gpt2", "bf16")}
     return fuse | {
-        "fuse-q4": ["fuse", bases["q4"], "--adapter", adapter["q4"], "--output", "nomlx/fuse-q4"],
+        "fuse-q4": ["fuse", bases["q4"], "--adapter", adapter["q4"], "--output", "nomlx/fuse-q4", "--backend", "auto"],
+        "fuse-mxfp4": ["fuse", bases["mxfp4"], "--adapter", adapter["mxfp4"], "--output", "nomlx/fuse-mxfp4"],
+        "fuse-on-load": ["fuse", bases["bf16"], "--adapter", adapter["on-load"], "--output", "nomlx/fuse-on-load",
+                         "--backend", "auto"],
         "fuse-q4-dequantized": ["fuse", bases["q4"], "--adapter", adapter["q4"], "--output", "nomlx/fuse-q4-dequantized",
                                 "--dequantize", "--backend", "auto"],
         "export-peft": ["adapters", "export", adapter["llama"], "--format", "peft", "--output", "nomlx/export-peft"],
@@ -118,22 +133,22 @@ def test_nothing_loads_mlx_and_every_command_answers(setup):
     _, _, results, loaded, _ = setup
     assert loaded == []
     for name, r in results.items():
-        if name in ("fuse-q4", "inspect-misfit"):
+        if name in ("inspect-misfit", "fuse-mxfp4"):
             assert r["code"] == 2 and one_line_error(r["stderr"]).startswith("ft: error: "), (name, r)
         else:
             assert r["code"] == 0, (name, r["stderr"])
-    assert one_line_error(results["fuse-q4"]["stderr"]).endswith(
-        "re-quantizing the fused model needs MLX (the base is quantized; --dequantize writes float weights), "
-        "and MLX is not installed here (pip install mlx (Apple silicon), 'mlx[cpu]' or 'mlx[cuda]' (Linux))")
     assert "not in this model's blocks" in results["inspect-misfit"]["stderr"]
+    assert one_line_error(results["fuse-mxfp4"]["stderr"]).endswith(
+        "mxfp4 quantization is (de)quantized with MLX only (affine with NumPy), and MLX is not installed here "
+        "(pip install mlx (Apple silicon), 'mlx[cpu]' or 'mlx[cuda]' (Linux))")
     assert "bfloat16" in json.loads(results["inspect"]["stdout"])["weights"]
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bf16", "q4-dequantized"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bf16", "q4", "q4-dequantized", "on-load"])
 def test_fuse_writes_the_same_bytes_with_and_without_mlx(tmp_path, capsys, setup, name):
     bases, adapter, results, _, root = setup
     assert "checked with torch" in results[f"fuse-{name}"]["stdout"]
-    base = bases[name.removesuffix("-dequantized")]
+    base = bases["bf16" if name == "on-load" else name.removesuffix("-dequantized")]
     extra = ["--dequantize"] if name.endswith("-dequantized") else []
     code, stdout, err = run_cli(capsys, "fuse", base, "--adapter", adapter[name.removesuffix("-dequantized")],
                                 "--output", tmp_path / "o", "--backend", "mlx", *extra)
@@ -141,7 +156,18 @@ def test_fuse_writes_the_same_bytes_with_and_without_mlx(tmp_path, capsys, setup
     assert "checked with mlx" in stdout
     same_files(root / "nomlx" / f"fuse-{name}", tmp_path / "o")
     written = json.loads((tmp_path / "o" / "config.json").read_text())
-    assert written["dtype"] == ("bfloat16" if name in ("bf16", "q4-dequantized") else "float32")
+    assert written["dtype"] == ("float32" if name in ("llama", "gpt2") else "bfloat16")
+    assert ("quantization" in written) == (name in ("q4", "on-load"))
+    if name == "on-load":
+        assert written["quantization"]["group_size"] == 64 and "quantized 4-bit affine, group size 64" in stdout
+
+
+def test_an_mxfp4_base_fuses_with_mlx_into_mxfp4(tmp_path, capsys, setup):
+    bases, adapter, _, _, _ = setup
+    code, stdout, err = run_cli(capsys, "fuse", bases["mxfp4"], "--adapter", adapter["mxfp4"], "--output", tmp_path / "o")
+    assert code == 0, err
+    assert "quantized 4-bit mxfp4, group size 32" in stdout and "checked with mlx" in stdout
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["quantization"]["mode"] == "mxfp4"
 
 
 def test_adapters_convert_the_same_bytes_with_and_without_mlx(tmp_path, capsys, setup):
@@ -168,14 +194,30 @@ def test_adapters_convert_the_same_bytes_with_and_without_mlx(tmp_path, capsys, 
 @pytest.mark.parametrize("scales", ["float32", "float16", "bfloat16"])
 def test_numpy_affine_dequantize_equals_mx_dequantize(scales):
     for group_size in (32, 64, 128):
-        for bits in (2, 3, 4, 5, 6, 8):
+        for bits in (1, 2, 3, 4, 5, 6, 8):
             w = (3 * mx.random.normal((8, 256), key=mx.random.key(bits * group_size))).astype(getattr(mx, scales))
             packed, s, b = mx.quantize(w, group_size=group_size, bits=bits)
             want = np.array(mx.dequantize(packed, s, b, group_size=group_size, bits=bits).astype(mx.float32))
             s_np, b_np = (np.array(x.view(mx.uint16)).view(dtypes.BF16) if scales == "bfloat16" else np.array(x)
                           for x in (s, b))
-            got = fusing.dequantize_affine(np.array(packed), s_np, b_np, group_size, bits)
+            got = affine.dequantize(np.array(packed), s_np, b_np, group_size, bits)
             assert got.dtype == np.float32 and np.array_equal(got, want), (group_size, bits)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_numpy_affine_quantize_equals_mx_quantize_bit_for_bit(dtype):
+    for group_size in (32, 64, 128):
+        for bits in (2, 3, 4, 5, 6, 8):
+            key = mx.random.key(bits * group_size)
+            w = mx.concatenate([0.02 * mx.random.normal((4, 256), key=key), 3 * mx.random.normal((4, 256), key=key) + 0.5,
+                                mx.zeros((1, 256)), mx.full((1, 256), -0.25)]).astype(getattr(mx, dtype))
+            w_np = np.array(w.view(mx.uint16)).view(dtypes.BF16) if dtype == "bfloat16" else np.array(w)
+            mine = affine.quantize(w_np, group_size, bits)
+            theirs = mx.quantize(w, group_size=group_size, bits=bits)
+            for a, b in zip(mine, theirs, strict=True):
+                b_np = np.array(b.view(mx.uint16)) if b.dtype == mx.bfloat16 else np.array(b)
+                assert dtypes.name(a) == str(b.dtype).removeprefix("mlx.core.")
+                assert np.array_equal(np.ascontiguousarray(a).view(np.uint8), b_np.view(np.uint8)), (group_size, bits)
 
 
 def test_bfloat16_and_float16_rounding_equal_mlx():

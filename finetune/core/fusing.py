@@ -18,7 +18,7 @@ import numpy as np
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
-from finetune.core import dtypes, lora
+from finetune.core import affine, dtypes, lora
 from finetune.core.convert import mlx_to_hf
 from finetune.core.quantization import Params, Quant, without_quantization
 from finetune.core.records import Sample
@@ -34,23 +34,6 @@ INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD = "2GB"
 
 
-def unpack(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
-    """mlx-lm's packed uint32 words (little-endian bit stream per row) -> `width` integers per row."""
-    stream = np.unpackbits(np.ascontiguousarray(packed).view(np.uint8), axis=-1, bitorder="little")
-    digits = stream[..., : width * bits].reshape(*packed.shape[:-1], width, bits).astype(np.uint32)
-    return (digits << np.arange(bits, dtype=np.uint32)).sum(-1, dtype=np.uint32)
-
-
-def dequantize_affine(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int, bits: int) -> np.ndarray:
-    """`scales · q + biases` per group, as float32 holding `mx.dequantize`'s values exactly: it
-    rounds after the product and after the sum to the scales' dtype, and so does this."""
-    dtype = dtypes.name(scales)
-    width = packed.shape[-1] * 32 // bits
-    s = np.repeat(dtypes.as_float32(scales), group_size, axis=-1)
-    b = np.repeat(dtypes.as_float32(biases), group_size, axis=-1)
-    return dtypes.rounded(dtypes.rounded(s * unpack(packed, bits, width).astype(np.float32), dtype) + b, dtype)
-
-
 def dequantize(weights: Mapping[str, np.ndarray], plan: Mapping[str, Params]) -> dict[str, np.ndarray]:
     """Every planned quantized `<path>.weight` (with `.scales`, `.biases`; affine mode) as a dense
     float32 matrix; other tensors as they are."""
@@ -58,7 +41,7 @@ def dequantize(weights: Mapping[str, np.ndarray], plan: Mapping[str, Params]) ->
     for path, p in plan.items():
         assert p.mode == "affine", f"{path}: only affine quantization is dequantized with NumPy"
         scales, biases = out.pop(f"{path}.scales"), out.pop(f"{path}.biases")
-        out[f"{path}.weight"] = dequantize_affine(weights[f"{path}.weight"], scales, biases, p.group_size, p.bits)
+        out[f"{path}.weight"] = affine.dequantize(weights[f"{path}.weight"], scales, biases, p.group_size, p.bits)
     return out
 
 

@@ -79,9 +79,7 @@ def fuse(
             return failure
     target = dtype or _default_dtype(directory, config)
     quant = None if dequantize else quantization.describe(base.layers)
-    why = base.needs_mlx or ("re-quantizing the fused model needs MLX (the base is quantized; "
-                             "--dequantize writes float weights)" if quant else "")
-    match _engine(backend, why):
+    match _engine(backend, base.needs_mlx or (fuse_base.mlx_quantizes(base.plan) if quant else "")):
         case Success(engine):
             pass
         case failure:
@@ -100,10 +98,11 @@ def fuse(
     if quant is not None:
         stored = fuse_base.requantize(stored, base.tensors, base.plan, set(pairs))
         base_stored = fuse_base.requantize(base_stored, base.tensors, base.plan, set(pairs))  # the format's own noise
-    if engine == "numpy":  # float output only: re-quantizing needs MLX
+    if engine == "numpy":
         names = [f"{p}.weight" for p in pairs]
-        check = fusing.measure(*([dtypes.as_float32(t[n]) for n in names] for t in (dense, exact, base_stored, stored)),
-                               target, on="weights")
+        as_run = [_float32(t, base.plan if quant is not None else {}) for t in (base_stored, stored)]
+        check = fusing.measure(*([t[n] for n in names] for t in (dense, exact, *as_run)), target,
+                               quant.summary() if quant else "", on="weights")
     else:
         check = _logit_check(engine, config, ids, base, dense, (base_stored, stored), pairs, found.scale, quant, target)
     match fusing.verdict(check):
@@ -127,13 +126,22 @@ def _logit_check(engine: str, config: dict, ids: list[list[int]], base: fuse_bas
                  written: tuple[dict, dict], pairs: dict, scale: float, quant: Quant | None, target: str) -> fusing.Check:
     """The four models' logits (base, adapter, base as written, fused as written) compared.
 
-    MLX runs a quantized base as stored; torch runs its dequantized weights (float output only).
+    MLX runs quantized layers as stored; torch runs their dequantized weights (what a quantized
+    layer multiplies by, in float32).
     """
-    model_base = base.tensors if quant is not None or engine == "mlx" else dense
-    plain, adapted, (cast, fused) = fuse_check.logits(
-        engine, config, ids, model_base, base.plan if model_base is base.tensors else {}, pairs, scale,
-        list(written), base.plan if quant is not None else {})
+    plan = base.plan if quant is not None else {}
+    if engine == "mlx":
+        plain, adapted, (cast, fused) = fuse_check.logits(engine, config, ids, base.tensors, base.plan, pairs,
+                                                          scale, list(written), plan)
+    else:
+        plain, adapted, (cast, fused) = fuse_check.logits(engine, config, ids, dense, {}, pairs, scale,
+                                                          [_float32(w, plan) for w in written], {})
     return fusing.measure(plain, adapted, cast, fused, target, quant.summary() if quant else "")
+
+
+def _float32(tensors: dict, plan: dict) -> dict:
+    """Written tensors as the float32 weights a model computes with (`plan`'s layers dequantized)."""
+    return dtypes.cast_floats(fusing.dequantize(dtypes.cast_floats(tensors, "float32"), plan), "float32")
 
 
 def _target(spec: str, revision: str, adapter: Path, output: Path, force: bool) -> Result[tuple[Path, dict], str]:

@@ -1,6 +1,6 @@
 """The base side of `ft fuse`: a checkpoint read with NumPy into our names, how its layers are
-quantized, its dense float32 weights, and re-quantizing (the one step that needs MLX, imported
-only there; so do non-affine modes and bases quantized on load)."""
+quantized, its dense float32 weights, and re-quantizing. Affine quantization (mlx-lm's default)
+is NumPy throughout; only the other modes import MLX, and only where they are used."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
-from finetune.core import dtypes, fusing, quantization
+from finetune.core import affine, dtypes, fusing, quantization
+from finetune.core.dtypes import BF16
 from finetune.core.quantization import Params, Quant
 from finetune.shell.export import adapters, tensorfile
 from finetune.shell.models import weights
@@ -77,10 +78,8 @@ def read(directory: Path, config: dict, adapter: adapters.Adapter, spec: str) ->
         have = quantization.describe(layers)
         return Failure(f"{adapter.directory}: the adapter was trained on a {want.summary() if want else 'float'} base, "
                        f"but this base is {have.summary() if have else 'float'}; load the base it was trained on")
-    modes = sorted({p.mode for p in plan.values()} - {"affine"})
-    needs = f"{modes[0]} quantization is dequantized with MLX" if modes else ""
-    if record and record.get(quantization.ON_LOAD):
-        needs = "the adapter was trained on a base quantized on load, which MLX quantizes"
+    on_load = bool(record and record.get(quantization.ON_LOAD))  # then quantizing is needed, else dequantizing
+    needs = mlx_quantizes(plan if on_load else {p: q for p, q in plan.items() if q.mode != "affine"})
     return Success(Base(tensors=tensors, plan=plan, layers=layers, needs_mlx=needs))
 
 
@@ -116,7 +115,7 @@ def _on_load(tensors: dict, record: Mapping[str, Any] | None, in_dims: dict, spe
             pass
         case failure:
             return failure
-    if not installed("mlx"):  # refused by _engine with the reason
+    if mlx_quantizes(plan) and not installed("mlx"):  # refused by fuse, with the reason
         return Success((tensors, plan))
     return Success((requantize(dtypes.cast_floats(tensors, "float32"), {}, plan, set(plan)), plan))
 
@@ -138,22 +137,36 @@ def dense(base: Base) -> dict[str, np.ndarray]:
 
 def requantize(dense: Mapping[str, np.ndarray], packed: Mapping[str, np.ndarray], plan: Mapping[str, Params],
                changed: set[str]) -> dict[str, np.ndarray]:
-    """`dense` with every planned module quantized again (mx.quantize, as mlx-lm does): a
-    `changed` one from its dense weight, the others as they were stored (`packed`)."""
-    import mlx.core as mx
+    """`dense` with every planned module quantized again, as mlx-lm does: a `changed` one from its
+    dense weight (affine with NumPy, bit-equal to mx.quantize; other modes with MLX), the others as
+    they were stored (`packed`)."""
+    out = dict(dense)
+    for path, p in plan.items():
+        names = [f"{path}.{leaf}" for leaf in ("weight", "scales", "biases")]
+        if path not in changed:
+            parts = [packed[n] for n in names if n in packed]
+        elif not mlx_quantizes({path: p}):
+            parts = list(affine.quantize(dense[f"{path}.weight"], p.group_size, p.bits))
+        else:
+            parts = _mx_quantize(dense[f"{path}.weight"], p)
+        out.update(zip(names, parts, strict=False))
+    return out
 
-    from finetune.core.dtypes import BF16
+
+def mlx_quantizes(plan: Mapping[str, Params]) -> str:
+    """Why quantizing `plan`'s layers needs MLX ("" = NumPy does it, bit for bit)."""
+    if modes := sorted({p.mode for p in plan.values()} - {"affine"}):
+        return f"{modes[0]} quantization is (de)quantized with MLX only (affine with NumPy)"
+    if any(p.bits == 1 for p in plan.values()):
+        return "1-bit affine quantization is MLX's only (2 to 8 bits with NumPy)"
+    return ""
+
+
+def _mx_quantize(weight: np.ndarray, p: Params) -> list[np.ndarray]:
+    import mlx.core as mx
 
     def numpy(x: mx.array) -> np.ndarray:
         return np.array(x.view(mx.uint16)).view(BF16) if x.dtype == mx.bfloat16 else np.array(x)
 
-    out = dict(dense)
-    for path, p in plan.items():
-        names = [f"{path}.{leaf}" for leaf in ("weight", "scales", "biases")]
-        if path in changed:
-            weight = adapters.mlx_arrays({"w": dense[f"{path}.weight"]})["w"]
-            parts = [numpy(x) for x in mx.quantize(weight, group_size=p.group_size, bits=p.bits, mode=p.mode)]
-        else:
-            parts = [packed[n] for n in names if n in packed]
-        out.update(zip(names, parts, strict=False))
-    return out
+    w = adapters.mlx_arrays({"w": weight})["w"]
+    return [numpy(x) for x in mx.quantize(w, group_size=p.group_size, bits=p.bits, mode=p.mode)]
