@@ -1,9 +1,9 @@
 """Float dtypes on NumPy alone, bfloat16 included (pure).
 
-NumPy has no bfloat16, so a BF16 tensor is held as `BF16`, a one-field structured dtype over its
-raw uint16 words: renames, transposes and writes keep its bits, arithmetic on it fails loudly, and
-`as_float32`/`cast` convert it exactly (widening) or by round-to-nearest-even (narrowing), as MLX
-and torch do.
+NumPy has no bfloat16, so a BF16 tensor is held as `BF16`, a structured dtype over the two bytes
+of each raw word: renames, transposes and writes keep its bits, while arithmetic and `astype` on it
+fail loudly (two fields: NumPy will not cast it to a number), and `as_float32`/`cast` convert it
+exactly (widening) or by round-to-nearest-even (narrowing), as MLX and torch do.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-BF16 = np.dtype([("bfloat16", "<u2")])
+BF16 = np.dtype([("bfloat16_low", "u1"), ("bfloat16_high", "u1")])  # little-endian words
 FLOATS = ("float32", "float16", "bfloat16")
 
 
