@@ -352,6 +352,11 @@ def test_torch_engine_on_tiny_with_an_adapter_matches_mlx(capsys, tmp_path):
             texts[engine, bool(extra)] = out
     assert texts["mlx", False] == texts["torch", False]
     assert texts["mlx", True] == texts["torch", True] != texts["torch", False]  # the adapter counts
+    assert main(["adapters", "export", str(adapter), "--format", "peft", "--output", str(tmp_path / "peft")]) == 0
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "tiny", "--prompt", "SELECT name FROM", "--max-tokens", "16",
+                             "--backend", "torch", "--adapter", str(tmp_path / "peft"))
+    assert code == 0 and out == texts["torch", True], err  # the same adapter in PEFT's files
 
 
 def test_torch_engine_refuses_quantized_bases_in_one_line(capsys, tmp_path):

@@ -83,7 +83,7 @@ def with_adapter(lm: nn.Module, directory: str) -> Result[nn.Module, str]:
     if blocks is None:
         return Failure(f"{directory}: no list of transformer blocks found in this model to attach LoRA to")
     prefix, layers_list = blocks
-    params = {k: np.asarray(v, dtype=np.float32) for k, v in found.params.items()}
+    params = {k: np.array(v, dtype=np.float32) for k, v in found.params.items()}  # a writable copy for torch
     layers, keys = core_adapters.layers_and_keys(core_adapters.paths_of(params))
     linears = tmodel.linear_shapes(layers_list[0])
     unknown = [k for k in keys if k not in linears]
