@@ -52,24 +52,6 @@ def save(directory: Path, params: Mapping[str, mx.array], spec: core_adapters.Ad
     write_text(directory / CONFIG, json.dumps(core_adapters.config_json(spec, extra), indent=2) + "\n")
 
 
-def read(directory: str | Path) -> Result[tuple[core_adapters.AdapterSpec, dict[str, np.ndarray]], str]:
-    """The spec and the tensors (file names, not yet renamed for a model)."""
-    d = Path(directory)
-    if not d.is_dir():
-        return Failure(f"{directory}: no such adapter directory")
-    cfg_path, weights_path = d / CONFIG, d / WEIGHTS
-    if not cfg_path.is_file():
-        return Failure(f"{cfg_path}: missing (an adapter directory holds {CONFIG} and {WEIGHTS})")
-    if not weights_path.is_file():
-        return Failure(f"{weights_path}: missing (an adapter directory holds {CONFIG} and {WEIGHTS})")
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return Failure(f"{cfg_path}: not valid JSON ({err})")
-    return tensorfile.read(weights_path).bind(
-        lambda weights: core_adapters.parse_config(raw, str(cfg_path)).map(lambda spec: (spec, weights)))
-
-
 def expected_shapes(model: nn.Module, spec: core_adapters.AdapterSpec) -> dict[str, tuple[int, int]]:
     """`{module path: (in, out)}` of the linears an adapter with `spec` targets in `model`."""
     from finetune.models import lora as lora_modules
