@@ -4,7 +4,8 @@ mlx-lm's format, recipe.toml, metrics.jsonl, checkpoints with the optimizer stat
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -150,23 +151,30 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
                  "metrics": len(metrics), "engine": "torch"}
         checkpoints.save(run_dir, c.step, params, optimizer.state(), state, cfg.keep_checkpoints)
 
-    try:
+    with _one_line_errors(world, run_dir):
         cursor = ttrain.run_steps(model, optimizer, train_data, valid_data, cfg, steps, cursor, where,
                                   on_report=on_report, on_save=on_save, on_log=log, world=world)
         test_loss = None
         if evaluate_test and prepared.splits.get("test"):
             test = rundir.data(prepared.splits["test"], recipe)
             test_loss = ttrain.evaluate(model, test, cfg.max_seq_length, -1, where, world)
+    return Success(rundir.finish(run_dir, cursor.step, metrics, trainable, test_loss, log))
+
+
+@contextmanager
+def _one_line_errors(world: World, run_dir: Path) -> Iterator[None]:
+    """Ctrl-C, torchrun's SIGTERM and a lost peer end the run with one line, not a trace."""
+    try:
+        yield
     except rundir.Interrupted as stop:
         raise rundir.stopped(stop, run_dir) from None
     except distributed.Terminated as err:
         raise UserError(f"{err}; the last checkpoint in {run_dir} is intact: continue with --resume") from None
-    except RuntimeError as err:  # a collective failed: name the lost rank instead of a trace
+    except RuntimeError as err:  # a collective failed: name the lost rank
         lost = distributed.lost_peer(err, world, run_dir)
         if lost is None:
             raise
         raise lost from None
-    return Success(rundir.finish(run_dir, cursor.step, metrics, trainable, test_loss, log))
 
 
 def _restore(prepared: Prepared, run_dir: Path, optimizer: ttrain.Optimizer, steps: int) -> Result[tuple[rundir.Cursor, list[dict]], str]:
