@@ -54,7 +54,7 @@ def measure(env: dict[str, str], iters: int) -> dict[str, float]:
         return {"gflops": gflops, "train_s": 0.0, "tok_s": 0.0}
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "finetune.cli", "train", "start", "--recipe", "recipes/quick.toml",
-               "--iters", str(iters), "--eval-every", "0", "--save-every", "0", "--output", out]
+               "--iters", str(iters), "--eval-every", "0", "--save-every", "0", "--output", out, "--backend", "mlx"]
         start = time.perf_counter()
         subprocess.run(cmd, env=full, cwd=ROOT, capture_output=True, text=True, check=True)
         wall = time.perf_counter() - start

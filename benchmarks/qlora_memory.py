@@ -37,7 +37,7 @@ def load_peak(model: Path, bits: int) -> float:
 
 def train(model: Path, data: Path, out: Path, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "finetune.cli", "train", "start", str(model), str(data), *SETTINGS,
-           "--output", str(out), *extra]
+           "--output", str(out), "--backend", "mlx", *extra]
     subprocess.run(cmd, check=True, capture_output=True)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {"peak_gb": max(m["peak_memory_gb"] for m in metrics), "loss": metrics[-1]["train_loss"],

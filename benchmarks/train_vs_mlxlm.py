@@ -112,7 +112,7 @@ val_batches = 1
 save_every = 0
 seed = 0
 """)
-    _run([sys.executable, "-m", "finetune.cli", "train", "start", "--recipe", str(recipe)], env)
+    _run([sys.executable, "-m", "finetune.cli", "train", "start", "--recipe", str(recipe), "--backend", "mlx"], env)
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rows = [dict(step=m["step"], loss=m["train_loss"], tps=m["tokens_per_second"], ptps=m["processed_tokens_per_second"],
                  trained=m["trained_tokens"], mem=m["peak_memory_gb"]) for m in metrics]

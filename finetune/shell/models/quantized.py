@@ -14,6 +14,7 @@ from returns.result import Failure, Result, Success
 
 from finetune.core import quantization
 from finetune.core.quantization import Params, Quant
+from finetune.models import quantized_cpu
 from finetune.shell.models import weights
 from finetune.shell.models.weights import cast_weights
 
@@ -46,7 +47,7 @@ def describe(model: nn.Module) -> Quant | None:
 def apply(model: nn.Module, plan: Mapping[str, Params]) -> nn.Module:
     """Quantize the planned modules in place (mx.quantize's kernels, as mlx-lm does)."""
     nn.quantize(model, class_predicate=lambda p, _: plan[p].as_dict() if p in plan else False)
-    return model
+    return quantized_cpu.use_dense_on_cpu(model)  # MLX-CPU's quantized matmul is not BLAS-backed
 
 
 def quantize_on_load(model: nn.Module, quant: Quant, flag: str) -> Result[nn.Module, str]:
