@@ -373,3 +373,12 @@ def test_torch_engine_refuses_quantized_bases_in_one_line(capsys, tmp_path):
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [f"ft: error: {quantized}: an mlx-lm quantized checkpoint; "
                                         "the torch engine loads float checkpoints only; use --backend mlx"]
+
+
+def test_torch_engine_device_gpu_needs_a_gpu(capsys):
+    code, out, err = run_cli(capsys, "tiny", "--prompt", "hi", "--max-tokens", "2", "--backend", "torch", "--device", "gpu")
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        assert code == 0 and "backend: torch" in err, err
+    else:
+        assert code == 2 and out == ""
+        assert err.strip().splitlines() == ["ft: error: --device gpu: torch sees no GPU (no CUDA, no MPS); use --device cpu"]
