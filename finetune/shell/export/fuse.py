@@ -98,13 +98,7 @@ def fuse(
     if quant is not None:
         stored = fuse_base.requantize(stored, base.tensors, base.plan, set(pairs))
         base_stored = fuse_base.requantize(base_stored, base.tensors, base.plan, set(pairs))  # the format's own noise
-    if engine == "numpy":
-        names = [f"{p}.weight" for p in pairs]
-        as_run = [_float32(t, base.plan if quant is not None else {}) for t in (base_stored, stored)]
-        check = fusing.measure(*([t[n] for n in names] for t in (dense, exact, *as_run)), target,
-                               quant.summary() if quant else "", on="weights")
-    else:
-        check = _logit_check(engine, config, ids, base, dense, (base_stored, stored), pairs, found.scale, quant, target)
+    check = _check(engine, config, ids, base, (dense, exact), (base_stored, stored), pairs, found.scale, quant, target)
     match fusing.verdict(check):
         case Failure(message):
             return Failure(f"refusing to write {output}: {message}")
@@ -122,14 +116,22 @@ def fuse(
     ))
 
 
-def _logit_check(engine: str, config: dict, ids: list[list[int]], base: fuse_base.Base, dense: dict,
-                 written: tuple[dict, dict], pairs: dict, scale: float, quant: Quant | None, target: str) -> fusing.Check:
-    """The four models' logits (base, adapter, base as written, fused as written) compared.
+def _check(engine: str, config: dict, ids: list[list[int]], base: fuse_base.Base, computed: tuple[dict, dict],
+           written: tuple[dict, dict], pairs: dict, scale: float, quant: Quant | None, target: str) -> fusing.Check:
+    """The four models' logits (base, adapter, base as written, fused as written) compared; with
+    no engine (`numpy`), the same four on the fused layers' weights.
 
-    MLX runs quantized layers as stored; torch runs their dequantized weights (what a quantized
-    layer multiplies by, in float32).
+    `computed`: the dense base and the exact fused weights (float32); `written`: the base and the
+    fused model as they would be written. MLX runs quantized layers as stored; torch and NumPy use
+    their dequantized weights (what a quantized layer multiplies by, in float32).
     """
     plan = base.plan if quant is not None else {}
+    dense, exact = computed
+    if engine == "numpy":
+        names = [f"{p}.weight" for p in pairs]
+        as_run = [_float32(w, plan) for w in written]
+        return fusing.measure(*([t[n] for n in names] for t in (dense, exact, *as_run)), target,
+                              quant.summary() if quant else "", on="weights")
     if engine == "mlx":
         plain, adapted, (cast, fused) = fuse_check.logits(engine, config, ids, base.tensors, base.plan, pairs,
                                                           scale, list(written), plan)
