@@ -55,7 +55,7 @@ def fuse(
     revision
         Hub branch, tag or commit of MODEL.
     backend
-        Engine whose libraries run the logit check: auto, mlx (our MLX modules) or torch (transformers); default: $FT_BACKEND, else auto (with neither installed: the check compares the fused layers' weights). Reading, fusing and writing are NumPy either way; a quantized base needs mlx (unless --dequantize).
+        Engine whose libraries run the logit check: auto, mlx (our MLX modules) or torch (transformers); default: $FT_BACKEND, else auto (with neither installed: the check compares the fused layers' weights). Reading, fusing, re-quantizing and writing are NumPy either way (mxfp4/mxfp8/nvfp4 and 1-bit layers need MLX).
     """
     from finetune.core.fusing import parse_size
     from finetune.shell.export.fuse import fuse as run
