@@ -3,9 +3,10 @@ on loopback (gloo, one thread per rank).
 
 Covers: 2 ranks = 1 process with the same global batch (uneven 3 + 2 shares, accumulation); only
 rank 0 writes and prints; world size and backend recorded; Ctrl-C at torchrun stops every rank at
-one step with rank 0's checkpoint saved; --resume from it with 2 ranks and with 1; a SIGKILLed rank ends the job in bounded time with the rank named and
-the last checkpoint intact (and resumable); ranks that disagree stop before writing; each
-launcher refuses the other engine.
+one step with rank 0's checkpoint saved; --resume from it with 2 ranks and with 1; a SIGKILLed
+rank ends the job in bounded time with the rank named and the last checkpoint intact (and
+resumable); ranks that disagree (started by hand, no agent) stop before writing; each launcher
+refuses the other engine.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,18 +50,14 @@ def env(home: Path) -> dict[str, str]:
     return e
 
 
-def torchrun(ranks: int, args: list, *, shell: str | None = None) -> list[str]:
-    ft = [sys.executable, "-m", "finetune.cli", *map(str, args)]
-    if shell is not None:  # one command line per rank: `shell` may use $RANK
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-                "--no-python", "bash", "-c", " ".join(ft) + " " + shell]
+def torchrun(ranks: int, args: list) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
             "-m", "finetune.cli", *map(str, args)]
 
 
-def start(cmd: list[str], home: Path, log: Path) -> subprocess.Popen:
+def start(cmd: list[str], home: Path, log: Path, **extra: str) -> subprocess.Popen:
     with open(log, "ab") as f:  # its own session: a failed test ends torchrun and every rank with one killpg
-        return subprocess.Popen(cmd, cwd=ROOT, env=env(home), stdout=f, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, cwd=ROOT, env=env(home) | extra, stdout=f, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -75,6 +73,12 @@ def run(cmd: list[str], home: Path, log: Path) -> tuple[int, str]:
     finally:
         end(proc)
     return code, log.read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def train_args(data: Path, out: Path, *extra, steps: int = STEPS) -> list:
@@ -193,12 +197,24 @@ def test_a_killed_rank_ends_the_job_naming_it_and_the_checkpoint_resumes(tmp_pat
 
 
 def test_ranks_that_disagree_stop_before_writing(tmp_path, setup):
+    """Ranks started by hand in the environment torchrun sets (no agent: one import of torch fewer)."""
     data, home, _ = setup
-    out = tmp_path / "differ"
-    code, text = run(torchrun(2, train_args(data, out, steps=2), shell="--seed $((1 + RANK))"), home, tmp_path / "ft.log")
-    errors = [line for line in text.splitlines() if line.startswith("ft: error:")]
-    assert code != 0 and len(errors) == 2, text
-    assert all("rank 1 and rank 0 disagree about the recipe, data or model" in e for e in errors), text
+    out, procs, port = tmp_path / "differ", [], str(free_port())
+    try:
+        for rank in (0, 1):
+            ft = [sys.executable, "-m", "finetune.cli", *map(str, train_args(data, out, "--seed", 1 + rank, steps=2))]
+            procs.append(start(ft, home, tmp_path / f"rank{rank}.log", RANK=str(rank), LOCAL_RANK=str(rank),
+                               WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+        codes = [p.wait(240) for p in procs]
+    finally:
+        for p in procs:
+            end(p)
+    for rank in (0, 1):
+        text = (tmp_path / f"rank{rank}.log").read_text()
+        errors = [line for line in text.splitlines() if line.startswith("ft: error:")]
+        assert codes[rank] == 2 and "Traceback" not in text, text
+        assert errors == ["ft: error: rank 1 and rank 0 disagree about the recipe, data or model; start every rank "
+                          "with the same recipe, data and model (same files on every host)"], text
     assert not (out / "adapters.safetensors").exists() and not (out / "recipe.toml").exists()
 
 
