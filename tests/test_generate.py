@@ -382,3 +382,39 @@ def test_torch_engine_device_gpu_needs_a_gpu(capsys):
     else:
         assert code == 2 and out == ""
         assert err.strip().splitlines() == ["ft: error: --device gpu: torch sees no GPU (no CUDA, no MPS); use --device cpu"]
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "qwen2"])
+def test_torch_engine_attaches_adapters_as_the_mlx_engine_does(variant, tmp_path):
+    """GPT-2's Conv1D (peft's fan_in_fan_out) and Qwen2's biased projections, adapter on the last layer."""
+    from lora_models import build_hf, make_tokenizer, ours, random_adapter, write_model
+
+    from finetune.engines.torch import generate as torch_gen
+
+    tok_dir, vocab = make_tokenizer(tmp_path / "tok")
+    directory = write_model(build_hf(variant, vocab), tmp_path / variant, tok_dir)
+    adapter = random_adapter(directory, tmp_path / "adapter", num_layers=1, b_std=0.3)
+    expected = list(generate(ours(directory, adapter), PROMPT, max_tokens=16))
+    assert expected != list(generate(ours(directory), PROMPT, max_tokens=16))  # the adapter counts
+    model, _ = torch_gen.load(str(directory), str(adapter), torch.device("cpu")).unwrap()
+    assert list(torch_gen.generate(model, PROMPT, max_tokens=16)) == expected
+
+
+def test_torch_engine_reads_a_peft_adapter_on_a_first_layer(capsys, tmp_path):
+    """Layers other than the last N (PEFT's layers_to_transform may pick any): the rest add nothing."""
+    from lora_models import build_hf, make_tokenizer, ours, random_adapter, write_model
+    from safetensors.numpy import load_file, save_file
+
+    from finetune.engines.torch import generate as torch_gen
+
+    tok_dir, vocab = make_tokenizer(tmp_path / "tok")
+    directory = write_model(build_hf("qwen2", vocab), tmp_path / "qwen2", tok_dir)
+    last = random_adapter(directory, tmp_path / "last", num_layers=1, b_std=0.3)  # layer 1 of 2
+    assert main(["adapters", "export", str(last), "--format", "peft", "--output", str(tmp_path / "peft")]) == 0
+    capsys.readouterr()
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    save_file({k.replace(".layers.1.", ".layers.0."): v for k, v in load_file(str(weights)).items()}, str(weights))
+    expected = list(generate(ours(directory, tmp_path / "peft"), PROMPT, max_tokens=16))
+    assert expected != list(generate(ours(directory, last), PROMPT, max_tokens=16))
+    model, _ = torch_gen.load(str(directory), str(tmp_path / "peft"), torch.device("cpu")).unwrap()
+    assert list(torch_gen.generate(model, PROMPT, max_tokens=16)) == expected
