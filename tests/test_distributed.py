@@ -158,54 +158,56 @@ def test_two_ranks_train_what_one_process_trains_through_a_killed_rank_and_resum
     assert "2 ranks over ring" in text, text
 
 
-def test_without_the_launcher_a_lost_peer_is_one_line_naming_the_rank(tmp_path, setup):
-    """Ranks started by hand (the environment mlx.launch sets): nobody stops rank 0 for us."""
+def by_hand(tmp_path: Path, setup, **extra_env: str) -> tuple[Path, list[subprocess.Popen]]:
+    """Two ranks started without the launcher (the environment mlx.launch sets), run to step 5."""
     data, home, _ = setup
     hosts = tmp_path / "hosts.json"
     hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"], [f"127.0.0.1:{free_port()}"]]))
     out, procs = tmp_path / "run", []
+    for rank in (0, 1):
+        e = env(home) | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts), **extra_env}
+        with open(tmp_path / f"rank{rank}.log", "wb") as f:
+            procs.append(subprocess.Popen(command(1, train_args(data, out, steps=10_000)), cwd=ROOT, env=e,
+                                          stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+    wait_for(out / "checkpoints" / "step-0000005", procs[0], tmp_path / "rank0.log")
+    return out, procs
+
+
+def one_error_line(log: Path) -> str:
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("ft: error:")]
+    assert len(lines) == 1 and "Traceback" not in text, text
+    return lines[0]
+
+
+def test_without_the_launcher_a_lost_peer_is_one_line_naming_the_rank(tmp_path, setup):
+    """Nobody stops rank 0 for us when rank 1 dies."""
+    procs = []
     try:
-        for rank in (0, 1):
-            e = env(home) | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts)}
-            with open(tmp_path / f"rank{rank}.log", "wb") as f:
-                procs.append(subprocess.Popen(command(1, train_args(data, out, steps=10_000)), cwd=ROOT, env=e,
-                                              stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
-        wait_for(out / "checkpoints" / "step-0000005", procs[0], tmp_path / "rank0.log")
+        out, procs = by_hand(tmp_path, setup)
         procs[1].kill()
         assert procs[0].wait(60) == 2
     finally:
         for p in procs:
             end(p)
-    text = (tmp_path / "rank0.log").read_text()
-    lines = [line for line in text.splitlines() if line.startswith("ft: error:")]
-    assert len(lines) == 1 and "Traceback" not in text, text
-    assert lines[0].startswith("ft: error: rank 0: lost the connection to rank 1") and "--resume" in lines[0], text
+    line = one_error_line(tmp_path / "rank0.log")
+    assert line.startswith("ft: error: rank 0: lost the connection to rank 1") and "--resume" in line
     assert checkpoints.complete(out)
 
 
 def test_a_hung_peer_ends_both_ranks_with_one_line_and_a_checkpoint_to_resume(tmp_path, setup):
     """A rank stopped (SIGSTOP) keeps its connections open: the all-reduce never fails by itself."""
-    data, home, _ = setup
-    hosts = tmp_path / "hosts.json"
-    hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"], [f"127.0.0.1:{free_port()}"]]))
-    out, procs = tmp_path / "run", []
+    procs = []
     try:
-        for rank in (0, 1):
-            e = env(home) | {"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts), "FT_PEER_TIMEOUT": "10"}
-            with open(tmp_path / f"rank{rank}.log", "wb") as f:
-                procs.append(subprocess.Popen(command(1, train_args(data, out, steps=10_000)), cwd=ROOT, env=e,
-                                              stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
-        wait_for(out / "checkpoints" / "step-0000005", procs[0], tmp_path / "rank0.log")
+        out, procs = by_hand(tmp_path, setup, FT_PEER_TIMEOUT="10")
         procs[1].send_signal(signal.SIGSTOP)
         assert procs[0].wait(120) == -signal.SIGKILL  # the watchdog ends the rank it guards
         assert procs[1].wait(120) == -signal.SIGKILL  # ... stopped or not
     finally:
         for p in procs:
             end(p)
-    text = (tmp_path / "rank0.log").read_text()
-    lines = [line for line in text.splitlines() if line.startswith("ft: error:")]
-    assert len(lines) == 1 and "Traceback" not in text, text
-    assert lines[0].startswith("ft: error: rank 0: no step finished for ") and "--resume" in lines[0], text
+    line = one_error_line(tmp_path / "rank0.log")
+    assert line.startswith("ft: error: rank 0: no step finished for ") and "--resume" in line
     assert checkpoints.complete(out)
 
 
