@@ -95,7 +95,8 @@ def setup(tmp_path_factory, finetune_home):
     base = tmp_path_factory.mktemp("tdist")
     data = base / "data"
     data.mkdir()
-    for split, n, offset in (("train", 40, 0), ("valid", 10, 100)):
+    # 41 rows: the last batch has 1 row, so rank 1's share of it is empty (weights 0, it still joins)
+    for split, n, offset in (("train", 41, 0), ("valid", 10, 100)):
         rows = [{"prompt": f"SELECT name FROM users WHERE id = {i}", "completion": f" row {i} " * (1 + i % 4)}
                 for i in range(offset, offset + n)]
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
