@@ -69,7 +69,8 @@ def dtype_for(directory: Path, config: dict, device: torch.device) -> torch.dtyp
 
 
 def with_adapter(lm: nn.Module, directory: str) -> Result[nn.Module, str]:
-    """peft LoRA on exactly the adapter's layers, holding its tensors (any format `ft` reads)."""
+    """peft LoRA holding the adapter's tensors (any format `ft` reads), on its layers when they are
+    the last N (what `num_layers` says), else on every layer with the ones it lacks at B = 0."""
     from finetune.shell.export.adapters import load_any
 
     match load_any(directory):
@@ -96,7 +97,6 @@ def with_adapter(lm: nn.Module, directory: str) -> Result[nn.Module, str]:
         return checked
     total = len(layers_list)
     tail = layers == tuple(range(total - len(layers), total))
-    # Layers the file lacks (a PEFT adapter on scattered layers) get B = 0: they add exactly nothing.
     r = Recipe()
     recipe = msgspec.structs.replace(r, lora=msgspec.structs.replace(
         r.lora, rank=found.rank, scale=found.scale, dropout=0.0, keys=keys, num_layers=len(layers) if tail else -1))
