@@ -66,6 +66,8 @@ def record(tmp_path_factory) -> dict[str, dict]:
         ["train", "quick", "tiny", str(data), *small, "--output", f"{t}/quick"],
         ["train", "start", "--recipe", f"{t}/recipe.toml", "--output", f"{t}/start"],
         ["generate", "tiny", "--adapter", f"{t}/start", "--prompt", "Q: 3 plus 3?\nA: ", "--max-tokens", "4"],
+        ["generate", "tiny", "--messages", '[{"role": "user", "content": "hi"}]', "--temp", "0.7", "--top-p", "0.9",
+         "--seed", "1", "--max-tokens", "4", "-v"],
         ["train", "plot", f"{t}/quick", f"{t}/start", "--output", f"{t}/loss.png"],
         ["adapters", "inspect", f"{t}/start"],
         ["adapters", "export", f"{t}/start", "--format", "peft", "--output", f"{t}/peft"],
@@ -93,7 +95,7 @@ def test_every_command_exits_0_without_a_traceback(record):
                 "'mlx[cuda]' (Linux), or use --backend torch"]
         else:
             assert r["code"] == 0, (command, r["err"][-2000:])
-    assert len(record) == 1 + len(SUBCOMMANDS) + 16
+    assert len(record) == 1 + len(SUBCOMMANDS) + 17
 
 
 def test_help_lists_every_command(record):
@@ -133,6 +135,8 @@ def test_generate_adapters_and_fuse_work_on_the_run(record):
     assert "parameters" in record["adapters inspect TMP/start"]["out"]
     assert "Wrote PEFT adapter" in record["adapters export TMP/start --format peft --output TMP/peft"]["out"]
     assert "Fused" in record["fuse tiny --adapter TMP/start --output TMP/fused"]["out"]
+    chat = next(v for k, v in record.items() if k.startswith("generate tiny --messages"))
+    assert "stop ids" in chat["err"] and chat["err"].strip().endswith("tokens/s)")
 
 
 def test_validate_with_torch_estimates_at_the_torch_dtype(capsys, tmp_path):
