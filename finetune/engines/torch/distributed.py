@@ -8,6 +8,7 @@ gradients and token counts are summed across ranks and divided once, rank 0 alon
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import sys
@@ -59,7 +60,10 @@ def setup(device_type: str = "cpu") -> World:
             raise UserError(f"rank {os.environ.get('RANK', local)}: local rank {local} but {gpus} CUDA GPU(s) here; "
                             f"start at most --nproc-per-node {gpus} (one GPU per rank), or train on CPUs with --device cpu")
         torch.cuda.set_device(local)
-    timeout = timedelta(seconds=float(os.environ.get("FT_DIST_TIMEOUT", TIMEOUT_S)))
+    try:
+        timeout = timedelta(seconds=float(os.environ.get("FT_DIST_TIMEOUT", TIMEOUT_S)))
+    except ValueError:
+        raise UserError(f"FT_DIST_TIMEOUT={os.environ['FT_DIST_TIMEOUT']!r}: give seconds, e.g. 300") from None
     try:
         dist.init_process_group(backend, timeout=timeout)
     except (RuntimeError, ValueError) as err:
@@ -70,7 +74,8 @@ def setup(device_type: str = "cpu") -> World:
     _joined.append(world)
     # torchrun ends the other ranks with SIGTERM when one fails: one line and the temporary
     # files removed (atomic writes clean up on an exception), instead of a silent death.
-    signal.signal(signal.SIGTERM, lambda signum, frame: _terminated(world))
+    with contextlib.suppress(ValueError):  # not the main thread: leave SIGTERM alone
+        signal.signal(signal.SIGTERM, lambda signum, frame: _terminated(world))
     if world.rank > 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
     return world
