@@ -125,7 +125,7 @@ def info(
             f"{m.total_gb:.2f} GB at the default recipe (weights {m.weights_gb:.2f}, "
             f"adapters+optimizer {m.lora_gb:.2f}, activations {m.activations_gb:.2f}; "
             f"{m.trainable:,} trainable)" + ("; MLX-CPU's fitted activation copies at the torch dtype, "
-                                              "not fitted to torch" if engine == "torch" else ""),
+                                              "not fitted to torch, whose peaks run higher" if engine == "torch" else ""),
         ),
         ("converted cache", ", ".join(found.converted) or "none"),
     ]

@@ -115,7 +115,7 @@ def _inspect(recipe, backend: str | None):
     shown = msgspec.structs.replace(inspection.report.recipe, model=msgspec.structs.replace(
         inspection.report.recipe.model, dtype=recipe.model.dtype))  # the recipe as written, not as estimated
     note = (f"Memory estimate for the torch engine: base weights and activations in {dtype}, LoRA and AdamW "
-            "in float32, with the activation copies fitted to MLX-CPU peaks (not to torch's).")
+            "in float32, with the activation copies fitted to MLX-CPU peaks; torch's measured peaks run higher.")
     return msgspec.structs.replace(inspection, report=msgspec.structs.replace(inspection.report, recipe=shown)), note
 
 
