@@ -6,6 +6,7 @@ Runs are in-process on the bundled `tiny` model (its HF directory is plain trans
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -248,8 +249,9 @@ def test_with_neither_engine_ft_says_what_to_install(tmp_path):
         "from finetune.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
+    auto = {k: v for k, v in os.environ.items() if k != "FT_BACKEND"}  # conftest pins mlx
     done = subprocess.run([sys.executable, "-c", script, "train", "start", "tiny", "--output", str(tmp_path / "run")],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=auto)
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("ft: error: no training engine installed: pip install 'finetune[torch]'"), line
