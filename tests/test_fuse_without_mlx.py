@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,10 @@ def test_fuse_writes_the_same_bytes_with_and_without_mlx(tmp_path, capsys, setup
     assert code == 0, err
     assert "checked with mlx" in stdout
     same_files(root / "nomlx" / f"fuse-{name}", tmp_path / "o")
+    # the two engines ran the same models: the adapter's effect on the logits agrees
+    effects = [float(re.search(r"moves logits by up to ([-+.e0-9]+),", out).group(1))
+               for out in (stdout, results[f"fuse-{name}"]["stdout"])]
+    assert effects[0] > 1e-2 and effects[1] == pytest.approx(effects[0], rel=1e-3)
     written = json.loads((tmp_path / "o" / "config.json").read_text())
     assert written["dtype"] == ("float32" if name in ("llama", "gpt2") else "bfloat16")
     assert ("quantization" in written) == (name in ("q4", "on-load"))
@@ -280,3 +285,17 @@ def test_with_neither_engine_fuse_checks_the_weights_and_writes_the_same_bytes(t
     assert not (tmp_path / "vanished").exists()
     assert one_line_error(mlx["stderr"]).startswith("ft: error: --backend mlx: MLX is not installed here")
     assert one_line_error(torch_["stderr"]).startswith("ft: error: --backend torch: torch and peft are not installed")
+
+
+def test_fuse_all_is_lora_fuse_and_leaves_its_inputs_alone():
+    from finetune.core import fusing, lora
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-8, 8, (6, 5)).astype(np.float32)  # small integers: every sum is exact
+    a, b = rng.integers(-4, 4, (5, 2)).astype(np.float32), rng.integers(-4, 4, (2, 6)).astype(np.float32)
+    weights = {"x.weight": w, "y.weight": w.copy()}
+    before = {k: v.copy() for k, v in weights.items()}
+    fused = fusing.fuse_all(weights, {"x": (a, b)}, 0.5)
+    assert np.array_equal(fused["x.weight"], lora.fuse(w, a, b, 0.5)) and fused["y.weight"] is weights["y.weight"]
+    assert np.array_equal(fused["x.weight"], w + 0.5 * (a @ b).T)
+    assert all(np.array_equal(weights[k], before[k]) for k in weights)

@@ -26,10 +26,10 @@ def is_float(a: np.ndarray) -> bool:
 
 
 def as_float32(a: np.ndarray) -> np.ndarray:
-    """Any float array widened to float32 (exact for bfloat16 and float16)."""
+    """Any float array widened to float32 (exact for bfloat16 and float16); float32 as it is."""
     if a.dtype == BF16:
         return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return a.astype(np.float32)
+    return a.astype(np.float32, copy=False)
 
 
 def cast(a: np.ndarray, dtype: str) -> np.ndarray:

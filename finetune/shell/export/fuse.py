@@ -176,7 +176,10 @@ def _engine(backend: str | None, needs_mlx: str) -> Result[str, str]:
     if not needs_mlx and requested == "auto" and not choose.installed("mlx") and not choose.torch_ready():
         return Success("numpy")  # no engine to run a model: the check measures the weights
     if not needs_mlx:
-        return Success(choose.decide(backend)[0])
+        engine = choose.decide(backend)[0]
+        if engine == "torch":
+            import finetune.engines.torch  # noqa: F401  (before torch loads: idle OpenMP threads sleep, not spin)
+        return Success(engine)
     if not choose.installed("mlx"):
         return Failure(f"{needs_mlx}, and MLX is not installed here ({choose.INSTALL_MLX})")
     if requested == "torch":

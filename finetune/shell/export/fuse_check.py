@@ -65,24 +65,28 @@ def _mlx(config, rows, base, plan, pairs, scale, variants, variant_plan):
 def _torch(config, rows, base, plan, pairs, scale, variants, variant_plan):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     assert not plan and not variant_plan, "quantized layers are checked by the MLX engine"
     settings = {k: v for k, v in config.items() if k != "model_type"}
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **settings)).float().eval()
+    with no_init_weights():  # every parameter is loaded below; buffers are built in __init__
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **settings))
+    model.tie_weights()
+    model = model.float().eval()
     kind = config["model_type"]
 
     def load(tensors: Tensors) -> None:
         hf = mlx_to_hf(kind, config, tensors)
         with torch.no_grad():
             for name, p in model.named_parameters():  # tied weights appear once
-                p.copy_(torch.from_numpy(np.ascontiguousarray(dtypes.as_float32(hf[name]))))
+                p.copy_(torch.from_numpy(_writable(hf[name])))
 
     def run() -> list[np.ndarray]:
         with torch.no_grad():
             return [model(input_ids=torch.tensor([list(row)])).logits[0].float().numpy() for row in rows]
 
     def hook(a: np.ndarray, b: np.ndarray):
-        a_t, b_t = (torch.from_numpy(np.ascontiguousarray(dtypes.as_float32(x))) for x in (a, b))
+        a_t, b_t = (torch.from_numpy(_writable(x)) for x in (a, b))
         return lambda _module, inputs, out: out + scale * ((inputs[0] @ a_t) @ b_t)
 
     load(base)
@@ -96,3 +100,8 @@ def _torch(config, rows, base, plan, pairs, scale, variants, variant_plan):
         load(v)
         out.append(run())
     return plain, adapted, out
+
+
+def _writable(x: np.ndarray) -> np.ndarray:
+    """float32, contiguous and writable (torch refuses read-only memory-mapped arrays), copied only if needed."""
+    return np.require(dtypes.as_float32(x), np.float32, ["C_CONTIGUOUS", "WRITEABLE"])
