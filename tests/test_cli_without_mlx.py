@@ -2,8 +2,8 @@
 
 One fresh interpreter with MLX hidden (tests/no_mlx.py) runs every command in turn through
 `finetune.cli.main`, recording each one's exit code, stdout and stderr; the assertions read that
-record. `tiny` is built here first (building it draws its weights with MLX; afterwards its HF
-directory is plain transformers).
+record. The interpreter starts with an empty FINETUNE_HOME, so it builds `tiny` itself (NumPy
+draws the weights; its HF directory is plain transformers).
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import sys
 
 import pytest
 from no_mlx import BLOCK_MLX
-
-from finetune.shell.models.tiny import ensure_tiny
 
 DRIVER = BLOCK_MLX + """
 import contextlib, io, json
@@ -47,7 +45,6 @@ def rows(n: int, offset: int = 0) -> str:
 @pytest.fixture(scope="module")
 def record(tmp_path_factory) -> dict[str, dict]:
     """`ft ...` -> {code, out, err}, every command run once, in one interpreter without MLX."""
-    ensure_tiny()
     tmp = tmp_path_factory.mktemp("no-mlx")
     data = tmp / "data"
     data.mkdir()
@@ -77,6 +74,7 @@ def record(tmp_path_factory) -> dict[str, dict]:
         ["train", "start", "tiny", str(data), "--backend", "mlx", "--output", f"{t}/refused"],
     ]
     env = {k: v for k, v in os.environ.items() if k != "FT_BACKEND"}  # the suite pins mlx; here: auto
+    env["FINETUNE_HOME"] = str(tmp / "home")  # nothing built: `tiny` is made without MLX
     done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(commands)], capture_output=True, text=True,
                           env=env, cwd=tmp, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -122,6 +120,8 @@ def test_training_picks_torch_and_writes_a_run(record, tmp_path_factory):
         r = next(v for k, v in record.items() if k.startswith(command))
         assert "backend: torch" in r["out"] and "(auto: MLX is not installed)" in r["out"], r["out"]
         assert "Adapters in " in r["out"]
+    quick = next(v for k, v in record.items() if k.startswith("train quick tiny"))
+    assert "[Before training] model:" in quick["out"] and "[After training] model:" in quick["out"]  # torch samples
     plot = record["train plot TMP/quick TMP/start --output TMP/loss.png"]
     assert "Wrote" in plot["out"] and "quick" in plot["out"] and "start" in plot["out"]
 

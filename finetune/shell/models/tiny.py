@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+import numpy as np
 
 from finetune.shell.data.datasets import bundled_names, bundled_root
 from finetune.shell.paths import build_dir, cache_root
 
-if TYPE_CHECKING:  # MLX is imported where it is used: these modules also serve the torch engine
-    import mlx.core as mx
-
-VERSION = 2
+VERSION = 3  # 3: weights drawn with NumPy (2: MLX's RNG), so a machine without MLX builds it
 SEED = 1234
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -74,34 +71,29 @@ def _strings(value) -> list[str]:
     return []
 
 
-def init_weights(seed: int = SEED) -> dict[str, mx.array]:
-    """Every parameter of `build(CONFIG)` from one explicit key, split per name in sorted order.
+def init_weights(seed: int = SEED) -> dict[str, np.ndarray]:
+    """Every parameter (MLX names, float32) from `seed` alone, with NumPy: no engine is needed to build.
 
-    Matrices and embeddings: normal with std 0.02; norm weights: ones; biases: zeros.
+    Matrices and embeddings: normal with std 0.02, one stream per name (`(seed, index)` in sorted
+    name order); norm weights: ones; biases: zeros.
     """
-    import mlx.core as mx  # only to build: a built tiny serves the torch engine without MLX
-    from mlx.utils import tree_flatten
+    from finetune.core.convert import expected_shapes
 
-    from finetune.models import build
-
-    params = dict(tree_flatten(build(CONFIG).parameters()))
-    names = sorted(params)
-    keys = mx.random.split(mx.random.key(seed), len(names))
+    shapes = expected_shapes(CONFIG["model_type"], CONFIG)
     weights = {}
-    for i, name in enumerate(names):
-        shape, dtype = params[name].shape, mx.float32
+    for i, name in enumerate(sorted(shapes)):
+        shape = shapes[name]
         if name.endswith("norm.weight"):
-            weights[name] = mx.ones(shape, dtype)
-        elif params[name].ndim == 1:
-            weights[name] = mx.zeros(shape, dtype)
+            weights[name] = np.ones(shape, np.float32)
+        elif len(shape) == 1:
+            weights[name] = np.zeros(shape, np.float32)
         else:
-            weights[name] = 0.02 * mx.random.normal(shape, dtype, key=keys[i])
-    mx.eval(weights)
+            weights[name] = (0.02 * np.random.default_rng((seed, i)).standard_normal(shape)).astype(np.float32)
     return weights
 
 
 def _build(out: Path) -> None:
-    import mlx.core as mx
+    from safetensors.numpy import save_file
 
     from finetune.core.convert import mlx_to_hf
     from finetune.shell.models.tokenizer import train_bpe
@@ -112,6 +104,6 @@ def _build(out: Path) -> None:
         vocab_size=CONFIG["vocab_size"],
         model_max_length=CONFIG["max_position_embeddings"],
     )
-    hf = mlx_to_hf(CONFIG["model_type"], CONFIG, init_weights())
-    mx.save_safetensors(str(out / "model.safetensors"), hf, metadata={"format": "pt"})
+    hf = {k: np.ascontiguousarray(v) for k, v in mlx_to_hf(CONFIG["model_type"], CONFIG, init_weights()).items()}
+    save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
