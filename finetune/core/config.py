@@ -99,6 +99,7 @@ class TrainingConfig(_Config):
     save_every: Annotated[int, _field("Steps between checkpoints (0 = only at the end).", ge=0)] = 100
     keep_checkpoints: Annotated[int, _field("Newest checkpoints kept.", ge=1)] = 3
     grad_checkpoint: Annotated[bool, _field("Recompute each block's activations in the backward pass (less memory).")] = False
+    compile: Annotated[bool, _field("Torch engine: torch.compile the forward and backward (faster steps after a slow first one); the MLX engine always compiles.")] = False
     seed: Annotated[int, _field("Seed for LoRA init, batch order and dropout.", ge=0)] = 0
 
     def __post_init__(self) -> None:

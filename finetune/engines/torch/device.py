@@ -4,6 +4,8 @@ saying so in the format of the MLX engine's backend line."""
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -61,6 +63,18 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested == "float16" and device.type == "cpu":
         raise UserError("$.model.dtype: float16 has no fast CPU kernels in torch; use bfloat16 or float32 on the CPU")
     return DTYPES[requested]
+
+
+def compile_blocker(device: torch.device) -> str:
+    """Why torch.compile cannot run on `device` here ('' when it can)."""
+    if device.type == "mps":
+        return "torch.compile does not train on MPS"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return "" if has_triton() else "torch.compile on CUDA needs Triton, which is not installed"
+    compilers = ("cl",) if sys.platform == "win32" else ("c++", "g++", "clang++")
+    return "" if any(shutil.which(c) for c in compilers) else "torch.compile on the CPU needs a C++ compiler on PATH"
 
 
 def memory_gb(device: torch.device) -> float:

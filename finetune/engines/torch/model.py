@@ -6,8 +6,9 @@ modules and our tensors meet without renaming: `lora_A.weight` = `lora_a`ᵀ, `l
 
 from __future__ import annotations
 
+import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +25,34 @@ _BLOCK_LISTS = ("layers", "h", "blocks", "block", "layer")  # peft's own layer-l
 class Lora(nn.Module):
     """A peft-wrapped causal LM and what training needs from it."""
 
-    def __init__(self, peft_model: nn.Module, prefix: str, paths: tuple[str, ...]):
+    def __init__(self, peft_model: nn.Module, prefix: str, paths: tuple[str, ...], compile: bool = False):
         super().__init__()
         self.peft = peft_model
         self.lm = peft_model.get_base_model()
         self.backbone = getattr(self.lm, self.lm.base_model_prefix)
         self.prefix = prefix  # where the blocks live, e.g. `model.layers`
         self.paths = paths  # adapted module paths, sorted
+        self.use_compile = compile  # nn.Module.compile is a method: another name
+        self.compiled: Callable | None = None  # the compiled (or fallen-back) hidden, built on first use
 
     def hidden(self, inputs: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, D) final hidden states; restarting `positions` mark packed documents."""
-        return self.backbone(input_ids=inputs, position_ids=positions, use_cache=False).last_hidden_state
+        """(B, T, D) final hidden states; restarting `positions` mark packed documents.
+
+        Training calls run torch.compile's graph when `compile` is on (forward and backward);
+        evaluation (no grad) stays eager, saving a second compilation for a small share of the time.
+        """
+        if self.use_compile and torch.is_grad_enabled():
+            if self.compiled is None:
+                self.compiled = _compiled(self._hidden, inputs.device)
+            return self.compiled(inputs, positions)
+        return self._hidden(inputs, positions)
+
+    def _hidden(self, inputs: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        # A half-precision base computes its LoRA paths in that precision too (autocast; the
+        # factors and optimizer stay float32): peft would otherwise cast every input to float32.
+        half = self.lm.dtype if self.lm.dtype in (torch.bfloat16, torch.float16) else None
+        with torch.autocast(inputs.device.type, dtype=half, enabled=half is not None):
+            return self.backbone(input_ids=inputs, position_ids=positions, use_cache=False).last_hidden_state
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm.get_output_embeddings()(h)
@@ -68,6 +86,32 @@ class Lora(nn.Module):
         with torch.no_grad():
             for name, value in params.items():
                 live[name].copy_(torch.from_numpy(np.ascontiguousarray(np.asarray(value).T)))
+
+
+def _compiled(fn: Callable, device: torch.device) -> Callable:
+    """`fn` under torch.compile, or `fn` itself with a note where torch.compile cannot run.
+
+    Shapes are dynamic from the start: batches are padded to multiples of 32 tokens, so one
+    graph serves every length instead of one compilation per length.
+    """
+    from finetune.engines.torch import device as devices
+
+    reason = devices.compile_blocker(device)
+    if reason:
+        print(f"Note: {reason}; training without torch.compile (--no-compile hides this note)", file=sys.stderr)
+        return fn
+    compiled = torch.compile(fn, dynamic=True)
+
+    def call(*args):
+        nonlocal compiled
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as err:  # e.g. a compiler that cannot build the kernels
+            print(f"Note: torch.compile failed ({str(err).splitlines()[0][:200]}); training without it", file=sys.stderr)
+            compiled = fn
+            return fn(*args)
+
+    return call
 
 
 def block_list(lm: nn.Module) -> tuple[str, nn.ModuleList] | None:
@@ -143,7 +187,7 @@ def attach(lm: nn.Module, recipe: Recipe, spec: str) -> Result[Lora, str]:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's notes about fan_in_fan_out and Conv1D
-        model = Lora(get_peft_model(lm, config), prefix, tuple(sorted(paths)))
+        model = Lora(get_peft_model(lm, config), prefix, tuple(sorted(paths)), compile=recipe.train.compile)
     missing = set(paths) - {n for n, m in model.lm.named_modules() if hasattr(m, "lora_A")}
     assert not missing, f"peft did not adapt {sorted(missing)}"
     model.load_adapters(lora.init(recipe.train.seed, shapes, recipe.lora.rank))
