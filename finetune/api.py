@@ -94,13 +94,8 @@ def prepare(recipe: Recipe, device: str | None, log: Log, engine: str | None = N
     """Select the engine and device, run validate's checks, load the model and attach fresh LoRA."""
     from finetune.engines import choose
 
-    quantized = choose.quantized_base(recipe.model.path, recipe.model.revision)
-    name, why = choose.decide(engine, choose.mlx_only(recipe.model.quantize_bits, quantized, memory_limit))
-    if name == "torch" and quantized:
-        raise UserError(f"{recipe.model.path}: an mlx-lm quantized checkpoint; the torch engine trains float "
-                        "bases only (QLoRA is the MLX engine's); use --backend mlx")
-    if name == "torch" and memory_limit:
-        raise UserError("--memory-limit: only the MLX engine plans memory; drop it or use --backend mlx")
+    name, why = choose.for_model(engine, recipe.model.path, recipe.model.revision,
+                                 quantize_bits=recipe.model.quantize_bits, memory_limit=memory_limit)
     _check_launcher(name, why)
     if name == "torch":
         from finetune.engines.torch import device as torch_device

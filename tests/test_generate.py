@@ -340,8 +340,8 @@ def test_torch_engine_on_tiny_with_an_adapter_matches_mlx(capsys, tmp_path):
 
     from finetune.shell.models.tiny import ensure_tiny
 
-    adapter = random_adapter(ensure_tiny(), tmp_path / "adapter", b_std=0.5, num_layers=2,
-                             keys=("self_attn.q_proj", "mlp.down_proj"))
+    adapter = random_adapter(ensure_tiny(), tmp_path / "adapter", b_std=4.0, num_layers=2,
+                             keys=("self_attn.v_proj", "mlp.down_proj"))
     texts = {}
     for engine in ("mlx", "torch"):
         for extra in ((), ("--adapter", str(adapter))):
@@ -372,7 +372,7 @@ def test_torch_engine_refuses_quantized_bases_in_one_line(capsys, tmp_path):
     code, out, err = run_cli(capsys, str(quantized), "--prompt", "hi", "--backend", "torch")
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [f"ft: error: {quantized}: an mlx-lm quantized checkpoint; "
-                                        "the torch engine loads float checkpoints only; use --backend mlx"]
+                                        "the torch engine runs float bases only (quantized bases are the MLX engine's); use --backend mlx"]
 
 
 def test_torch_engine_device_gpu_needs_a_gpu(capsys):

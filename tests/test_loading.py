@@ -225,7 +225,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path, llama, caps
     message = failure(load_model(str(directory)))
     assert "unsupported architecture 'bert'; supported: llama, mistral, qwen2, gpt2" in message
     code, err = cli(["models", "info", str(directory)], capsys)
-    assert code == 2 and "unsupported architecture 'bert'" in err
+    assert code == 2 and "architecture 'bert' is not implemented by the MLX engine" in err and "--backend torch" in err
 
 
 def test_remote_code_models_are_refused(tmp_path, llama, capsys):

@@ -68,7 +68,7 @@ def generate(
     from finetune.engines import choose
     from finetune.shell.models.generate import TextStream, build_prompt, decoder
 
-    engine, why = choose.decide(backend, _mlx_only(model, adapter))
+    engine, why = choose.for_model(backend, model, adapter_quantized=_trained_quantized(adapter))
     load = _load_torch if engine == "torch" else _load_mlx
     net, tokenizer, tokens = load(model, None if adapter is None else str(adapter), device, why, verbose)
     chosen = None
@@ -128,17 +128,13 @@ def _load_torch(model: str, adapter: str | None, device: str | None, why: str, v
     return net, tokenizer, torch_generate.generate
 
 
-def _mlx_only(model: str, adapter: Path | None) -> str:
-    """What only the MLX engine generates with: an mlx-lm quantized base, or an adapter trained on one."""
-    from finetune.engines import choose
-
-    if choose.quantized_base(model):
-        return "an mlx-lm quantized base"
+def _trained_quantized(adapter: Path | None) -> bool:
+    """The adapter records a quantized base (only the MLX engine rebuilds one)."""
     try:
         config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8")) if adapter else {}
     except (OSError, ValueError):
-        return ""  # loading the adapter reports what is wrong with it
-    return "an adapter trained on a quantized base" if isinstance(config, dict) and config.get("base_quantization") else ""
+        return False  # loading the adapter reports what is wrong with it
+    return isinstance(config, dict) and bool(config.get("base_quantization"))
 
 
 def _check_flags(max_tokens: int, temp: float, top_p: float) -> None:

@@ -91,10 +91,9 @@ def info(
     from finetune.engines import choose
     from finetune.shell.data import report
 
-    quantized = choose.quantized_base(model, revision)
-    engine, why = choose.decide(backend, "an mlx-lm quantized base" if quantized else "")
+    engine, why = choose.for_model(backend, model, revision)  # refuses a quantized base under torch
     if engine == "torch":
-        found, loaded, computes = _torch_info(model, revision, load, why, quantized)
+        found, loaded, computes = _torch_info(model, revision, load, why)
     else:
         found, loaded = _mlx_info(model, revision, load)
         computes = f"computes in {found.load_dtype} on this {found.device.upper()}"
@@ -161,7 +160,7 @@ def _mlx_info(model: str, revision: str, load: bool):
     raise AssertionError("unreachable")
 
 
-def _torch_info(model: str, revision: str, load: bool, why: str, quantized: bool):
+def _torch_info(model: str, revision: str, load: bool, why: str):
     """inventory.info for the torch engine: its device, the dtype it trains in, the estimate at that
     dtype; `--load` reads the weights through transformers (AutoModelForCausalLM) and times it."""
     import sys
@@ -174,12 +173,10 @@ def _torch_info(model: str, revision: str, load: bool, why: str, quantized: bool
     from finetune.engines.torch import device as torch_device
     from finetune.shell.models import inventory
 
-    if quantized:
-        raise UserError(f"{model}: an mlx-lm quantized checkpoint; the torch engine loads float checkpoints only; use --backend mlx")
     where = torch_device.pick(None)
     dtype = torch_device.resolve_dtype(Recipe().model.dtype, where)
     print(torch_device.describe(where, dtype, why), file=sys.stderr)
-    match inventory.info(model, revision, gpu=where.type != "cpu"):
+    match inventory.info(model, revision, gpu=where.type != "cpu", engine="torch"):
         case Success(found):
             pass
         case Failure(message):

@@ -98,20 +98,17 @@ def _inspect(recipe, backend: str | None):
     from finetune.engines import choose
     from finetune.shell.data import check
 
-    quantized = choose.quantized_base(recipe.model.path, recipe.model.revision)
-    engine, why = choose.decide(backend, choose.mlx_only(recipe.model.quantize_bits, quantized, 0.0))
+    engine, why = choose.for_model(backend, recipe.model.path, recipe.model.revision,
+                                   quantize_bits=recipe.model.quantize_bits)
     if engine == "mlx":
         return unwrap(check.inspect(recipe, available_gb=_available_gb())), ""
-    if recipe.model.quantize_bits or quantized:
-        raise UserError(f"{recipe.model.path}: the torch engine trains float bases only (QLoRA and mlx-lm quantized "
-                        "bases are the MLX engine's); use --backend mlx")
     from finetune.engines.torch import device as torch_device
 
     where = torch_device.pick(None)
     dtype = str(torch_device.resolve_dtype(recipe.model.dtype, where)).removeprefix("torch.")
     print(torch_device.describe(where, torch_device.DTYPES[dtype], why), file=sys.stderr)
     as_torch = msgspec.structs.replace(recipe, model=msgspec.structs.replace(recipe.model, dtype=dtype))
-    inspection = unwrap(check.inspect(as_torch, available_gb=torch_device.memory_gb(where) * 1e9 / 1024**3))
+    inspection = unwrap(check.inspect(as_torch, available_gb=torch_device.memory_gb(where) * 1e9 / 1024**3, engine="torch"))
     shown = msgspec.structs.replace(inspection.report.recipe, model=msgspec.structs.replace(
         inspection.report.recipe.model, dtype=recipe.model.dtype))  # the recipe as written, not as estimated
     note = (f"Memory estimate for the torch engine: base weights and activations in {dtype}, LoRA and AdamW "

@@ -22,6 +22,7 @@ _BLOCK = re.compile(
     rf"^({'|'.join(re.escape(a.blocks) for a in architectures.FAMILIES.values())})\.(\d+)\.(.+)$"
 )
 
+_ANY_BLOCK = re.compile(r"^([A-Za-z_][\w.]*?)\.(\d+)\.(.+)$")
 Array = Any  # an engine's array (MLX, NumPy, torch): only names and shapes are read here
 # Every linear of one block (which leaf names are ambiguous in PEFT's target_modules).
 BLOCK_LINEARS = {a.family: tuple(path for path, _, _ in a.linears) for a in architectures.FAMILIES.values()}
@@ -139,8 +140,12 @@ def file_kind(names: Sequence[str]) -> str:
 
 
 def split_path(path: str) -> tuple[str, int, str] | None:
-    """`model.layers.3.self_attn.q_proj` -> (`model.layers`, 3, `self_attn.q_proj`)."""
-    m = _BLOCK.match(path)
+    """`model.layers.3.self_attn.q_proj` -> (`model.layers`, 3, `self_attn.q_proj`).
+
+    Architectures outside the registry (the torch engine's) split at their first block index:
+    `gpt_neox.layers.0.attention.dense` -> (`gpt_neox.layers`, 0, `attention.dense`).
+    """
+    m = _BLOCK.match(path) or _ANY_BLOCK.match(path)
     return (m.group(1), int(m.group(2)), m.group(3)) if m else None
 
 

@@ -28,6 +28,10 @@ class ModelFacts(Struct, frozen=True, kw_only=True):
     vocab_size: int
     context_length: int
     tied_embeddings: bool
+    # Architectures outside the registry (the torch engine trains any transformers has): a block's
+    # linear layers `(path, in, out)` and the parameter count, read from transformers' own modules.
+    linears: tuple[tuple[str, int, int], ...] = ()
+    counted: int = 0
 
     @property
     def architecture(self) -> architectures.Architecture:
@@ -42,11 +46,15 @@ class ModelFacts(Struct, frozen=True, kw_only=True):
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """`{key path within a block: (in_features, out_features)}` of every linear layer."""
+        if self.linears:
+            return {path: (i, o) for path, i, o in self.linears}
         return architectures.linear_shapes(self.architecture, self.dims())
 
     @property
     def parameters(self) -> int:
         """Weights of the base model (norms and biases included approximately)."""
+        if self.counted:
+            return self.counted
         block = sum(a * b for a, b in self.linear_shapes().values()) + 4 * self.hidden_size
         embed = self.vocab_size * self.hidden_size
         if any(name == "P" for _, shape, _ in self.architecture.top for name in shape):

@@ -58,11 +58,13 @@ def this_machine() -> Machine:
     )
 
 
-def decide(requested: str | None = None, needs_mlx: str = "", machine: Machine | None = None) -> tuple[str, str]:
+def decide(requested: str | None = None, needs_mlx: str = "", machine: Machine | None = None,
+           needs_torch: str = "") -> tuple[str, str]:
     """(engine, why) for `--backend` (None: `$FT_BACKEND`, else auto); missing engines refused.
 
     `needs_mlx` names what the run asks for that only the MLX engine has (QLoRA, a quantized
-    mlx-lm base, `--memory-limit`, ranks from mlx.launch); `auto` then keeps MLX.
+    mlx-lm base, `--memory-limit`, ranks from mlx.launch); `auto` then keeps MLX. `needs_torch`
+    names what only the torch engine has (an architecture the MLX engine does not implement).
     """
     requested = requested or os.environ.get("FT_BACKEND") or "auto"
     if requested not in BACKENDS:
@@ -82,6 +84,8 @@ def decide(requested: str | None = None, needs_mlx: str = "", machine: Machine |
         return "torch", "auto: MLX is not installed"
     if not m.torch:
         return "mlx", "auto: torch is not installed"
+    if needs_torch and not needs_mlx:
+        return "torch", f"auto: {needs_torch} needs the torch engine"
     if m.apple_silicon:
         return "mlx", "auto: Apple silicon"
     if needs_mlx:
@@ -123,19 +127,65 @@ def mlx_only(quantize_bits: int, quantized_base: bool, memory_limit: float) -> s
     return ""
 
 
-def quantized_base(spec: str, revision: str = "main") -> bool:
-    """`spec` is an mlx-lm quantized checkpoint (local or cached; never downloads to find out)."""
+class ModelNeeds(NamedTuple):
+    """What a model asks of the engine, read from its config.json alone (local or cached)."""
+
+    quantized: bool  # an mlx-lm quantized checkpoint: MLX only
+    model_type: str  # "" when unknown (not local, not cached, or no config)
+    mlx_knows: bool  # the MLX engine implements this architecture
+
+
+def model_needs(spec: str, revision: str = "main") -> ModelNeeds:
+    """Read `spec`'s config.json without downloading or loading weights (unknown: no constraint)."""
     import json
 
+    from finetune.core import architectures
     from finetune.shell.models import sources
 
     path = Path(os.path.expanduser(spec))
     directory = path if path.is_dir() else sources.cached_snapshot(spec, revision) if sources.is_hub_id(spec) else None
+    if spec == "tiny":
+        return ModelNeeds(False, "llama", True)
     try:
         config = json.loads((directory / "config.json").read_text()) if directory else {}
     except (OSError, ValueError):
-        return False  # loading reports a broken config.json properly
-    return isinstance(config, dict) and bool(config.get("quantization"))
+        config = {}  # loading reports a broken config.json properly
+    config = config if isinstance(config, dict) else {}
+    kind = str(config.get("model_type") or "")
+    return ModelNeeds(bool(config.get("quantization")), kind, not kind or kind in architectures.REGISTRY)
+
+
+def quantized_base(spec: str, revision: str = "main") -> bool:
+    """`spec` is an mlx-lm quantized checkpoint (local or cached; never downloads to find out)."""
+    return model_needs(spec, revision).quantized
+
+
+def for_model(requested: str | None, spec: str, revision: str = "main", *, quantize_bits: int = 0,
+              memory_limit: float = 0.0, adapter_quantized: bool = False) -> tuple[str, str]:
+    """`decide` for a run or command on model `spec`: what the model and the flags need routes `auto`,
+    and what the chosen engine cannot do is refused in one line."""
+    needs = model_needs(spec, revision)
+    mlx_reason = ("an adapter trained on a quantized base" if adapter_quantized
+                  else mlx_only(quantize_bits, needs.quantized, memory_limit))
+    torch_reason = "" if needs.mlx_knows else f"{needs.model_type} (not an MLX engine architecture)"
+    engine, why = decide(requested, mlx_reason, needs_torch=torch_reason)
+    if engine == "torch" and (needs.quantized or adapter_quantized or quantize_bits):
+        what = "an mlx-lm quantized checkpoint" if needs.quantized else (
+            "an adapter trained on a quantized base" if adapter_quantized else "QLoRA (--quantize-bits)")
+        raise UserError(f"{spec}: {what}; the torch engine runs float bases only (quantized bases are the "
+                        "MLX engine's); use --backend mlx")
+    if engine == "torch" and memory_limit:
+        raise UserError("--memory-limit: only the MLX engine plans memory; drop it or use --backend mlx")
+    if engine == "mlx" and not needs.mlx_knows:
+        raise UserError(f"{spec}: architecture {needs.model_type!r} is not implemented by the MLX engine "
+                        f"({', '.join(sorted(architectures_supported()))}); use --backend torch ({INSTALL_TORCH})")
+    return engine, why
+
+
+def architectures_supported() -> tuple[str, ...]:
+    from finetune.core import architectures
+
+    return tuple(architectures.SUPPORTED)
 
 
 def launched_by_mlx() -> bool:

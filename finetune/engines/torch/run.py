@@ -61,7 +61,7 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, device: str
     where = devices.pick(device)
     dtype = devices.resolve_dtype(recipe.model.dtype, where)
     world = distributed.setup(where.type)
-    match check.before_training(recipe, available_gb, log):
+    match check.before_training(recipe, available_gb, log, engine="torch"):
         case Success(inspection):
             pass
         case Failure(message):

@@ -9,7 +9,7 @@ from typing import Any
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
-from finetune.core import memory, memplan, modelinfo, prepare, templates, validate
+from finetune.core import architectures, memory, memplan, modelinfo, prepare, templates, validate
 from finetune.core import recipe as core_recipe
 from finetune.core.config import Recipe
 from finetune.core.records import RowError, Sample
@@ -75,17 +75,18 @@ class Inspection(Struct, frozen=True):
     tokens: dict[str, list[Tokens]] = {}
 
 
-def run(recipe: Recipe, available_gb: float = 0.0) -> Result[ValidationReport, str]:
+def run(recipe: Recipe, available_gb: float = 0.0, engine: str = "mlx") -> Result[ValidationReport, str]:
     """Everything `validate` says; Failure only when the data cannot be found at all."""
-    return inspect(recipe, available_gb).map(lambda i: i.report)
+    return inspect(recipe, available_gb, engine).map(lambda i: i.report)
 
 
-def inspect(recipe: Recipe, available_gb: float = 0.0) -> Result[Inspection, str]:
+def inspect(recipe: Recipe, available_gb: float = 0.0, engine: str = "mlx") -> Result[Inspection, str]:
     """Read the model's config and tokenizer (no weights) and every split; run the pure checks.
 
     `ft train validate` shows the report; `ft train start` and `finetune.train` stop on its errors
     and train on its tokens, so the two can never disagree. Defaults that depend on the model
     (`max_seq_length = 0`) are resolved here, and the report's recipe is the resolved one.
+    With `engine="torch"`, architectures outside the registry are read through transformers.
     """
     located = datasets.locate(recipe.data.path)
     if isinstance(located, Failure):
@@ -93,7 +94,7 @@ def inspect(recipe: Recipe, available_gb: float = 0.0) -> Result[Inspection, str
     files = located.unwrap()
     model_findings: list[validate.Finding] = []
     facts, tok = None, None
-    match _model(recipe):
+    match _model(recipe, engine):
         case Success((facts_, tok_)):
             facts, tok = facts_, tok_
         case Failure(message):
@@ -123,10 +124,10 @@ def inspect(recipe: Recipe, available_gb: float = 0.0) -> Result[Inspection, str
     return Success(Inspection(report, tok.tokenizer if tok else None, tokens))
 
 
-def before_training(recipe: Recipe, available_gb: float, log: Callable[[str], None]) -> Result[Inspection, str]:
+def before_training(recipe: Recipe, available_gb: float, log: Callable[[str], None], engine: str = "mlx") -> Result[Inspection, str]:
     """What both engines run before loading weights: validate's checks, stopping on its errors
     (the same one line `refusal` gives) and logging its warnings."""
-    match inspect(recipe, available_gb):
+    match inspect(recipe, available_gb, engine):
         case Success(inspection):
             pass
         case Failure(message):
@@ -164,11 +165,20 @@ def _estimate(facts: modelinfo.ModelFacts, recipe: Recipe, train: list[Tokens] |
     return memory.estimate(facts, recipe, width, dtype, chosen, rows)
 
 
-def _model(recipe: Recipe) -> Result[tuple[modelinfo.ModelFacts, Tokenizing], str]:
+def _model(recipe: Recipe, engine: str) -> Result[tuple[modelinfo.ModelFacts, Tokenizing], str]:
     from finetune.shell.models.tokenizer import load_tokenizer
 
+    def read_facts(directory: Path, config: dict) -> Result[modelinfo.ModelFacts, str]:
+        if engine == "torch" and config.get("model_type") not in architectures.REGISTRY:
+            from finetune.engines.torch.facts import skeleton_facts
+
+            return skeleton_facts(directory, recipe.model.path)
+        return modelinfo.facts(config).alt(
+            lambda m: f"{m}; the torch engine (--backend torch) trains any architecture transformers has"
+            if "unsupported" in m and engine == "mlx" else m)
+
     def load(directory: Path) -> Result[tuple[modelinfo.ModelFacts, Tokenizing], str]:
-        facts = sources.read_config(directory).bind(modelinfo.facts)
+        facts = sources.read_config(directory).bind(lambda config: read_facts(directory, config))
         try:
             tok = load_tokenizer(directory)
         except Exception as err:  # transformers raises OSError/ValueError/... for broken files

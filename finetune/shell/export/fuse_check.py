@@ -59,7 +59,9 @@ def _mlx(config, rows, base, plan, pairs, scale, variants, variant_plan):
     plain = run(model)
     factors = {f"{p}.{leaf}": x for p, ab in pairs.items() for leaf, x in zip(("lora_a", "lora_b"), ab, strict=True)}
     lora_modules.attach(model, mlx_arrays(dtypes.cast_floats(factors, "float32")), scale)
-    return plain, run(model), [run(model_of(v, variant_plan)) for v in variants]
+    adapted = run(model)
+    del model  # one model in memory at a time
+    return plain, adapted, [run(model_of(v, variant_plan)) for v in variants]
 
 
 def _torch(config, rows, base, plan, pairs, scale, variants, variant_plan):

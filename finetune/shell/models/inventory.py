@@ -154,19 +154,26 @@ def has_chat_template(directory: Path) -> bool:
     return isinstance(config, dict) and bool(config.get("chat_template"))
 
 
-def info(spec: str, revision: str = "main", gpu: bool | None = None) -> Result[Info, str]:
+def info(spec: str, revision: str = "main", gpu: bool | None = None, engine: str = "mlx") -> Result[Info, str]:
     """Config summary, sizes and a LoRA memory estimate at the default recipe, without weights.
 
     `gpu`: whether the engine computes on a GPU (None: ask MLX where it computes now).
+    `engine="torch"`: architectures outside the MLX engine's are read through transformers.
     """
     from finetune.shell.models.load import model_config, on_gpu, resolve_dtype
 
-    match model_config(spec, revision):
+    match model_config(spec, revision, any_architecture=engine == "torch"):
         case Success((directory, config)):
             pass
         case failure:
             return failure
-    match modelinfo.facts(config):
+    if engine == "torch" and config.get("model_type") not in modelinfo.SUPPORTED:
+        from finetune.engines.torch.facts import skeleton_facts
+
+        facts_of = skeleton_facts(directory, spec)
+    else:
+        facts_of = modelinfo.facts(config)
+    match facts_of:
         case Success(facts):
             pass
         case Failure(message):

@@ -40,15 +40,15 @@ def resolve_dtype(dtype: str, checkpoint: str | None, gpu: bool) -> str:
     return checkpoint
 
 
-def check_config(config: Mapping[str, Any], where: str) -> Result[Mapping[str, Any], str]:
-    """Refuse custom-code models and architectures we have no module for."""
+def check_config(config: Mapping[str, Any], where: str, any_architecture: bool = False) -> Result[Mapping[str, Any], str]:
+    """Refuse custom-code models and (unless `any_architecture`) architectures we have no module for."""
     if "auto_map" in config:
         return Failure(
             f"{where}: config.json has auto_map (custom model code); FineTune never runs "
             "remote code (trust_remote_code is not supported)"
         )
     kind = config.get("model_type")
-    if kind not in SUPPORTED:
+    if kind not in SUPPORTED and not any_architecture:
         return Failure(
             f"{where}: unsupported architecture {kind!r}; supported: {', '.join(SUPPORTED)}"
         )
@@ -59,10 +59,11 @@ def _checkpoint_dtype(directory: Path, config: Mapping[str, Any]) -> str | None:
     return weights.checkpoint_dtype(directory) or config.get("torch_dtype") or config.get("dtype")
 
 
-def model_config(spec: str, revision: str = "main") -> Result[tuple[Path, Mapping[str, Any]], str]:
+def model_config(spec: str, revision: str = "main", any_architecture: bool = False) -> Result[tuple[Path, Mapping[str, Any]], str]:
     """MODEL's local directory and its checked config.json (no weights read)."""
     return sources.model_dir(spec, revision).bind(
-        lambda directory: sources.read_config(directory).bind(lambda c: check_config(c, spec)).map(lambda c: (directory, c))
+        lambda directory: sources.read_config(directory).bind(
+            lambda c: check_config(c, spec, any_architecture)).map(lambda c: (directory, c))
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import numpy as np
 
 from finetune.shell.data.datasets import bundled_names, bundled_root

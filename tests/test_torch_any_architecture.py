@@ -1,0 +1,82 @@
+"""The torch engine trains architectures the MLX engine does not implement (here GPT-NeoX, built
+small by transformers itself), and `auto` routes them to it; transformers' unknowns are one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from cli_run import one_line_error, run_cli
+from safetensors.numpy import load_file
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from finetune.engines import choose
+from finetune.shell.models.tiny import ensure_tiny
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def neox(tmp_path_factory):
+    """A 2-layer GPT-NeoX in HF layout with the tiny model's tokenizer (vocabulary 2048)."""
+    out = tmp_path_factory.mktemp("neox") / "model"
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=2048, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
+    GPTNeoXForCausalLM(config).save_pretrained(out)
+    for f in ensure_tiny().iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def test_auto_routes_an_architecture_mlx_lacks_to_torch(neox, monkeypatch):
+    monkeypatch.delenv("FT_BACKEND", raising=False)
+    needs = choose.model_needs(str(neox))
+    assert needs == choose.ModelNeeds(quantized=False, model_type="gpt_neox", mlx_knows=False)
+    mac = choose.Machine(mlx=True, torch=True, apple_silicon=True, nvidia_gpu=False, linux_x86=False, native_bf16=False)
+    reason = "gpt_neox (not an MLX engine architecture)"
+    assert choose.decide("auto", "", mac, needs_torch=reason) == ("torch", f"auto: {reason} needs the torch engine")
+
+
+def test_gpt_neox_trains_generates_and_is_described_with_torch(neox, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": f"Q: {i} plus {i}?\nA: ", "completion": str(2 * i)} for i in range(12)]
+    for split, part in (("train", rows[:10]), ("valid", rows[10:])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "start", str(neox), str(data), "--backend", "torch", "--iters", "3",
+                             "--batch-size", "2", "--eval-every", "0", "--output", str(run))
+    assert code == 0, err
+    saved = load_file(run / "adapters.safetensors")
+    assert "gpt_neox.layers.1.attention.query_key_value.lora_a" in saved and len(saved) == 2 * 2 * 4
+    keys = json.loads((run / "adapter_config.json").read_text())["lora_parameters"]["keys"]
+    assert keys == ["attention.dense", "attention.query_key_value", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h"]
+
+    code, text, err = run_cli(capsys, "generate", str(neox), "--adapter", str(run), "--prompt", "Q: 1 plus 1?\nA: ",
+                              "--max-tokens", "4", "--backend", "torch")
+    assert code == 0 and "backend: torch" in err, err
+    code, out, err = run_cli(capsys, "models", "info", str(neox), "--backend", "torch")
+    assert code == 0, err
+    assert "gpt_neox" in out and "329,216" in out  # transformers' own count of the parameters
+    code, out, err = run_cli(capsys, "train", "start", str(neox), str(data), "--lora-keys", "mlp.nope",
+                             "--backend", "torch", "--output", str(tmp_path / "refused"))
+    assert code == 2 and "$.lora.keys: mlp.nope not in a gpt_neox block" in one_line_error(err), err
+    code, out, err = run_cli(capsys, "train", "validate", str(data), "--model", str(neox), "--backend", "torch")
+    assert code == 0 and "OK: ready to train." in out, out
+
+
+def test_mlx_and_transformers_unknowns_are_one_line(neox, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "start", str(neox), "sql", "--backend", "mlx", "--output", str(tmp_path / "a"))
+    assert code == 2 and "architecture 'gpt_neox' is not implemented by the MLX engine" in one_line_error(err)
+    alien = tmp_path / "alien"
+    shutil.copytree(neox, alien)
+    config = json.loads((alien / "config.json").read_text())
+    (alien / "config.json").write_text(json.dumps({**config, "model_type": "no_such_model"}))
+    code, _, err = run_cli(capsys, "train", "start", str(alien), "sql", "--backend", "torch", "--output", str(tmp_path / "b"))
+    line = one_line_error(err)
+    assert code == 2 and "does not know this model" in line and "no_such_model" in line, err
+    assert not (tmp_path / "b").exists()
