@@ -3,10 +3,12 @@
 Every configuration trains LoRA r8 on every linear of the same random-initialised HF model with
 the same text rows (every token supervised), batch size and seed, as a subprocess, alternating
 rounds; reported are medians of steady-state supervised tokens/s (the first report window, with
-warm-up and compilation, is dropped), the validation loss after the run and the child's peak RSS.
+warm-up and compilation, is dropped), the validation loss after the run, the child's peak RSS and
+its wall time (compilation shows as the `-compile` configurations' extra wall time; the children
+share one inductor cache, so round 1 compiles cold and later rounds hit the cache).
 
     python benchmarks/torch_engine.py [--models tiny,smollm] [--batches 4,8] [--iters 16]
-        [--rounds 2] [--configs mlx,torch-f32,torch-bf16,peft-f32] [--out results.json]
+        [--rounds 2] [--configs mlx,torch-f32,torch-bf16,peft-f32,...] [--out results.json]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +32,8 @@ CONFIGS = {
     "mlx": ["--backend", "mlx"],
     "torch-f32": ["--backend", "torch", "--dtype", "float32"],
     "torch-bf16": ["--backend", "torch", "--dtype", "bfloat16"],
+    "torch-f32-compile": ["--backend", "torch", "--dtype", "float32", "--compile"],
+    "torch-bf16-compile": ["--backend", "torch", "--dtype", "bfloat16", "--compile"],
     "peft-f32": [],  # this script's own reference loop
 }
 VAL_ROWS = 32
@@ -68,22 +73,20 @@ def run_engine(config: str, model: Path, data: Path, out: Path, a: argparse.Name
            "--iters", str(a.iters), "--batch-size", str(batch), "--learning-rate", "2e-4", "--lora-rank", "8",
            "--report-every", str(a.report), "--eval-every", "0", "--val-batches", "-1",
            "--save-every", "0", "--max-seq-length", "256", "--output", str(run)]
-    peak = _run(cmd)
+    peak, wall = _run(cmd)
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steady = [m["tokens_per_second"] for m in metrics[1:]] or [metrics[-1]["tokens_per_second"]]
-    return {"tokens_per_second": statistics.median(steady), "val_loss": metrics[-1]["val_loss"], "peak_rss_gb": peak}
+    return {"tokens_per_second": statistics.median(steady), "val_loss": metrics[-1]["val_loss"], "peak_rss_gb": peak, "wall_s": wall}
 
 
 def run_peft(model: Path, data: Path, out: Path, a: argparse.Namespace, batch: int) -> dict:
     result = out / "peft.json"
-    peak = _run([sys.executable, __file__, "--peft-child", str(model), str(data), str(result), str(a.iters), str(batch), str(a.report)])
-    return {**json.loads(result.read_text()), "peak_rss_gb": peak}
+    peak, wall = _run([sys.executable, __file__, "--peft-child", str(model), str(data), str(result), str(a.iters), str(batch), str(a.report)])
+    return {**json.loads(result.read_text()), "peak_rss_gb": peak, "wall_s": wall}
 
 
 def peft_child(model: str, data: str, result: str, iters: int, batch: int, report: int) -> None:
     """A plain PEFT float32 loop: full logits, labels, torch AdamW; the core's batches."""
-    import time
-
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
@@ -140,16 +143,17 @@ def peft_child(model: str, data: str, result: str, iters: int, batch: int, repor
     Path(result).write_text(json.dumps({"tokens_per_second": statistics.median(steady), "val_loss": total / count}))
 
 
-def _run(cmd: list[str]) -> float:
-    """Run a child to completion; its peak RSS in GB (the same measure for every engine)."""
+def _run(cmd: list[str]) -> tuple[float, float]:
+    """Run a child to completion; (its peak RSS in GB, its wall seconds), the same measures for every engine."""
     # Every child, the PEFT reference included, gets the threading the torch engine sets for itself.
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    tic = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{output[-3000:]}")
-    return usage.ru_maxrss * 1024 / 1e9
+    return usage.ru_maxrss * 1024 / 1e9, time.perf_counter() - tic
 
 
 def main() -> None:
@@ -161,10 +165,12 @@ def main() -> None:
     p.add_argument("--report", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default="")
+    p.add_argument("--conditions", default="", help="the machine's state, recorded in the results")
     a = p.parse_args()
-    results: dict[str, dict[str, list[dict]]] = {}
+    results: dict = {"conditions": a.conditions} if a.conditions else {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(out / "inductor"))  # cold for round 1 only
         data = write_data(out)
         for name in a.models.split(","):
             model = write_model(name, out)
@@ -187,8 +193,10 @@ def _print(key: str, runs: dict[str, list[dict]]) -> None:
     for c, m in med.items():
         vs = f"{m['tokens_per_second'] / ref:.2f}x PEFT" if ref else ""
         gap = f"val {100 * (m['val_loss'] / f32 - 1):+.2f}% vs torch-f32" if f32 else ""
-        print(f"{key:10s} {c:11s} {m['tokens_per_second']:8.1f} sup tok/s  {vs:11s}  val {m['val_loss']:.4f} {gap}  "
-              f"peak RSS {m['peak_rss_gb']:.2f} GB", flush=True)
+        eager = runs.get(c.removesuffix("-compile"))  # round 1: the cold compilation's extra seconds
+        extra = f"  compile +{runs[c][0]['wall_s'] - eager[0]['wall_s']:.0f} s" if c.endswith("-compile") and eager else ""
+        print(f"{key:10s} {c:18s} {m['tokens_per_second']:8.1f} sup tok/s  {vs:11s}  val {m['val_loss']:.4f} {gap}  "
+              f"peak RSS {m['peak_rss_gb']:.2f} GB  wall {m['wall_s']:.0f} s{extra}", flush=True)
 
 
 if __name__ == "__main__":
