@@ -10,6 +10,8 @@ bit width and group size.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from finetune.core import dtypes
@@ -17,18 +19,32 @@ from finetune.core import dtypes
 _EPS = np.float32(1e-7)  # smallest scale, for constant groups
 
 
+def _chunk(bits: int) -> tuple[int, int]:
+    """(bytes, values) of the smallest whole-byte run of `bits`-bit values: (1, 2) for 4 bits, (3, 8) for 3."""
+    size = math.lcm(bits, 8) // 8
+    return size, size * 8 // bits
+
+
 def unpack(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
-    """Packed uint32 words (little-endian bit stream per row) -> `width` integers per row."""
-    stream = np.unpackbits(np.ascontiguousarray(packed).view(np.uint8), axis=-1, bitorder="little")
-    digits = stream[..., : width * bits].reshape(*packed.shape[:-1], width, bits).astype(np.uint32)
-    return (digits << np.arange(bits, dtype=np.uint32)).sum(-1, dtype=np.uint32)
+    """Packed uint32 words (little-endian bit stream per row) -> `width` integers (uint8) per row."""
+    size, count = _chunk(bits)
+    raw = np.ascontiguousarray(packed).view(np.uint8).reshape(*packed.shape[:-1], -1, size)
+    kind = np.uint8 if size == 1 else np.uint32 if size <= 4 else np.uint64
+    word = raw[..., 0].astype(kind)
+    for k in range(1, size):  # the chunk's bytes as one little-endian integer
+        word |= raw[..., k].astype(kind) << kind(8 * k)
+    values = (word[..., None] >> (np.arange(count, dtype=kind) * kind(bits))) & kind(2**bits - 1)
+    return values.reshape(*packed.shape[:-1], -1)[..., :width].astype(np.uint8)
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
     """Integers below 2^bits per row -> uint32 words (a row's bits must fill whole words)."""
-    digits = ((q[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
-    stream = digits.reshape(*q.shape[:-1], q.shape[-1] * bits)
-    return np.packbits(stream, axis=-1, bitorder="little").view(np.uint32)
+    size, count = _chunk(bits)
+    kind = np.uint8 if size == 1 else np.uint32 if size <= 4 else np.uint64
+    values = q.reshape(*q.shape[:-1], -1, count).astype(kind)
+    word = (values << (np.arange(count, dtype=kind) * kind(bits))).sum(-1, dtype=kind)  # disjoint bits: sum = or
+    raw = word[..., None].astype(word.dtype.newbyteorder("<")).view(np.uint8)[..., :size]
+    return np.ascontiguousarray(raw).reshape(*q.shape[:-1], -1).view(np.uint32)
 
 
 def dequantize(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int, bits: int) -> np.ndarray:
@@ -36,9 +52,9 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, group
     rounds after the product and after the sum to the scales' dtype, and so does this."""
     dtype = dtypes.name(scales)
     width = packed.shape[-1] * 32 // bits
-    s = np.repeat(dtypes.as_float32(scales), group_size, axis=-1)
-    b = np.repeat(dtypes.as_float32(biases), group_size, axis=-1)
-    return dtypes.rounded(dtypes.rounded(s * unpack(packed, bits, width).astype(np.float32), dtype) + b, dtype)
+    q = unpack(packed, bits, width).reshape(*packed.shape[:-1], -1, group_size)  # (..., groups, group_size)
+    s, b = dtypes.as_float32(scales)[..., None], dtypes.as_float32(biases)[..., None]
+    return dtypes.rounded(dtypes.rounded(s * q, dtype) + b, dtype).reshape(*packed.shape[:-1], width)
 
 
 def quantize(w: np.ndarray, group_size: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,6 +71,6 @@ def quantize(w: np.ndarray, group_size: int, bits: int) -> tuple[np.ndarray, np.
     moved = q0 != 0
     scale = np.where(moved, edge / np.where(moved, q0, np.float32(1)), scale).astype(np.float32)
     bias = np.where(moved, edge, np.float32(0)).astype(np.float32)
-    q = np.clip(np.rint((x - bias[..., None]) / scale[..., None]), 0, top).astype(np.uint32)
+    q = np.clip(np.rint((x - bias[..., None]) / scale[..., None]), 0, top).astype(np.uint8)
     dtype = dtypes.name(w)
     return pack(q.reshape(w.shape), bits), dtypes.cast(scale, dtype), dtypes.cast(bias, dtype)
