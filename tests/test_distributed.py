@@ -211,6 +211,24 @@ def test_a_hung_peer_ends_both_ranks_with_one_line_and_a_checkpoint_to_resume(tm
     assert checkpoints.complete(out)
 
 
+def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, setup):
+    """The Ctrl-C flag rides in the step's all-reduce: rank 0 saves the step where both stopped."""
+    data, home, _ = setup
+    run_dir, log = tmp_path / "stopped", tmp_path / "ft.log"
+    proc = start(2, train_args(data, run_dir, steps=10_000), home, log)
+    try:
+        wait_for(run_dir / "checkpoints" / "step-0000005", proc, log)
+        os.kill(rank_pid(proc.pid, 1), signal.SIGINT)  # only rank 1 hears it
+        proc.wait(120)
+    finally:
+        end(proc)
+    text = log.read_text()
+    stopped = [line for line in text.splitlines() if line.startswith("ft: interrupted at step")]
+    assert len(set(stopped)) == 1 and "Traceback" not in text, text  # every rank that spoke: the same step
+    step = int(stopped[0].split("interrupted at step ")[1].split(":")[0])
+    assert checkpoints.complete(run_dir)[-1].name == f"step-{step:07d}", text
+
+
 def test_a_host_that_never_joins_is_one_line_naming_it(tmp_path, setup):
     data, home, _ = setup
     hosts = tmp_path / "hosts.json"

@@ -128,7 +128,7 @@ def run_steps(
     accum, clip = cfg.grad_accumulation, cfg.grad_clip
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(arrays: Sequence[mx.array], acc_grad, acc_tokens, do_update: bool):
+    def step(arrays: Sequence[mx.array], acc_grad, acc_tokens, do_update: bool, stops: mx.array):
         (loss, tokens), grad = loss_and_grad(model, *arrays)
         if acc_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, acc_grad)
@@ -136,14 +136,14 @@ def run_steps(
         else:
             tokens_total = tokens
         if not do_update:
-            return loss, tokens, grad, tokens_total
-        if world.size > 1:
-            grad, tokens_total = distributed.sum_tree((grad, tokens_total))
+            return loss, tokens, grad, tokens_total, stops
+        if world.size > 1:  # Ctrl-C rides along, so every rank stops after the same step
+            grad, tokens_total, stops = distributed.sum_tree((grad, tokens_total, stops))
         grad = tree_map(lambda g: g / mx.maximum(tokens_total, 1.0), grad)  # token-weighted mean
         if clip > 0:
             grad, _ = optim.clip_grad_norm(grad, clip)
         optimizer.update(model, grad)
-        return loss, tokens, None, tokens_total  # all ranks' supervised tokens of this step
+        return loss, tokens, None, tokens_total, stops  # all ranks' supervised tokens and Ctrl-Cs
 
     plan_size = len(train_data.plan)
     window = Window()
@@ -167,10 +167,14 @@ def run_steps(
                     numbers, arrays = batch_arrays(train_data, index, cfg.max_seq_length,
                                                    world.rank, world.size, part, splits)
                     update = micro == accum - 1 and part == splits - 1
-                    loss, tokens, acc_grad, acc_tokens = step(arrays, acc_grad, acc_tokens, update)
-                    mx.eval(state, loss, tokens, acc_grad, acc_tokens)
+                    loss, tokens, acc_grad, acc_tokens, stops = step(
+                        arrays, acc_grad, acc_tokens, update, mx.array(float(stop.requested)))
+                    mx.eval(state, loss, tokens, acc_grad, acc_tokens, stops)
                     window.add(loss.item(), tokens.item(), numbers)
                 cursor.batch_index += 1
+            # Ranks act on the summed flag alone: a Ctrl-C that lands after this rank sent its flag
+            # counts at the next step, on every rank at once.
+            stopping = stops.item() > 0 or (world.size == 1 and stop.requested)
             cursor.trained_tokens += int(acc_tokens.item())
             cursor.step += 1
             window.steps += 1
@@ -192,8 +196,10 @@ def run_steps(
                 window = Window()
             if (cfg.save_every and cursor.step % cfg.save_every == 0) or last:
                 on_save(cursor)
-            if stop.requested and not last:
+            if stopping and not last:
                 on_save(cursor)
+                if world.size > 1:  # the others wait until rank 0 has saved: the launcher ends all at the first exit
+                    distributed.sum_values([0.0])
                 raise Interrupted(cursor.step)
     return cursor
 
