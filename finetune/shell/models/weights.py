@@ -23,7 +23,6 @@ BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 # safetensors dtype tags -> MLX dtype names
 DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
 
 def checkpoint_files(directory: str | Path) -> Result[list[Path], str]:
@@ -66,24 +65,9 @@ def _index_files(index: Path) -> Result[list[str], str]:
 
 def safetensors_header(path: str | Path) -> Result[dict, str]:
     """The JSON header of a safetensors file, after checking the file is long enough for it."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            raw = f.read(n) if 8 + n <= size and n <= _MAX_HEADER else b""
-    except OSError as err:
-        return Failure(f"{path}: cannot read ({err.strerror or err})")
-    if size < 8 or 8 + n > size or n > _MAX_HEADER:
-        return Failure(f"{path}: not a safetensors file, or truncated ({size} bytes)")
-    try:
-        header = json.loads(raw)
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    except (ValueError, AttributeError, KeyError, TypeError, IndexError):  # bad JSON included
-        return Failure(f"{path}: corrupt safetensors header")
-    if 8 + n + max(ends, default=0) > size:
-        return Failure(f"{path}: truncated ({size} bytes, the header needs {8 + n + max(ends)})")
-    return Success(header)
+    from finetune.shell.export import tensorfile
+
+    return tensorfile.header(Path(path)).map(lambda found: found[0])
 
 
 def read_safetensors(path: str | Path) -> Result[dict[str, mx.array], str]:
