@@ -9,10 +9,12 @@ import shutil
 import pytest
 import torch
 from cli_run import one_line_error, run_cli
+from peft import PeftModel
 from safetensors.numpy import load_file
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from finetune.engines import choose
+from finetune.engines.torch import generate as torch_generate
 from finetune.shell.models.tiny import ensure_tiny
 
 torch.set_num_threads(1)
@@ -59,6 +61,13 @@ def test_gpt_neox_trains_generates_and_is_described_with_torch(neox, tmp_path, c
     code, text, err = run_cli(capsys, "generate", str(neox), "--adapter", str(run), "--prompt", "Q: 1 plus 1?\nA: ",
                               "--max-tokens", "4", "--backend", "torch")
     assert code == 0 and "backend: torch" in err, err
+    code, out, err = run_cli(capsys, "adapters", "export", str(run), "--format", "peft", "--output", str(tmp_path / "peft"))
+    assert code == 0, err
+    ours = torch_generate.load(str(neox), str(run), torch.device("cpu")).unwrap()[0]
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(neox), tmp_path / "peft").eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert (ours(ids).logits - theirs(ids).logits).abs().max() < 1e-5  # peft reads the run's adapter
     code, out, err = run_cli(capsys, "models", "info", str(neox), "--backend", "torch")
     assert code == 0, err
     assert "gpt_neox" in out and "329,216" in out  # transformers' own count of the parameters
