@@ -271,16 +271,19 @@ def test_with_neither_engine_fuse_checks_the_weights_and_writes_the_same_bytes(t
     vanishing = random_adapter(bases["bf16"], tmp_path / "vanishing", b_std=1e-6)
     script = [["fuse", str(bases["bf16"]), "--adapter", str(adapter["bf16"]), "--output", "fused"],
               ["fuse", str(bases["bf16"]), "--adapter", str(vanishing), "--output", "vanished"],
+              ["fuse", str(bases["q4"]), "--adapter", str(adapter["q4"]), "--output", "q4"],
               ["fuse", str(bases["llama"]), "--adapter", str(adapter["llama"]), "--output", "o", "--backend", "mlx"],
               ["fuse", str(bases["llama"]), "--adapter", str(adapter["llama"]), "--output", "o", "--backend", "torch"]]
     env = {k: v for k, v in os.environ.items() if k != "FT_BACKEND"}
     done = subprocess.run([sys.executable, "-c", HIDE_TORCH + RUN_ALL.removeprefix(BLOCK_MLX),
                            json.dumps(script)], capture_output=True, text=True, cwd=tmp_path, env=env, check=True)
-    fused, vanished, mlx, torch_, loaded = json.loads(done.stdout)
+    fused, vanished, q4, mlx, torch_, loaded = json.loads(done.stdout)
     assert loaded == []
     assert fused["code"] == 0, fused["stderr"]
     assert "check on the weights of 14 fused layers" in fused["stdout"] and "checked with NumPy" in fused["stdout"]
     same_files(tmp_path / "fused", root / "nomlx" / "fuse-bf16")
+    assert q4["code"] == 0 and "check on the weights of 14 fused layers" in q4["stdout"], q4["stderr"]
+    same_files(tmp_path / "q4", root / "nomlx" / "fuse-q4")
     assert vanished["code"] == 2 and "rounds away in bfloat16" in one_line_error(vanished["stderr"])
     assert not (tmp_path / "vanished").exists()
     assert one_line_error(mlx["stderr"]).startswith("ft: error: --backend mlx: MLX is not installed here")

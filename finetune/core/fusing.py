@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -168,33 +168,36 @@ class Check(Struct, frozen=True, kw_only=True):
                 f"{self.fused_effect:.2e} after fusing {self.stored_as} ({self.kept:.0%} of its effect kept)")
 
 
-def _max_abs(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray]) -> float:
-    return max((float(np.abs(x.astype(np.float32) - y.astype(np.float32)).max()) for x, y in zip(xs, ys, strict=True)), default=0.0)
+def _top(so_far: float, x: np.ndarray) -> float:
+    """The larger of `so_far` and max |x|; a NaN anywhere stays NaN (the verdict refuses it)."""
+    return float(np.maximum(so_far, np.abs(x).max(initial=0.0)))
 
 
 def measure(
-    base: Sequence[np.ndarray], adapter: Sequence[np.ndarray], base_cast: Sequence[np.ndarray],
-    fused: Sequence[np.ndarray], dtype: str, quantized: str = "", on: str = "logits",
+    base: Iterable[np.ndarray], adapter: Iterable[np.ndarray], base_cast: Iterable[np.ndarray],
+    fused: Iterable[np.ndarray], dtype: str, quantized: str = "", on: str = "logits",
 ) -> Check:
     """Compare the four models' logits (one array per row) and set the dtype's tolerance.
 
-    For re-quantized output (`quantized`), `base_cast` is the base with the same layers
-    re-quantized (re-quantizing is not idempotent: that noise is the format's); quantizing the
-    fused weights afresh adds more, so the fused model may also be as far from the adapter model
-    as the base is, but no farther.
+    One pass, one row of each at a time (so weights may be produced layer by layer). For
+    re-quantized output (`quantized`), `base_cast` is the base with the same layers re-quantized
+    (re-quantizing is not idempotent: that noise is the format's); quantizing the fused weights
+    afresh adds more, so the fused model may also be as far from the adapter model as the base
+    is, but no farther.
     """
-    scale = max((float(np.abs(a).max()) for a in adapter), default=0.0)
-    noise = _max_abs(base_cast, base)
-    effect = [a - b for a, b in zip(adapter, base, strict=True)]
-    survived = [f - c for f, c in zip(fused, base_cast, strict=True)]
-    norm = sum(float((e * e).sum()) for e in effect)
-    along = sum(float((s * e).sum()) for s, e in zip(survived, effect, strict=True))
-    effect_size = _max_abs(adapter, base)
+    rows, scale, noise, effect_size, drift, fused_effect, norm, along = 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    for b, a, c, f in zip(base, adapter, base_cast, fused, strict=True):
+        b, a, c, f = (x.astype(np.float32, copy=False) for x in (b, a, c, f))
+        effect, survived = a - b, f - c
+        rows += 1
+        scale, noise = _top(scale, a), _top(noise, c - b)
+        effect_size, drift, fused_effect = _top(effect_size, effect), _top(drift, f - a), _top(fused_effect, survived)
+        norm += float((effect * effect).sum())
+        along += float((survived * effect).sum())
     return Check(
-        rows=len(base), dtype=dtype, fused_vs_adapter=_max_abs(fused, adapter),
+        rows=rows, dtype=dtype, fused_vs_adapter=drift,
         tolerance=RTOL[dtype] * max(1.0, scale) + 3.0 * noise + (effect_size if quantized else 0.0),
-        adapter_effect=effect_size,
-        fused_effect=_max_abs(fused, base_cast), cast_noise=noise, logit_scale=scale,
+        adapter_effect=effect_size, fused_effect=fused_effect, cast_noise=noise, logit_scale=scale,
         kept=along / norm if norm > 0 else 1.0, quantized=quantized, on=on,
     )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,18 +127,27 @@ def _check(engine: str, config: dict, ids: list[list[int]], base: fuse_base.Base
     """
     plan = base.plan if quant is not None else {}
     dense, exact = computed
-    if engine == "numpy":
-        names = [f"{p}.weight" for p in pairs]
-        as_run = [_float32(w, plan) for w in written]
-        return fusing.measure(*([t[n] for n in names] for t in (dense, exact, *as_run)), target,
+    if engine == "numpy":  # layer by layer: one dequantized weight at a time
+        def layers(tensors: dict, quantized: dict) -> Iterator[np.ndarray]:
+            return (_layer(tensors, p, quantized) for p in pairs)
+
+        return fusing.measure(layers(dense, {}), layers(exact, {}), *(layers(w, plan) for w in written), target,
                               quant.summary() if quant else "", on="weights")
     if engine == "mlx":
         plain, adapted, (cast, fused) = fuse_check.logits(engine, config, ids, base.tensors, base.plan, pairs,
                                                           scale, list(written), plan)
     else:
         plain, adapted, (cast, fused) = fuse_check.logits(engine, config, ids, dense, {}, pairs, scale,
-                                                          [_float32(w, plan) for w in written], {})
+                                                          (_float32(w, plan) for w in written), {})
     return fusing.measure(plain, adapted, cast, fused, target, quant.summary() if quant else "")
+
+
+def _layer(tensors: dict, path: str, plan: dict) -> np.ndarray:
+    """One module's weight as a model computes with it: float32, dequantized if `plan` quantizes it."""
+    if path not in plan:
+        return dtypes.as_float32(tensors[f"{path}.weight"])
+    parts = {f"{path}.{leaf}": tensors[f"{path}.{leaf}"] for leaf in ("weight", "scales", "biases")}
+    return fusing.dequantize(dtypes.cast_floats(parts, "float32"), {path: plan[path]})[f"{path}.weight"]
 
 
 def _float32(tensors: dict, plan: dict) -> dict:

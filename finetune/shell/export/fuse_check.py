@@ -8,7 +8,7 @@ independent computation. Each engine is imported only when chosen.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,12 +23,13 @@ Pairs = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 def logits(
     engine: str, config: Mapping[str, Any], rows: Sequence[Sequence[int]], base: Tensors, plan: Mapping[str, Params],
-    pairs: Pairs, scale: float, variants: Sequence[Tensors], variant_plan: Mapping[str, Params],
+    pairs: Pairs, scale: float, variants: Iterable[Tensors], variant_plan: Mapping[str, Params],
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[list[np.ndarray]]]:
     """(base, adapter, one list per variant) float32 logits `(T, vocab)` per row.
 
     `base` (our names; `plan`'s layers quantized as stored) runs with and without the LoRA
-    `pairs`; each of `variants` (`variant_plan`'s layers quantized) runs plain.
+    `pairs`; each of `variants` (`variant_plan`'s layers quantized) runs plain, one at a time
+    (a generator of them holds one in memory).
     """
     run = _mlx if engine == "mlx" else _torch
     return run(without_quantization(config), rows, base, plan, pairs, scale, variants, variant_plan)
