@@ -359,6 +359,24 @@ def test_torch_engine_on_tiny_with_an_adapter_matches_mlx(capsys, tmp_path):
     assert code == 0 and out == texts["torch", True], err  # the same adapter in PEFT's files
 
 
+def test_torch_engine_reads_bfloat16_adapters_like_mlx(capsys, tmp_path):
+    from lora_models import random_adapter
+
+    from finetune.shell.models.tiny import ensure_tiny
+
+    adapter = random_adapter(ensure_tiny(), tmp_path / "adapter", b_std=4.0, num_layers=2,
+                             keys=("self_attn.v_proj", "mlp.down_proj"))
+    weights = adapter / "adapters.safetensors"
+    mx.save_safetensors(str(weights), {k: v.astype(mx.bfloat16) for k, v in mx.load(str(weights)).items()})
+    texts = []
+    for engine in ("mlx", "torch"):
+        code, out, err = run_cli(capsys, "tiny", "--prompt", "SELECT name FROM", "--max-tokens", "8",
+                                 "--backend", engine, "--adapter", str(adapter))
+        assert code == 0, err
+        texts.append(out)
+    assert texts[0] == texts[1]
+
+
 def test_torch_engine_refuses_quantized_bases_in_one_line(capsys, tmp_path):
     from finetune.shell.models.tiny import ensure_tiny
 

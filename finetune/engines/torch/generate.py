@@ -20,7 +20,7 @@ from returns.result import Failure, Result, Success
 from torch import nn
 
 from finetune.core import adapters as core_adapters
-from finetune.core import quantization
+from finetune.core import dtypes, quantization
 from finetune.core.config import Recipe
 from finetune.engines.torch import model as tmodel
 
@@ -84,7 +84,7 @@ def with_adapter(lm: nn.Module, directory: str) -> Result[nn.Module, str]:
     if blocks is None:
         return Failure(f"{directory}: no list of transformer blocks found in this model to attach LoRA to")
     prefix, layers_list = blocks
-    params = {k: np.array(v, dtype=np.float32) for k, v in found.params.items()}  # a writable copy for torch
+    params = {k: np.array(dtypes.as_float32(v)) for k, v in found.params.items()}  # float32 (bf16 words too), writable
     layers, keys = core_adapters.layers_and_keys(core_adapters.paths_of(params))
     linears = tmodel.linear_shapes(layers_list[0])
     unknown = [k for k in keys if k not in linears]

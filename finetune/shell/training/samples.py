@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 from returns.result import Success
@@ -35,9 +36,10 @@ def show(prepared, title: str, before: str | None = None) -> str | None:
         return None
     history = sample.messages[:-1]
     prompt = build_prompt(tok, messages=history, template=template.unwrap()).unwrap()
-    model, generate = _engine(prepared)
+    model, generate, precision = _engine(prepared)
     model.eval()
-    ids = list(generate(model, prompt.ids, max_tokens=MAX_TOKENS, stop_ids=prompt.stop_ids))
+    with precision:
+        ids = list(generate(model, prompt.ids, max_tokens=MAX_TOKENS, stop_ids=prompt.stop_ids))
     model.train()
     answer = decoder(tok)(ids).strip()
     if before is None:
@@ -47,12 +49,17 @@ def show(prepared, title: str, before: str | None = None) -> str | None:
     return answer
 
 
-def _engine(prepared) -> tuple[Any, Any]:
-    """The model to sample from and the generate function of the engine that prepared it."""
+def _engine(prepared) -> tuple[Any, Any, Any]:
+    """The model to sample from, the generate function of the engine that prepared it, and the
+    precision context it computes in as it trains (torch: autocast for a half-precision base)."""
     if type(prepared).__module__ == "finetune.engines.torch.run":
+        import torch
+
         from finetune.engines.torch.generate import generate
 
-        return prepared.model.lm, generate  # transformers' model with the peft layers in place
+        half = prepared.model.half_precision()
+        precision = torch.autocast(prepared.device.type, dtype=half, enabled=half is not None)
+        return prepared.model.lm, generate, precision  # transformers' model with the peft layers in place
     from finetune.shell.models.generate import generate
 
-    return prepared.model, generate
+    return prepared.model, generate, nullcontext()
