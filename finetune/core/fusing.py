@@ -18,7 +18,7 @@ import numpy as np
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
-from finetune.core import affine, dtypes
+from finetune.core import affine, dtypes, lora
 from finetune.core.convert import mlx_to_hf
 from finetune.core.quantization import Params, Quant, without_quantization
 from finetune.core.records import Sample
@@ -51,9 +51,7 @@ def fuse_all(
     """`<path>.weight` replaced by `W + scale · (A B)ᵀ` (in float32) for every LoRA pair."""
     out = dict(weights)
     for path, (a, b) in pairs.items():
-        # lora.delta's scale · (A B)ᵀ, computed as Bᵀ Aᵀ: laid out (out, in) already, 3x faster in NumPy
-        fused = dtypes.as_float32(b).T @ dtypes.as_float32(a).T
-        fused *= np.float32(scale)
+        fused = lora.delta(dtypes.as_float32(a), dtypes.as_float32(b), np.float32(scale))
         fused += dtypes.as_float32(weights[f"{path}.weight"])
         out[f"{path}.weight"] = fused
     return out
