@@ -218,3 +218,13 @@ def ours_to_mlx(model_type: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
 def on_load(bits: int, group_size: int) -> Quant | None:
     """The recipe's `quantize_bits`/`quantize_group_size` (0 bits: keep the float base)."""
     return Quant(default=Params(group_size=group_size, bits=bits)) if bits else None
+
+
+def base_mismatch(want: Quant | None, have: Quant | None, adapter: str) -> str | None:
+    """The refusal when an adapter's recorded base quantization is not the base's, else None."""
+    if have == want:
+        return None
+    said = want.summary() if want else "float"
+    found = have.summary() if have else "float"
+    return (f"{adapter}: the adapter was trained on a {said} base, but this base is {found}; "
+            "load the base it was trained on")

@@ -74,10 +74,9 @@ def read(directory: Path, config: dict, adapter: adapters.Adapter, spec: str) ->
             return failure
     layers = {p: plan.get(p) for p in in_dims}
     want = quantization.parse_block(record, str(adapter.config_path)).value_or(None) if record else None
-    if record and quantization.describe(layers) != want:
-        have = quantization.describe(layers)
-        return Failure(f"{adapter.directory}: the adapter was trained on a {want.summary() if want else 'float'} base, "
-                       f"but this base is {have.summary() if have else 'float'}; load the base it was trained on")
+    refusal = quantization.base_mismatch(want, quantization.describe(layers), str(adapter.directory)) if record else None
+    if refusal:
+        return Failure(refusal)
     on_load = bool(record and record.get(quantization.ON_LOAD))  # then quantizing is needed, else dequantizing
     needs = mlx_quantizes(plan if on_load else {p: q for p, q in plan.items() if q.mode != "affine"})
     return Success(Base(tensors=tensors, plan=plan, layers=layers, needs_mlx=needs))

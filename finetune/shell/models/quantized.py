@@ -100,10 +100,5 @@ def load_stored(
 
 def check_record(model: nn.Module, want: Quant | None, adapter: str) -> Result[nn.Module, str]:
     """The base must be quantized exactly as the adapter's record says it was in training."""
-    have = describe(model)
-    if have == want:
-        return Success(model)
-    said = want.summary() if want else "float"
-    found = have.summary() if have else "float"
-    return Failure(f"{adapter}: the adapter was trained on a {said} base, but this base is {found}; "
-                   "load the base it was trained on")
+    refusal = quantization.base_mismatch(want, describe(model), adapter)
+    return Failure(refusal) if refusal else Success(model)
