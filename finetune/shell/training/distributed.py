@@ -7,7 +7,6 @@ across ranks and divided once, and rank 0 alone writes and prints.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -18,22 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import msgspec
 from mlx.utils import tree_flatten, tree_unflatten
-from msgspec import Struct
 from returns.result import Failure, Result, Success
 
-from finetune.engines import watchdog
+from finetune.engines import rundir, watchdog
 from finetune.errors import UserError
 
-
-class World(Struct, frozen=True):
-    rank: int
-    size: int
-    backend: str  # "ring" | "mpi" | "nccl" | "jaccl" | "none" (one process)
-
-
-SINGLE = World(0, 1, "none")
+# The world and its checks are the engines' shared ones (the torch engine's ranks use them too).
+World, SINGLE, describe = rundir.World, rundir.SINGLE, rundir.describe_world
 
 
 @cache
@@ -118,10 +109,6 @@ def _backend() -> str:
     return "unknown"
 
 
-def describe(world: World) -> str:
-    return "one process" if world.size == 1 else f"{world.size} ranks over {world.backend}"
-
-
 def sum_tree(tree: Any) -> Any:
     """Sum every array of `tree` over all ranks in one all_sum (float32 on the wire)."""
     flat = tree_flatten(tree)
@@ -164,13 +151,7 @@ def agree(world: World, what: str, digest: bytes) -> Result[None, str]:
     mine = mx.array(list(digest), dtype=mx.uint8)
     every = mx.distributed.all_gather(mine, stream=mx.cpu).reshape(world.size, -1).tolist()
     differ = [r for r, d in enumerate(every) if d != every[0]]
-    if not differ:
-        return Success(None)
-    ranks = ", ".join(str(r) for r in differ)
-    return Failure(
-        f"rank {ranks} and rank 0 disagree about {what}; start every rank with the same recipe, "
-        "data and model (same files on every host)"
-    )
+    return Failure(rundir.disagreement(what, differ)) if differ else Success(None)
 
 
 def all_ok(world: World, result: Result[Any, str]) -> Result[Any, str]:
@@ -186,20 +167,8 @@ def all_ok(world: World, result: Result[Any, str]) -> Result[Any, str]:
 
 
 def run_digest(recipe: Any, splits: dict[str, list[Any]], model: Any) -> bytes:
-    """A hash of what every rank must share: the recipe (but paths), the tokens, the model's shapes."""
-    raw = msgspec.json.decode(msgspec.json.encode(recipe))
-    for key in ("name", "output"):
-        raw.pop(key, None)
-    for section, key in (("model", "path"), ("data", "path")):
-        raw.get(section, {}).pop(key, None)  # hosts may keep the same files in different places
-    h = hashlib.sha256(msgspec.json.encode(raw))
-    for split in sorted(splits):
-        h.update(split.encode())
-        for t in splits[split]:
-            h.update(msgspec.json.encode((t.ids, t.mask)))
-    for name, value in tree_flatten(model.parameters()):
-        h.update(f"{name}:{value.shape}:{value.dtype}".encode())
-    return h.digest()
+    """rundir.run_digest over the MLX model's parameter names, shapes and dtypes."""
+    return rundir.run_digest(recipe, splits, [f"{n}:{v.shape}:{v.dtype}" for n, v in tree_flatten(model.parameters())])
 
 
 def lost_peer(err: RuntimeError, world: World, run_dir: Any) -> UserError | None:

@@ -274,11 +274,7 @@ def _join(prepared: Prepared, world: distributed.World) -> Result[None, str]:
     match distributed.agree(world, "the recipe, data or model", digest):
         case Failure(message):
             return Failure(message)
-    rows = prepared.recipe.train.batch_size
-    if world.size > rows:
-        return Failure(f"$.train.batch_size: {rows} rows per batch cannot be shared by {world.size} ranks "
-                       f"(a rank would never train); use --batch-size {world.size} or more, or fewer ranks")
-    return Success(None)
+    return rundir.check_world(world, prepared.recipe.train.batch_size)
 
 
 def _broadcast_state(model: nn.Module, optimizer: optim.Optimizer, cursor: trainer.Cursor, world: distributed.World) -> trainer.Cursor:

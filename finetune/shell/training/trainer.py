@@ -10,12 +10,11 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import msgspec
-import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from finetune.core import batching
 from finetune.core.config import TrainingConfig
+from finetune.engines import rundir
 from finetune.engines.rundir import (  # engine-free, shared with the torch engine
     Cursor,
     Data,
@@ -54,18 +53,9 @@ def supervised_ce(
 def batch_arrays(
     data: Data, index: int, max_length: int, rank: int = 0, ranks: int = 1, part: int = 0, parts: int = 1
 ) -> tuple[batching.Batch, tuple[mx.array, ...]]:
-    """Micro-step `part` of `parts` of rank `rank`'s share of the plan's batch `index`, as numpy
-    (for counts) and MLX arrays. Ranks split the batch first, so each may split its own share
-    differently (a memory split raised on one rank only) and the shares still cover it once.
-
-    An empty share (more parts than rows) is the batch's first row with every weight 0: it
-    adds nothing to the sums yet still runs the same step, so its rank joins the collectives.
-    """
-    share = batching.shares(batching.shares(data.plan[index], ranks)[rank], parts)[part]
-    rows = [[data.examples[i] for i in row] for row in share or data.plan[index][:1]]
-    b = batching.make_batch(rows, max_length)
-    if not share:
-        b = msgspec.structs.replace(b, weights=np.zeros_like(b.weights), tokens=0, supervised=0)
+    """Micro-step `part` of `parts` of rank `rank`'s share of the plan's batch `index`
+    (`rundir.batch_share`), as numpy (for counts) and MLX arrays."""
+    b = rundir.batch_share(data, index, max_length, rank, ranks, part, parts)
     arrays = (b.inputs, b.select, b.targets, b.weights)
     if b.segments is not None:
         arrays += (b.segments, b.positions)
