@@ -25,7 +25,7 @@ props: install
 lint: install
     {{py}} -m ruff check finetune tests properties benchmarks data
 
-# Benchmarks (results in benchmarks/README.md): data pipeline, FineTune vs mlx-lm training, memory estimate vs measured.
+# Benchmarks (results in benchmarks/README.md): data pipeline, FineTune vs mlx-lm, memory, the torch engine, ranks, generation, fuse, QLoRA, BLAS.
 bench: install
     {{py}} benchmarks/data_pipeline.py
     {{py}} benchmarks/train_vs_mlxlm.py --blas same --out benchmarks/results-same-blas.json
@@ -33,6 +33,11 @@ bench: install
     {{py}} benchmarks/memory.py
     {{py}} benchmarks/torch_engine.py --out benchmarks/results-torch-engine.json
     {{py}} benchmarks/distributed.py --out benchmarks/results-distributed.json
+    {{py}} benchmarks/distributed.py --engine torch --out benchmarks/results-distributed-torch.json
+    {{py}} benchmarks/generate_engines.py
+    {{py}} benchmarks/fuse.py
+    {{py}} benchmarks/qlora_memory.py --model tiny
+    {{py}} benchmarks/blas.py
 
 # The demo: a short LoRA run of the built-in tiny model on the bundled SQL set.
 quick: install
