@@ -8,7 +8,7 @@ its wall time (compilation shows as the `-compile` configurations' extra wall ti
 share one inductor cache, so round 1 compiles cold and later rounds hit the cache).
 
     python benchmarks/torch_engine.py [--models tiny,smollm] [--batches 4,8] [--iters 16]
-        [--rounds 2] [--configs mlx,torch-f32,torch-bf16,peft-f32,...] [--out results.json]
+        [--rounds 2] [--configs mlx,torch-f32,torch-bf16,peft-f32,...] [--out results.json [--merge]]
 """
 
 from __future__ import annotations
@@ -166,8 +166,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default="")
     p.add_argument("--conditions", default="", help="the machine's state, recorded in the results")
+    p.add_argument("--merge", action="store_true", help="add to --out's rows instead of replacing the file")
     a = p.parse_args()
-    results: dict = {"conditions": a.conditions} if a.conditions else {}
+    results: dict = json.loads(Path(a.out).read_text()) if a.merge and Path(a.out).exists() else {}
+    if a.conditions:
+        results.setdefault("conditions", {})[f"{a.models} b{a.batches}: {a.configs}"] = a.conditions
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(out / "inductor"))  # cold for round 1 only
