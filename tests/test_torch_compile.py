@@ -133,3 +133,17 @@ def test_a_bfloat16_base_trains_float32_factors_to_the_float32_loss(tmp_path, sm
     a, b = (load_file(tmp_path / d / "adapters.safetensors") for d in ("bfloat16", "float32"))
     rel = max(np.linalg.norm(a[k] - b[k]) / np.linalg.norm(b[k]) for k in b)
     assert rel < 0.5  # bf16's rounding moves Adam's steps (0.17 here), not their direction (~1.4)
+
+
+def test_resuming_may_switch_compile_on_or_off():
+    """`compile` changes how a step is computed, not what: a checkpoint resumes either way."""
+    import msgspec
+
+    from finetune.core.config import Recipe
+    from finetune.engines import rundir
+
+    plain = Recipe()
+    compiled = msgspec.structs.replace(plain, train=msgspec.structs.replace(plain.train, compile=True))
+    assert rundir.fingerprint(compiled) == rundir.fingerprint(plain)
+    other = msgspec.structs.replace(plain, train=msgspec.structs.replace(plain.train, learning_rate=1.0))
+    assert rundir.fingerprint(other) != rundir.fingerprint(plain)

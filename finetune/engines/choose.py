@@ -98,8 +98,8 @@ def decide(requested: str | None = None, needs_mlx: str = "", machine: Machine |
     return "mlx", "auto: MLX is the default where the torch engine was not measured faster"
 
 
-# benchmarks/results-torch-engine.json: a 2-core AVX512 (native bf16) Linux CPU, float32 and bf16.
-MEASURED = "torch measured 1.3-1.4x faster than MLX-CPU"
+# benchmarks/README.md, quiet rows: a 2-core AVX512 (native bf16) Linux CPU, at torch's default dtype.
+MEASURED = "the torch engine trained 1.0-1.7x faster than MLX-CPU in this project's benchmarks"
 
 
 def cpu_flags() -> set[str]:

@@ -22,8 +22,9 @@ from finetune.core.tokenize import Tokens
 from finetune.errors import Interrupted as RunInterrupted
 from finetune.shell.training import checkpoints, plot
 
-# Recipe fields that may change between a checkpoint and its resumption.
-CADENCE = ("report_every", "eval_every", "val_batches", "save_every", "keep_checkpoints", "iters", "epochs")
+# Recipe fields that may change between a checkpoint and its resumption (`compile` changes how
+# the same step is computed, not what it computes: results agree to float rounding).
+CADENCE = ("report_every", "eval_every", "val_batches", "save_every", "keep_checkpoints", "iters", "epochs", "compile")
 
 
 class Cursor(Struct, kw_only=True):
