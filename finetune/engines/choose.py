@@ -15,6 +15,7 @@ from typing import NamedTuple
 from finetune.errors import UserError
 
 BACKENDS = ("auto", "mlx", "torch")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU flags of native bf16 arithmetic (AVX512_BF16, Intel AMX)
 INSTALL_TORCH = "pip install 'finetune[torch]'"
 INSTALL_MLX = "pip install mlx (Apple silicon), 'mlx[cpu]' or 'mlx[cuda]' (Linux)"
 
@@ -54,7 +55,7 @@ def this_machine() -> Machine:
         apple_silicon=sys.platform == "darwin" and machine == "arm64",
         nvidia_gpu=nvidia_gpu(),
         linux_x86=sys.platform.startswith("linux") and machine in ("x86_64", "AMD64"),
-        native_bf16=bool(flags & {"avx512_bf16", "amx_bf16"}),
+        native_bf16=bool(flags & set(BF16_FLAGS)),
     )
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
+from finetune.engines import choose
 from finetune.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # CPU flags of native bf16 arithmetic (AVX512_BF16, Intel AMX).
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+BF16_FLAGS = choose.BF16_FLAGS
 
 
 def pick(device: str | None = None) -> torch.device:
@@ -30,24 +31,12 @@ def pick(device: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
-
-
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively here (not emulated in float32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return any(f in cpu_flags() for f in BF16_FLAGS)
+        return any(f in choose.cpu_flags() for f in BF16_FLAGS)
     return False
 
 
