@@ -178,15 +178,11 @@ def for_model(requested: str | None, spec: str, revision: str = "main", *, quant
     if engine == "torch" and memory_limit:
         raise UserError("--memory-limit: only the MLX engine plans memory; drop it or use --backend mlx")
     if engine == "mlx" and not needs.mlx_knows:
+        from finetune.core.architectures import SUPPORTED
+
         raise UserError(f"{spec}: architecture {needs.model_type!r} is not implemented by the MLX engine "
-                        f"({', '.join(sorted(architectures_supported()))}); use --backend torch ({INSTALL_TORCH})")
+                        f"({', '.join(sorted(SUPPORTED))}); use --backend torch ({INSTALL_TORCH})")
     return engine, why
-
-
-def architectures_supported() -> tuple[str, ...]:
-    from finetune.core import architectures
-
-    return tuple(architectures.SUPPORTED)
 
 
 def launched_by_mlx() -> bool:
