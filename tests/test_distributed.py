@@ -9,12 +9,10 @@ ranks that disagree, and more ranks than rows per batch, stop with one line befo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from launched import end, free_port, rank_pid, wait_for
 
 from finetune.shell.training import checkpoints
 
@@ -45,10 +44,6 @@ def env(home: Path) -> dict[str, str]:
     return e
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(ranks: int, args: list, shell: str | None = None) -> list[str]:
@@ -67,9 +62,6 @@ def start(ranks: int, args: list, home: Path, log: Path, shell: str | None = Non
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def end(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):  # already gone
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run(ranks: int, args: list, home: Path, log: Path, shell: str | None = None) -> str:
@@ -124,7 +116,7 @@ def test_two_ranks_train_what_one_process_trains_through_a_killed_rank_and_resum
     proc = start(2, train_args(data, run_dir), home, log)
     try:
         wait_for(run_dir / "checkpoints" / "step-0000005", proc, log)
-        os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+        os.kill(rank_pid(proc.pid, 1, "MLX_RANK"), signal.SIGKILL)
         tic = time.monotonic()
         proc.wait(60)
         assert time.monotonic() - tic < 60
@@ -218,7 +210,7 @@ def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, setup
     proc = start(2, train_args(data, run_dir, steps=10_000), home, log)
     try:
         wait_for(run_dir / "checkpoints" / "step-0000005", proc, log)
-        os.kill(rank_pid(proc.pid, 1), signal.SIGINT)  # only rank 1 hears it
+        os.kill(rank_pid(proc.pid, 1, "MLX_RANK"), signal.SIGINT)  # only rank 1 hears it
         proc.wait(120)
     finally:
         end(proc)
@@ -264,21 +256,3 @@ def test_more_ranks_than_rows_per_batch_is_refused(tmp_path, setup):
     errors = [line for line in text.splitlines() if line.startswith("ft: error:")]
     assert errors and all("$.train.batch_size: 1 rows per batch cannot be shared by 2 ranks" in e for e in errors), text
     assert not (out / "recipe.toml").exists()
-
-
-def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    end = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"exited ({proc.returncode}) before {path} appeared:\n{log.read_text()}"
-        assert time.monotonic() < end, f"{path} did not appear in {timeout}s:\n{log.read_text()}"
-        time.sleep(0.01)
-
-
-def rank_pid(launcher: int, rank: int) -> int:
-    """The pid of the launcher's child that runs `rank` (from its MLX_RANK)."""
-    for child in Path(f"/proc/{launcher}/task").glob("*/children"):
-        for pid in child.read_text().split():
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            if f"MLX_RANK={rank}".encode() in environ:
-                return int(pid)
-    raise AssertionError(f"no rank {rank} under launcher {launcher}")

@@ -11,12 +11,10 @@ refuses the other engine.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launched import end, free_port, rank_pid, wait_for
 from safetensors.numpy import load_file
 
 from finetune.cli import main
@@ -61,9 +60,6 @@ def start(cmd: list[str], home: Path, log: Path, **extra: str) -> subprocess.Pop
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def end(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):  # already gone
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run(cmd: list[str], home: Path, log: Path) -> tuple[int, str]:
@@ -75,10 +71,6 @@ def run(cmd: list[str], home: Path, log: Path) -> tuple[int, str]:
     return code, log.read_text()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_args(data: Path, out: Path, *extra, steps: int = STEPS) -> list:
@@ -175,7 +167,7 @@ def test_a_killed_rank_ends_the_job_naming_it_and_the_checkpoint_resumes(tmp_pat
     proc = start(torchrun(2, train_args(data, out, steps=100_000)), home, log)
     try:
         wait_for(out / "checkpoints" / "step-0000005", proc, log)
-        os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+        os.kill(rank_pid(proc.pid, 1, "RANK"), signal.SIGKILL)
         tic = time.monotonic()
         code = proc.wait(60)
         assert time.monotonic() - tic < 60
@@ -243,21 +235,3 @@ def test_mlx_under_torchrun_is_refused(tmp_path, monkeypatch, capsys, setup):
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("ft: error: the MLX engine (asked for) under torchrun (WORLD_SIZE=2)"), line
     assert "--backend torch" in line and "mlx.launch" in line and not (tmp_path / "run").exists()
-
-
-def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    end = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"exited ({proc.returncode}) before {path} appeared:\n{log.read_text()}"
-        assert time.monotonic() < end, f"{path} did not appear in {timeout}s:\n{log.read_text()}"
-        time.sleep(0.01)
-
-
-def rank_pid(launcher: int, rank: int) -> int:
-    """The pid of torchrun's worker that runs `rank` (from its RANK)."""
-    for child in Path(f"/proc/{launcher}/task").glob("*/children"):
-        for pid in child.read_text().split():
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            if f"RANK={rank}".encode() in environ:
-                return int(pid)
-    raise AssertionError(f"no rank {rank} under torchrun {launcher}")
