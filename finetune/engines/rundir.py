@@ -227,6 +227,28 @@ class Window:
         )
 
 
+def log_start(log: Callable[[str], None], trainable: int, total: int, steps: int, train: Data, world: World) -> None:
+    """The line both engines print before the first step."""
+    log(f"Training {trainable:,} LoRA parameters ({trainable / total:.3%} of {total:,}) for {steps} steps "
+        f"on {len(train.examples):,} rows in {len(train.plan):,} batches"
+        + (f", {describe_world(world)}" if world.size > 1 else ""))
+
+
+def recorder(run_dir: Path, metrics: list[dict[str, Any]], world: World, log: Callable[[str], None]) -> Callable[[StepReport], None]:
+    """What both engines do with a report: a metrics row (with the world), appended to
+    metrics.jsonl by rank 0 alone, and the log lines."""
+    from finetune.shell.data import report
+
+    def record(r: StepReport) -> None:
+        row = {**msgspec.to_builtins(r), "world_size": world.size, "distributed_backend": world.backend}
+        metrics.append(row)
+        if world.rank == 0:
+            report.append_metrics(run_dir, row)
+        log_report(r, log)
+
+    return record
+
+
 def log_report(r: StepReport, log: Callable[[str], None]) -> None:
     """mlx-lm's classic log lines for one report (and its validation loss)."""
     log(f"Iter {r.step}: Train loss {r.train_loss:.3f}, Learning Rate {r.learning_rate:.3e}, "

@@ -131,16 +131,8 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
     if lead:
         recipes.save(recipe, run_dir / "recipe.toml")
     trainable, total = tmodel.describe_trainable(model)
-    log(f"Training {trainable:,} LoRA parameters ({trainable / total:.3%} of {total:,}) for {steps} steps "
-        f"on {len(train_data.examples):,} rows in {len(train_data.plan):,} batches"
-        + (f", {rundir.describe_world(world)}" if world.size > 1 else ""))
-
-    def on_report(r: rundir.StepReport) -> None:
-        row = {**msgspec.to_builtins(r), "world_size": world.size, "distributed_backend": world.backend}
-        metrics.append(row)
-        if lead:
-            report.append_metrics(run_dir, row)
-        rundir.log_report(r, log)
+    rundir.log_start(log, trainable, total, steps, train_data, world)
+    on_report = rundir.recorder(run_dir, metrics, world, log)
 
     def on_save(c: rundir.Cursor) -> None:
         if not lead:
