@@ -81,6 +81,9 @@ def setup(device_type: str = "cpu") -> World:
     return world
 
 
+LEAVE_S = 10  # how long a finishing rank waits for its peers at exit
+
+
 def _terminated(world: World) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
     raise Terminated(f"rank {world.rank}: stopped by torchrun (another rank failed or the job was stopped; "
@@ -88,8 +91,14 @@ def _terminated(world: World) -> None:
 
 
 def _leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the group together: a rank tearing gloo down while a peer still talks to it can
+    abort in C++ ("terminate called without an active exception") instead of exiting with its code."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        with contextlib.suppress(Exception):  # a peer already gone: leave anyway, after LEAVE_S at most
+            dist.monitored_barrier(timeout=timedelta(seconds=LEAVE_S))
+    dist.destroy_process_group()
 
 
 def _wire(world: World) -> torch.device:
