@@ -24,17 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from no_mlx import BLOCK_MLX  # noqa: E402
+from no_mlx import BLOCK_MLX, BLOCK_TORCH  # noqa: E402
 from torch_engine import write_model  # noqa: E402  (the benchmarks' SmolLM-135M shape)
 
-HIDE_TORCH = (
-    "class _HideTorch(_Hide):\n"
-    "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name.split('.')[0] in ('torch', 'peft'):\n"
-    "            return None\n"
-    "        return super().find_spec(name, path, target)\n"
-    "sys.meta_path[:] = [_HideTorch(f) for f in sys.meta_path]\n"
-)
 RUN = (
     "import resource, sys\n"
     "from finetune.cli import main\n"
@@ -85,7 +77,7 @@ def quantized(model: Path, out: Path) -> Path:
 
 def run(kind: str, model: Path, adapter: Path, out: Path, old: Path | None) -> tuple[float, float]:
     """(seconds, peak GB) of one `ft fuse` in a fresh process."""
-    prelude = {"mlx": "", "torch": BLOCK_MLX, "numpy": BLOCK_MLX + HIDE_TORCH, "before": ""}[kind]
+    prelude = {"mlx": "", "torch": BLOCK_MLX, "numpy": BLOCK_MLX + BLOCK_TORCH, "before": ""}[kind]
     args = ["fuse", str(model), "--adapter", str(adapter), "--output", str(out), "--force"]
     args += [] if kind == "before" else ["--backend", {"mlx": "mlx", "torch": "torch", "numpy": "auto"}[kind]]
     env = {k: v for k, v in os.environ.items() if k != "FT_BACKEND"}

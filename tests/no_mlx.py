@@ -19,3 +19,13 @@ BLOCK_MLX = (
     "        return getattr(self.inner, attr)\n"
     "sys.meta_path[:] = [_Hide(f) for f in sys.meta_path]\n"
 )
+
+# After BLOCK_MLX: torch and peft hidden the same way (neither engine installed).
+BLOCK_TORCH = (
+    "class _HideTorch(_Hide):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in ('torch', 'peft'):\n"
+    "            return None\n"
+    "        return super().find_spec(name, path, target)\n"
+    "sys.meta_path[:] = [_HideTorch(f) for f in sys.meta_path]\n"
+)

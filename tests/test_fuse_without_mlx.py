@@ -29,7 +29,7 @@ from lora_models import (
     write_model,
 )
 from mlx.utils import tree_flatten
-from no_mlx import BLOCK_MLX
+from no_mlx import BLOCK_MLX, BLOCK_TORCH
 
 from finetune.core import affine, dtypes
 from finetune.shell.export import tensorfile
@@ -256,14 +256,7 @@ def test_safetensors_files_read_and_write_as_mlx_does(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # neither engine: NumPy alone fuses, and checks the fused layers' weights
 
-HIDE_TORCH = BLOCK_MLX + (
-    "class _HideTorch(_Hide):\n"
-    "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name.split('.')[0] in ('torch', 'peft'):\n"
-    "            return None\n"
-    "        return super().find_spec(name, path, target)\n"
-    "sys.meta_path[:] = [_HideTorch(f) for f in sys.meta_path]\n"
-)
+HIDE_TORCH = BLOCK_MLX + BLOCK_TORCH
 
 
 def test_with_neither_engine_fuse_checks_the_weights_and_writes_the_same_bytes(tmp_path, setup):
