@@ -1,4 +1,4 @@
-"""What `pip install finetune` and `finetune[torch]` bring on each platform (pyproject's markers).
+"""What `pip install finetune-lora` and `finetune-lora[torch]` bring on each platform (pyproject's markers).
 
 Evaluated with `packaging`, the library pip itself uses for markers, for each platform's
 environment: MLX only where it publishes wheels, the mkl wheel only on x86-64 Linux, and on
@@ -72,5 +72,5 @@ def test_with_no_engine_ft_says_what_to_install():
     windows = Machine(mlx=False, torch=False, apple_silicon=False, nvidia_gpu=False, linux_x86=False, native_bf16=False)
     with pytest.raises(UserError) as err:
         decide("auto", machine=windows)
-    assert str(err.value) == ("no training engine installed: pip install 'finetune[torch]' (any OS), or pip install "
+    assert str(err.value) == ("no training engine installed: pip install 'finetune-lora[torch]' (any OS), or pip install "
                               "mlx (Apple silicon), 'mlx[cpu]' or 'mlx[cuda]' (Linux)")

@@ -151,7 +151,7 @@ def test_without_matplotlib_the_error_names_the_extra(tmp_path):
     proc = subprocess.run([sys.executable, "-c", hide, "train", "plot", str(tmp_path / "r"), "--output",
                            str(tmp_path / "x.png")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "finetune[plot]" in one_line_error(proc.stderr)
+    assert "finetune-lora[plot]" in one_line_error(proc.stderr)
     assert not (tmp_path / "x.png").exists()
 
 

@@ -254,4 +254,4 @@ def test_with_neither_engine_ft_says_what_to_install(tmp_path):
                           capture_output=True, text=True, env=auto)
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()
-    assert line.startswith("ft: error: no training engine installed: pip install 'finetune[torch]'"), line
+    assert line.startswith("ft: error: no training engine installed: pip install 'finetune-lora[torch]'"), line

@@ -10,7 +10,7 @@ from finetune.errors import UserError, unwrap
 def plot(*runs: Path, output: Path = Path("loss.png")) -> int:
     """Write a PNG comparing runs: train and validation loss by step, one colour per run.
 
-    Needs matplotlib (pip install 'finetune[plot]').
+    Needs matplotlib (pip install 'finetune-lora[plot]').
 
     Parameters
     ----------

@@ -16,7 +16,7 @@ from finetune.errors import UserError
 
 BACKENDS = ("auto", "mlx", "torch")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU flags of native bf16 arithmetic (AVX512_BF16, Intel AMX)
-INSTALL_TORCH = "pip install 'finetune[torch]'"
+INSTALL_TORCH = "pip install 'finetune-lora[torch]'"
 INSTALL_MLX = "pip install mlx (Apple silicon), 'mlx[cpu]' or 'mlx[cuda]' (Linux)"
 
 

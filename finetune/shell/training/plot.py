@@ -98,7 +98,7 @@ def figure(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> Any:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise UserError("ft train plot needs matplotlib: pip install 'finetune[plot]'") from None
+        raise UserError("ft train plot needs matplotlib: pip install 'finetune-lora[plot]'") from None
     fig = Figure(figsize=(8, 5), dpi=100)
     ax = fig.add_subplot()
     for i, (name, rows) in enumerate(runs.items()):
