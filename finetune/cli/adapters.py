@@ -14,7 +14,7 @@ def export(
     directory: Path,
     /,
     *,
-    format: Literal["peft", "mlx-lm"] = "peft",
+    format: Literal["peft", "mlx-lm", "gguf-adapter"] = "peft",
     output: Path,
     base_model: str | None = None,
     model: str | None = None,
@@ -27,9 +27,9 @@ def export(
     directory
         Adapter directory: mlx-lm or FineTune run, a FineTune checkpoint, or PEFT.
     format
-        peft (for transformers + peft) or mlx-lm (for mlx_lm and FineTune).
+        peft (for transformers + peft), mlx-lm (for mlx_lm and FineTune) or gguf-adapter (a llama.cpp LoRA GGUF file, as ft export writes it).
     output
-        Directory to write; must not exist or be empty.
+        Directory to write; must not exist or be empty (gguf-adapter: the .gguf file).
     base_model
         base_model_name_or_path to record instead of the model the adapter names.
     model
@@ -39,6 +39,11 @@ def export(
     """
     from finetune.shell.export import adapters
 
+    if format == "gguf-adapter":
+        from finetune.cli.export import adapter_gguf
+
+        return adapter_gguf(directory, output, model=model, gguf_type="f32", ollama=False, base_gguf=None,
+                            force=force, revision="main")
     adapter = unwrap(adapters.load_any(directory))
     if format == "peft":
         if not base_model and adapter.model == "tiny":  # a name only FineTune knows: its directory

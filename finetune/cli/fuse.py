@@ -25,6 +25,9 @@ def fuse(
     force: bool = False,
     revision: str = "main",
     backend: Literal["auto", "mlx", "torch"] | None = None,
+    format: Literal["hf", "gguf"] = "hf",
+    gguf_type: str | None = None,
+    ollama: bool = False,
 ) -> int:
     """Merge every LoRA pair into its base weight and write a complete HF model directory.
 
@@ -56,6 +59,12 @@ def fuse(
         Hub branch, tag or commit of MODEL.
     backend
         Engine whose libraries run the logit check: auto, mlx (our MLX modules) or torch (transformers); default: $FT_BACKEND, else auto (with neither installed: the check compares the fused layers' weights). Reading, fusing, re-quantizing and writing are NumPy either way (mxfp4/mxfp8/nvfp4 and 1-bit layers need MLX).
+    format
+        hf (a HF model directory) or gguf (one llama.cpp GGUF file; OUTPUT names the .gguf file).
+    gguf_type
+        GGUF tensor type: f32, f16, bf16, q8_0 or q4_0 (norms stay F32); default: the base's own dtype, Q4_0/Q8_0 for an MLX 4/8-bit base, a GGUF base's own type where writable (else f16).
+    ollama
+        With --format gguf: also write an Ollama Modelfile beside OUTPUT and print the ollama create line.
     """
     from finetune.core.fusing import parse_size
     from finetune.shell.export.fuse import fuse as run
@@ -64,6 +73,15 @@ def fuse(
         raise UserError(f"--rows must be at least 1, got {rows}")
     if not adapter.exists():
         raise UserError(f"{adapter}: no such adapter directory")
+    if format == "gguf":
+        from finetune.cli.export import fused_gguf
+
+        if dtype or dequantize:
+            raise UserError(f"--{'dtype' if dtype else 'dequantize'} applies to --format hf; a GGUF's precision is --gguf-type")
+        return fused_gguf(model, adapter, output, gguf_type=gguf_type, data=data, rows=rows, force=force,
+                          revision=revision, backend=backend, ollama=ollama)
+    if gguf_type or ollama:
+        raise UserError(f"--{'gguf-type' if gguf_type else 'ollama'} applies to --format gguf")
     match parse_size(max_shard_size):
         case Success(shard_bytes):
             pass
