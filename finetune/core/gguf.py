@@ -311,7 +311,8 @@ def _rope_scaling(arch, key, head_dim, theta, rope_factors) -> dict | str | None
     if kind in (None, "none"):
         if rope_factors is None:
             return None
-        context = key("rope.scaling.original_context_length", 8192)
+        # llama.cpp keeps no original context; only ratios to it shape the frequencies
+        context = key("rope.scaling.original_context_length") or min(8192, key("context_length", 16384) // 2)
         return llama3_from_factors(np.asarray(rope_factors), head_dim, theta, context).value_or(
             f"tensor 'rope_freqs.weight' is not a Llama 3 rope scaling for head_dim {head_dim}")
     if kind == "linear" and _number(key("rope.scaling.factor")):

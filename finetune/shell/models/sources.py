@@ -57,6 +57,11 @@ def is_hub_id(spec: str) -> bool:
 def model_dir(spec: str, revision: str = "main") -> Result[Path, str]:
     """A local directory with config.json for a MODEL spec (may build `tiny` or download)."""
     path = Path(os.path.expanduser(spec))
+    gguf_file = _gguf_file(path)
+    if gguf_file is not None:
+        from finetune.shell.models.gguf import converted_dir
+
+        return converted_dir(gguf_file)
     if path.is_dir():
         if not (path / "config.json").is_file():
             return Failure(f"{spec}: not a model directory (no config.json)")
@@ -81,6 +86,15 @@ def model_dir(spec: str, revision: str = "main") -> Result[Path, str]:
             f"is set; download it once while online (hf download {spec})"
         )
     return download(spec, revision)
+
+
+def _gguf_file(path: Path) -> Path | None:
+    """A llama.cpp `.gguf` file, or the only one in a directory without config.json."""
+    from finetune.shell.models.gguf import is_gguf, single_gguf
+
+    if path.is_dir():
+        return single_gguf(path)
+    return path if is_gguf(path) else None
 
 
 def cached_snapshot(repo: str, revision: str = "main") -> Path | None:
