@@ -31,6 +31,7 @@ train_app.command("finetune.cli.train:recipe", name="recipe", help="Write a reci
 train_app.command("finetune.cli.train:list_data", name="list-data", help="List bundled datasets, datasets in the current directory, and any PATHS given.")
 train_app.command("finetune.cli.plot:plot", name="plot", help="Write a PNG comparing runs: train and validation loss by step, one colour per run.")
 app.command("finetune.cli.generate:generate", name="generate", help="Generate text with the KV cache, streamed to stdout; speed and backend go to stderr.")
+app.command("finetune.cli.serve:serve", name="serve", help="Serve a model and its adapters over OpenAI's HTTP API (chat, completions, models).")
 models_app = App(name="models", help="Models on this machine: built-in tiny, converted cache, HF cache.")
 app.command(models_app)
 models_app.command("finetune.cli.models:list_models", name="list", help="List the built-in tiny model, converted-cache entries and supported models in the HF cache.")
