@@ -136,7 +136,34 @@ def run(prepared, run_dir: Path, *, resume: bool, test: bool, log: Log) -> Run:
     )
 
 
-def evaluate(run: Run | str | Path, split: str = "test", model: Any = None) -> float:
+def evaluate(model: Any, /, data: str | Path | None = None, adapters: Any = (), *, split: str = "test",
+             limit: int | None = None, max_tokens: int = 0, metric: str = "exact", answer_after: str | None = None,
+             stop: tuple[str, ...] = (), batch_size: int = 8, out: str | Path | None = None,
+             backend: str | None = None, device: str | None = None, log: Log | None = None, **loaded: Any):
+    """`ft eval` as a function: MODEL alone and with each adapter on DATA's `split`; returns the
+    frozen `Evaluation` (one `Scores` per model: rows, exact, contains, loss, perplexity, seconds,
+    tokens_per_second). `adapters` is one run/adapter directory or several; see `ft eval --help`.
+
+    The older form `evaluate(run, split=..., model=loaded)` (no DATA) still returns the
+    token-weighted loss of a run's adapters on a split of its recipe's data, as a float.
+    """
+    if data is None and (isinstance(model, Run) or (Path(str(model)) / "recipe.toml").is_file()):
+        return run_loss(model, split, loaded.get("model"))
+    if loaded:
+        raise TypeError(f"evaluate() got unexpected keyword arguments {', '.join(sorted(loaded))}")
+    if data is None:
+        raise UserError(f"{model}: give the data to evaluate on (a bundled name, a file or a dataset directory)")
+    from finetune.shell.evaluation import run as evaluation
+
+    many = adapters if isinstance(adapters, list | tuple) else [adapters] if adapters else []
+    names = [str(a.run_dir) if isinstance(a, Run) else str(a) for a in many]
+    options = evaluation.Options(split=split, limit=limit, max_tokens=max_tokens, metric=metric,
+                                 answer_after=answer_after, stop=tuple(stop), batch_size=batch_size,
+                                 out=str(out or ""), backend=backend, device=device)
+    return evaluation.evaluate(str(model), str(data), names, options, log or _quiet)
+
+
+def run_loss(run: Run | str | Path, split: str = "test", model: Any = None) -> float:
     """Token-weighted loss of a run's adapters on one split of its recipe's data (perplexity: exp).
 
     `model` reuses an already loaded `finetune.load(..., adapter=run)` instead of loading again.
@@ -211,4 +238,4 @@ def _quiet(line: str) -> None:
     del line
 
 
-__all__ = ["Run", "evaluate", "generate", "recipe_of", "train", "validate"]
+__all__ = ["Run", "evaluate", "generate", "recipe_of", "run_loss", "train", "validate"]

@@ -36,6 +36,7 @@ models_app = App(name="models", help="Models on this machine: built-in tiny, con
 app.command(models_app)
 models_app.command("finetune.cli.models:list_models", name="list", help="List the built-in tiny model, converted-cache entries and supported models in the HF cache.")
 models_app.command("finetune.cli.models:info", name="info", help="Describe a model: architecture, sizes, dtype, chat template and a LoRA memory estimate.")
+app.command("finetune.cli.eval:eval_", name="eval", help="Score a model and its adapters on held-out rows: exact match, loss, perplexity, speed.")
 app.command("finetune.cli.fuse:fuse", name="fuse", help="Merge every LoRA pair into its base weight and write a complete HF model directory.")
 app.command("finetune.cli.export:export", name="export", help="Write a run's adapter or fused model for llama.cpp and Ollama (GGUF) or for transformers + peft.")
 adapters_app = App(name="adapters", help="LoRA adapters: convert between mlx-lm and PEFT, inspect one.")

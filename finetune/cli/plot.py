@@ -10,6 +10,7 @@ from finetune.errors import UserError, unwrap
 def plot(*runs: Path, output: Path = Path("loss.png")) -> int:
     """Write a PNG comparing runs: train and validation loss by step, one colour per run.
 
+    Runs trained with --eval-generate also show validation exact match on a right-hand axis.
     Needs matplotlib (pip install 'finetune-lora[plot]').
 
     Parameters

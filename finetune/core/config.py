@@ -101,6 +101,8 @@ class TrainingConfig(_Config):
     grad_checkpoint: Annotated[bool, _field("Recompute each block's activations in the backward pass (less memory).")] = False
     compile: Annotated[bool, _field("Torch engine: torch.compile the forward and backward (faster steps after a slow first one); the MLX engine always compiles.")] = False
     seed: Annotated[int, _field("Seed for LoRA init, batch order and dropout.", ge=0)] = 0
+    eval_generate: Annotated[int, _field("At each validation, answer the first N valid rows by greedy decoding and record exact match (val_exact_match; 0 = off).", ge=0)] = 0
+    answer_after: Annotated[str, _field("Text rows: the marker after which the answer begins (e.g. 'A: '), for --eval-generate and ft eval.")] = ""
 
     def __post_init__(self) -> None:
         if self.iters and self.epochs:

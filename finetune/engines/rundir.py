@@ -24,7 +24,8 @@ from finetune.shell.training import checkpoints, plot
 
 # Recipe fields that may change between a checkpoint and its resumption (`compile` changes how
 # the same step is computed, not what it computes: results agree to float rounding).
-CADENCE = ("report_every", "eval_every", "val_batches", "save_every", "keep_checkpoints", "iters", "epochs", "compile")
+CADENCE = ("report_every", "eval_every", "val_batches", "save_every", "keep_checkpoints", "iters", "epochs", "compile",
+           "eval_generate", "answer_after")
 
 
 class Cursor(Struct, kw_only=True):
@@ -55,6 +56,7 @@ class StepReport(Struct, frozen=True, kw_only=True):
     peak_memory_gb: float
     padding_efficiency: float
     val_loss: float | None = None
+    val_exact_match: float | None = None  # --eval-generate; left out of metrics.jsonl when None
 
 
 class Outcome(Struct, frozen=True, kw_only=True):
@@ -79,6 +81,11 @@ def finish(run_dir: Path, steps: int, metrics: list[dict[str, Any]], trainable: 
         run_dir=str(run_dir), steps=steps, train_loss=last.get("train_loss", math.nan),
         val_loss=last.get("val_loss"), test_loss=test_loss, trainable=trainable,
     )
+
+
+def with_exact_match(r: StepReport, score: Callable[[], float] | None) -> StepReport:
+    """The report with `--eval-generate`'s exact match, measured now, when `score` is given."""
+    return r if score is None else msgspec.structs.replace(r, val_exact_match=score())
 
 
 def stopped(stop: Interrupted, run_dir: Path) -> RunInterrupted:
@@ -228,8 +235,10 @@ class Window:
 
 
 def log_start(log: Callable[[str], None], trainable: int, total: int, steps: int, train: Data, world: World) -> None:
-    """The line both engines print before the first step."""
-    log(f"Training {trainable:,} LoRA parameters ({trainable / total:.3%} of {total:,}) for {steps} steps "
+    """The line both engines print before the first step (`total`: every parameter, LoRA included;
+    the share is of the base's, as `ft train validate` states it)."""
+    base = total - trainable
+    log(f"Training {trainable:,} LoRA parameters ({trainable / max(1, base):.2%} of the base's {base:,}) for {steps} steps "
         f"on {len(train.examples):,} rows in {len(train.plan):,} batches"
         + (f", {describe_world(world)}" if world.size > 1 else ""))
 
@@ -241,6 +250,8 @@ def recorder(run_dir: Path, metrics: list[dict[str, Any]], world: World, log: Ca
 
     def record(r: StepReport) -> None:
         row = {**msgspec.to_builtins(r), "world_size": world.size, "distributed_backend": world.backend}
+        if row["val_exact_match"] is None:
+            del row["val_exact_match"]
         metrics.append(row)
         if world.rank == 0:
             report.append_metrics(run_dir, row)
@@ -256,6 +267,8 @@ def log_report(r: StepReport, log: Callable[[str], None]) -> None:
         f"Trained Tokens {r.trained_tokens}, Peak mem {r.peak_memory_gb:.3f} GB")
     if r.val_loss is not None:
         log(f"Iter {r.step}: Val loss {r.val_loss:.3f}")
+    if r.val_exact_match is not None:
+        log(f"Iter {r.step}: Val exact match {r.val_exact_match:.3f}")
 
 
 class Interrupted(Exception):

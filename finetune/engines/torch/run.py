@@ -26,6 +26,7 @@ from finetune.engines.torch import model as tmodel
 from finetune.engines.torch import train as ttrain
 from finetune.errors import UserError
 from finetune.shell.data import check, report
+from finetune.shell.evaluation import training as exact_match
 from finetune.shell.models import sources
 from finetune.shell.paths import write_safetensors, write_text
 from finetune.shell.training import checkpoints, recipes
@@ -111,6 +112,7 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
             return Failure(message)
     lead = world.rank == 0
     log = log if lead else (lambda line: None)
+    scorer = exact_match.exact_match(prepared, "torch", log) if lead else None  # before anything is written
     train_data = rundir.data(prepared.splits["train"], recipe)
     valid = prepared.splits.get("valid")
     valid_data = rundir.data(valid, recipe) if valid else None
@@ -145,7 +147,8 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
 
     with _one_line_errors(world, run_dir):
         cursor = ttrain.run_steps(model, optimizer, train_data, valid_data, cfg, steps, cursor, where,
-                                  on_report=on_report, on_save=on_save, on_log=log, world=world)
+                                  on_report=on_report, on_save=on_save, on_log=log, world=world,
+                                  exact_match=scorer)
         test_loss = None
         if evaluate_test and prepared.splits.get("test"):
             test = rundir.data(prepared.splits["test"], recipe)

@@ -154,6 +154,7 @@ def run_steps(
     on_step: Callable[[Cursor], None] = lambda c: None,
     on_log: Callable[[str], None] = lambda line: print(line, flush=True),
     world: World = SINGLE,
+    exact_match: Callable[[], float] | None = None,
 ) -> Cursor:
     """Run optimizer steps `cursor.step + 1 .. total_steps`, as `shell.trainer.run_steps` does.
 
@@ -204,7 +205,8 @@ def run_steps(
             if cursor.step % cfg.report_every == 0 or last or val is not None:
                 lr = optimizer.learning_rate(cursor.step - 1)
                 reduce = (lambda values: distributed.sum_values(world, values)) if world.size > 1 else None
-                on_report(window.report(cursor, plan_size, lr, val, peak_memory_gb(device), reduce))
+                report = window.report(cursor, plan_size, lr, val, peak_memory_gb(device), reduce)
+                on_report(rundir.with_exact_match(report, exact_match if val is not None else None))
                 window = Window()
             if (cfg.save_every and cursor.step % cfg.save_every == 0) or last:
                 on_save(cursor)

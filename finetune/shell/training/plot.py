@@ -65,6 +65,9 @@ def text_curve(rows: Sequence[Mapping[str, Any]], width: int = 60, height: int =
     lines.append(" " * pad + " └" + "─" * width)
     steps = f"{first}".ljust(width - len(str(last))) + f"{last}"
     lines.append(" " * (pad + 2) + steps + "  step")
+    exact = series(rows, "val_exact_match")  # --eval-generate
+    if exact:
+        lines.append("Val exact match by step: " + ", ".join(f"{s}: {v:.3f}" for s, v in exact))
     return "\n".join(lines)
 
 
@@ -94,7 +97,8 @@ def read_metrics(run: Path) -> Result[list[dict[str, Any]], str]:
 
 
 def figure(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> Any:
-    """A matplotlib Figure: per run one colour, train loss solid, validation loss dashed with dots."""
+    """A matplotlib Figure: per run one colour, train loss solid, validation loss dashed with dots,
+    and validation exact match (`--eval-generate`) dotted with triangles on a right-hand axis."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -112,7 +116,19 @@ def figure(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> Any:
     ax.set_ylabel("loss")
     ax.set_title("Loss by step")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    exact = {name: series(rows, "val_exact_match") for name, rows in runs.items()}
+    if any(exact.values()):  # --eval-generate: exact match on its own axis at the right, dotted
+        right = ax.twinx()
+        for i, (name, points) in enumerate(exact.items()):
+            if points:
+                right.plot(*zip(*points, strict=True), color=COLOURS[i % len(COLOURS)], linestyle=":", marker="^",
+                           label=f"{name} exact match")
+        right.set_ylabel("validation exact match")
+        right.set_ylim(-0.02, 1.02)
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels)
     fig.tight_layout()
     return fig
 

@@ -29,6 +29,7 @@ from finetune.engines.rundir import (  # engine-free, shared with the torch engi
 )
 from finetune.models import lora as lora_modules
 from finetune.shell.data import check, report
+from finetune.shell.evaluation import training as exact_match
 from finetune.shell.export import adapters
 from finetune.shell.training import budget, checkpoints, distributed, recipes, trainer
 
@@ -113,6 +114,7 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
             return Failure(message)
     lead = world.rank == 0
     log = log if lead else (lambda line: None)
+    scorer = exact_match.exact_match(prepared, "mlx", log) if lead else None  # before anything is written
     train_data = trainer.Data(prepared.splits["train"], plan(prepared.splits["train"], recipe))
     valid = prepared.splits.get("valid")
     valid_data = trainer.Data(valid, plan(valid, recipe)) if valid else None
@@ -166,6 +168,7 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
                 on_report=lambda r: (on_report(r), advance(r)),
                 on_save=on_save, on_step=lambda c: (alive(), advance(None)), on_log=log, world=world,
                 splits=planned.splits if planned else 1, memory_limit_gb=planned.limit_gb if planned else 0.0,
+                exact_match=scorer,
             )
         if planned and lead:
             budget.record(run_dir, planned, mx.get_peak_memory() / 1024**3)

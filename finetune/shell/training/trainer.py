@@ -99,6 +99,7 @@ def run_steps(
     world: World = distributed.SINGLE,
     splits: int = 1,
     memory_limit_gb: float = 0.0,
+    exact_match: Callable[[], float] | None = None,
 ) -> Cursor:
     """Run optimizer steps `cursor.step + 1 .. total_steps`; returns the final cursor.
 
@@ -182,7 +183,8 @@ def run_steps(
             if cursor.step % cfg.report_every == 0 or last or val is not None:
                 lr = float(optimizer.learning_rate.item())
                 reduce = distributed.sum_values if world.size > 1 else None
-                on_report(window.report(cursor, plan_size, lr, val, mx.get_peak_memory() / 1e9, reduce))
+                report = window.report(cursor, plan_size, lr, val, mx.get_peak_memory() / 1e9, reduce)
+                on_report(rundir.with_exact_match(report, exact_match if val is not None else None))
                 window = Window()
             if (cfg.save_every and cursor.step % cfg.save_every == 0) or last:
                 on_save(cursor)

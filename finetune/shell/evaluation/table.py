@@ -1,0 +1,50 @@
+"""`ft eval`'s output: one table (base, then each adapter), or the same as JSON."""
+
+from __future__ import annotations
+
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from finetune.shell.evaluation.run import Evaluation
+
+COLUMNS = ("model", "rows", "exact match", "contains", "loss", "perplexity", "seconds", "tokens/s")
+
+
+def show(result: Evaluation, out: Console) -> None:
+    """The table; `--metric` picks the score column (exact match or contains; loss shows neither)."""
+    shown = [c for c in COLUMNS if not (c == "contains" and result.metric != "contains")
+             and not (c == "exact match" and result.metric == "contains")]
+    title = f"{result.model} on {result.data} ({result.split}, {result.engine})"
+    table = Table(title=title, title_justify="left")
+    for column in shown:
+        table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
+    for s in result.results:
+        cells = {
+            "model": s.name + ("" if s.complete else " (interrupted)"),
+            "rows": str(s.rows if result.metric != "loss" else s.loss_rows),
+            "exact match": _share(s.exact), "contains": _share(s.contains),
+            "loss": _number(s.loss), "perplexity": _number(s.perplexity),
+            "seconds": f"{s.seconds:.1f}",
+            "tokens/s": f"{s.tokens_per_second:,.1f}" if s.generated_tokens else "-",
+        }
+        table.add_row(*(cells[c] for c in shown))
+    out.print(table)
+    if result.skipped:
+        out.print(f"{result.skipped} rows had no assistant turn to answer and were left out.")
+    if result.predictions:
+        out.print(f"Predictions in {result.predictions}")
+    if not result.complete:
+        out.print("Interrupted: the table holds the rows done before Ctrl-C.")
+
+
+def as_json(result: Evaluation) -> str:
+    return msgspec.json.format(msgspec.json.encode(result)).decode()
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -1,0 +1,119 @@
+"""The torch engine's side of evaluation: a transformers model loaded once, peft adapters
+attached and removed in place, batched greedy decoding with a DynamicCache (left-padded rows at
+their own positions), the torch trainer's teacher-forced loss."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from returns.result import Result, Success
+from torch import nn
+
+from finetune.core.config import Recipe
+from finetune.core.tokenize import Tokens
+
+Done = Callable[[int, list[int]], bool]
+
+
+def load(spec: str, device: str | None, why: str = "") -> tuple[Any, Any, str]:
+    """(model, tokenizer, backend line): the base in float32 on the CPU (as `ft generate`)."""
+    from finetune.engines.torch import device as torch_device
+    from finetune.engines.torch import generate as torch_generate
+    from finetune.errors import unwrap
+
+    where = torch_device.pick(device)
+    lm, tokenizer = unwrap(torch_generate.load(spec, None, where))
+    return lm, tokenizer, torch_device.describe(where, next(lm.parameters()).dtype, why)
+
+
+def swap(lm: nn.Module, adapter: str | None) -> Result[nn.Module, str]:
+    """`lm` with peft's LoRA layers replaced by their base layers, then `adapter` (if any) attached."""
+    from peft.tuners.lora import LoraLayer
+
+    from finetune.engines.torch import generate as torch_generate
+
+    for name, module in list(lm.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(lm.get_submodule(parent), child, module.get_base_layer())
+    if adapter is None:
+        return Success(lm)
+    device = next(lm.parameters()).device
+    return torch_generate.with_adapter(lm, adapter).map(lambda m: m.to(device).eval())
+
+
+@torch.no_grad()
+def greedy(lm: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int, stop_ids: Sequence[int],
+           done: Done, pad_id: int = 0, half: torch.dtype | None = None) -> list[list[int]]:
+    """As the MLX engine's `greedy`: left-padded rows, masked padding, each row's own positions.
+    `half`: autocast to this dtype (a half-precision base with float32 LoRA, during training)."""
+    from transformers import DynamicCache
+
+    device = next(lm.parameters()).device
+    width = max(len(p) for p in prompts)
+    pads = torch.tensor([width - len(p) for p in prompts], device=device)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = (torch.arange(width, device=device)[None] >= pads[:, None]).long()  # (B, T)
+    positions = (torch.arange(width, device=device)[None] - pads[:, None]).clamp(min=0)  # (B, T)
+    cache = DynamicCache(config=lm.config)
+    named = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    autocast = torch.autocast(device.type, dtype=half) if half is not None else nullcontext()
+
+    def last_logits(step_ids: torch.Tensor, step_positions: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            out = lm(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, use_cache=True,
+                     logits_to_keep=1, **{named: cache})
+        return out.logits[:, -1]  # (B, V)
+
+    logits = last_logits(ids, positions)
+    step_positions = positions[:, -1:]
+    out: list[list[int]] = [[] for _ in prompts]
+    active = [True] * len(prompts)
+    stops = frozenset(stop_ids)
+    for _ in range(max_tokens):
+        tokens = torch.argmax(logits, dim=-1)  # (B,)
+        for i, t in enumerate(tokens.tolist()):
+            if not active[i]:
+                continue
+            if t in stops:
+                active[i] = False
+                continue
+            out[i].append(t)
+            if done(i, out[i]):
+                active[i] = False
+        if not any(active):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        step_positions = step_positions + 1
+        logits = last_logits(tokens[:, None], step_positions)
+    return out
+
+
+class Scorer(nn.Module):
+    """A causal LM as the torch trainer's loss reads one (`hidden`, `head`), adapters or not."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def hidden(self, inputs: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        backbone = getattr(self.lm, self.lm.base_model_prefix)
+        return backbone(input_ids=inputs, position_ids=positions, use_cache=False).last_hidden_state
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_output_embeddings()(h)
+
+
+def loss(lm: nn.Module, tokens: list[Tokens], recipe: Recipe) -> float:
+    """The torch trainer's token-weighted loss on these rows (teacher-forced, supervised only)."""
+    from finetune.engines import rundir
+    from finetune.engines.torch import train as ttrain
+
+    device = next(lm.parameters()).device
+    value = ttrain.evaluate(Scorer(lm), rundir.data(tokens, recipe), recipe.train.max_seq_length, -1, device)
+    lm.eval()  # evaluate leaves the model in training mode (dropout on)
+    return value
