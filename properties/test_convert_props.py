@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from returns.result import Failure
 
+from finetune.core import architectures
 from finetune.core.convert import (
     SUPPORTED,
     expected_shapes,
@@ -119,7 +120,7 @@ def test_shapes_and_keys_match_the_config(config, seed):
 @given(configs, seeds, st.data())
 def test_key_mapping_is_injective_over_bare_and_prefixed_spellings(config, seed, data):
     t = config["model_type"]
-    prefix = "transformer." if t == "gpt2" else "model."
+    prefix = architectures.REGISTRY[t].prefix  # model., transformer., gpt_neox.
     hf = random_checkpoint(config, seed, "hf")
     bare = data.draw(st.sets(st.sampled_from(sorted(k for k in hf if k.startswith(prefix)))))
     spelled = {k.removeprefix(prefix) if k in bare else k: v for k, v in hf.items()}

@@ -321,9 +321,9 @@ def test_safetensors_are_preferred_over_bin(tmp_path, tok, llama):
 def test_config_features_we_do_not_implement_are_one_line(tmp_path, llama):
     directory = _damaged(llama, tmp_path)
     config = json.loads((directory / "config.json").read_text())
-    yarn = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}
-    (directory / "config.json").write_text(json.dumps(config | {"rope_parameters": yarn}))
-    assert "rope type 'yarn' is not supported" in failure(load_model(str(directory)))
+    unknown = {"rope_type": "proportional", "factor": 2.0, "rope_theta": 10000.0}
+    (directory / "config.json").write_text(json.dumps(config | {"rope_parameters": unknown}))
+    assert "rope type 'proportional' is not supported" in failure(load_model(str(directory)))
     del config["num_attention_heads"]
     (directory / "config.json").write_text(json.dumps(config))
     assert "config.json lacks field 'num_attention_heads'" in failure(load_model(str(directory)))

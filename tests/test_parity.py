@@ -191,11 +191,13 @@ def test_unsupported_model_type_and_config_errors():
     assert "lacks field 'n_embd'" in hf_to_mlx("gpt2", {"model_type": "gpt2"}, {}).failure()
     with pytest.raises(ValueError, match="supported: llama, mistral, qwen2, gpt2"):
         build({"model_type": "bert"})
-    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+    with pytest.raises(ValueError, match="rope type 'proportional' is not supported"):
         build(
             build_hf("llama").config.to_dict()
-            | {"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}
+            | {"rope_parameters": {"rope_type": "proportional", "factor": 2.0}}
         )
+    with pytest.raises(ValueError, match="activation 'swish' is not supported"):
+        build(build_hf("gpt2").config.to_dict() | {"activation_function": "swish"})
 
 
 def test_missing_checkpoint_files_are_reported(tmp_path):

@@ -5,7 +5,9 @@ Per model_type: how its config.json reads (sizes, flags, HF's defaults), its che
 the linear layers of a block (LoRA targets) and which are GPT-2 `Conv1D`s stored transposed, where
 the blocks live in HF's module tree and in mlx-lm's adapter files, and the MLX module file that
 implements it. Conversion, model facts, memory estimates, LoRA targeting, fuse and PEFT conversion
-read this table; adding an architecture means a row here and a module in `finetune/models/`.
+read this table. The tensor tables are derived from the row's module names (`arch_rows.Layout`);
+adding an architecture means a row here (and `arch_rows.Row` traits) plus a parity test, and the
+one MLX decoder (`finetune.models.decoder`) runs it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from returns.result import Failure, Result, Success
+
+from finetune.core import arch_rows
+from finetune.core.arch_rows import GEMMA2_LAYOUT, Layout, Row
 
 # (tensor name, shape as symbols of the dims table, flag of the dims table it needs, or "")
 Entry = tuple[str, tuple[str, ...], str]
@@ -36,11 +41,12 @@ class Dims(NamedTuple):
     mlp_bias: bool = False
 
     def symbols(self) -> dict[str, int]:
-        """The symbols the shape tables use: L V D F Q K D3 P, and the bias/tie flags."""
+        """The symbols the shape tables use: L V D F Q K HD QKV F2 P, and the bias/tie flags."""
+        q, k = self.heads * self.head_dim, self.kv_heads * self.head_dim
         return {
             "L": self.layers, "V": self.vocab, "D": self.hidden, "F": self.intermediate,
-            "Q": self.heads * self.head_dim, "K": self.kv_heads * self.head_dim,
-            "D3": 3 * self.hidden, "P": self.context, "untied": not self.tied,
+            "Q": q, "K": k, "HD": self.head_dim, "QKV": q + 2 * k, "F2": 2 * self.intermediate,
+            "P": self.context, "untied": not self.tied,
             "qkv_bias": self.qkv_bias, "o_bias": self.o_bias, "mlp_bias": self.mlp_bias,
         }
 
@@ -60,22 +66,26 @@ class Architecture(NamedTuple):
     embed: str  # the input embedding, which a tied head shares
     prefix: str  # HF base-model prefix that bare checkpoints lack
     buffers: tuple[str, ...]  # key suffixes of non-parameter buffers to drop
+    row: Row = Row()  # how the family computes (the decoder's reading of config.json)
 
 
-def _read_llama(model_type: str, c: Mapping[str, Any]) -> Dims:
-    heads = c["num_attention_heads"]
-    own_bias = model_type == "llama"  # Mistral has no bias flags; Qwen2 fixes them
-    return Dims(
-        layers=c["num_hidden_layers"], vocab=c["vocab_size"], hidden=c["hidden_size"],
-        intermediate=c["intermediate_size"], heads=heads,
-        kv_heads=c.get("num_key_value_heads") or heads,
-        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-        context=c.get("max_position_embeddings", 2048),
-        tied=bool(c.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or (own_bias and bool(c.get("attention_bias", False))),
-        o_bias=own_bias and bool(c.get("attention_bias", False)),
-        mlp_bias=own_bias and bool(c.get("mlp_bias", False)),
-    )
+
+def reader(row: Row) -> Callable[[str, Mapping[str, Any]], Dims]:
+    """config.json -> Dims for a family using HF's usual field names and `row`'s defaults."""
+
+    def read(model_type: str, c: Mapping[str, Any]) -> Dims:
+        heads, hidden = c["num_attention_heads"], c["hidden_size"]
+        qkv, o, mlp = (arch_rows.flag(c, b, row.bias_default) for b in row.bias)
+        return Dims(
+            layers=c["num_hidden_layers"], vocab=c["vocab_size"], hidden=hidden,
+            intermediate=c["intermediate_size"], heads=heads,
+            kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or row.head_dim or hidden // heads,
+            context=c.get("max_position_embeddings", 2048),
+            tied=bool(c.get("tie_word_embeddings", row.tied)), qkv_bias=qkv, o_bias=o, mlp_bias=mlp,
+        )
+
+    return read
 
 
 def _read_gpt2(model_type: str, c: Mapping[str, Any]) -> Dims:
@@ -83,91 +93,125 @@ def _read_gpt2(model_type: str, c: Mapping[str, Any]) -> Dims:
     return Dims(
         layers=c["n_layer"], vocab=c["vocab_size"], hidden=d, intermediate=c.get("n_inner") or 4 * d,
         heads=heads, kv_heads=heads, head_dim=d // heads, context=c.get("n_positions", 1024),  # GPT2Config's default
-        tied=bool(c.get("tie_word_embeddings", True)),
+        tied=bool(c.get("tie_word_embeddings", True)), qkv_bias=True, o_bias=True, mlp_bias=True,
     )
 
 
-LLAMA = Architecture(
-    family="llama",
-    module="llama",
-    read=_read_llama,
-    top=(
-        ("model.embed_tokens.weight", ("V", "D"), ""),
-        ("model.norm.weight", ("D",), ""),
-        ("lm_head.weight", ("V", "D"), "untied"),
-    ),
-    layer=(
-        ("input_layernorm.weight", ("D",), ""),
-        ("self_attn.q_proj.weight", ("Q", "D"), ""),
-        ("self_attn.k_proj.weight", ("K", "D"), ""),
-        ("self_attn.v_proj.weight", ("K", "D"), ""),
-        ("self_attn.o_proj.weight", ("D", "Q"), ""),
-        ("self_attn.q_proj.bias", ("Q",), "qkv_bias"),
-        ("self_attn.k_proj.bias", ("K",), "qkv_bias"),
-        ("self_attn.v_proj.bias", ("K",), "qkv_bias"),
-        ("self_attn.o_proj.bias", ("D",), "o_bias"),
-        ("post_attention_layernorm.weight", ("D",), ""),
-        ("mlp.gate_proj.weight", ("F", "D"), ""),
-        ("mlp.up_proj.weight", ("F", "D"), ""),
-        ("mlp.down_proj.weight", ("D", "F"), ""),
-        ("mlp.gate_proj.bias", ("F",), "mlp_bias"),
-        ("mlp.up_proj.bias", ("F",), "mlp_bias"),
-        ("mlp.down_proj.bias", ("D",), "mlp_bias"),
-    ),
-    linears=(
-        ("self_attn.q_proj", "D", "Q"), ("self_attn.k_proj", "D", "K"),
-        ("self_attn.v_proj", "D", "K"), ("self_attn.o_proj", "Q", "D"),
-        ("mlp.gate_proj", "D", "F"), ("mlp.up_proj", "D", "F"), ("mlp.down_proj", "F", "D"),
-    ),
-    conv1d=frozenset(),
-    blocks="model.layers",
-    adapter_blocks="model.layers",
-    embed="model.embed_tokens.weight",
-    prefix="model.",
-    buffers=(".rotary_emb.inv_freq",),
-)
+def _norm(path: str, row: Row, size: str = "D") -> list[Entry]:
+    out = [(f"{path}.weight", (size,), "")]
+    return out + [(f"{path}.bias", (size,), "")] if row.norm == "layer" else out
 
-GPT2 = Architecture(
-    family="gpt2",
-    module="gpt2",
-    read=_read_gpt2,
-    top=(
-        ("transformer.wte.weight", ("V", "D"), ""),
-        ("transformer.wpe.weight", ("P", "D"), ""),
-        ("transformer.ln_f.weight", ("D",), ""),
-        ("transformer.ln_f.bias", ("D",), ""),
-        ("lm_head.weight", ("V", "D"), "untied"),
-    ),
-    layer=(
-        ("ln_1.weight", ("D",), ""),
-        ("ln_1.bias", ("D",), ""),
-        ("attn.c_attn.weight", ("D3", "D"), ""),
-        ("attn.c_attn.bias", ("D3",), ""),
-        ("attn.c_proj.weight", ("D", "D"), ""),
-        ("attn.c_proj.bias", ("D",), ""),
-        ("ln_2.weight", ("D",), ""),
-        ("ln_2.bias", ("D",), ""),
-        ("mlp.c_fc.weight", ("F", "D"), ""),
-        ("mlp.c_fc.bias", ("F",), ""),
-        ("mlp.c_proj.weight", ("D", "F"), ""),
-        ("mlp.c_proj.bias", ("D",), ""),
-    ),
-    linears=(
-        ("attn.c_attn", "D", "D3"), ("attn.c_proj", "D", "D"),
-        ("mlp.c_fc", "D", "F"), ("mlp.c_proj", "F", "D"),
-    ),
+
+def _linear(path: str, fan_in: str, fan_out: str, bias: str) -> list[Entry]:
+    return [(f"{path}.weight", (fan_out, fan_in), ""), (f"{path}.bias", (fan_out,), bias)]
+
+
+def linears_of(n: Layout) -> tuple[tuple[str, str, str], ...]:
+    """A block's linear layers `(path, in symbol, out symbol)` as the layout names them."""
+    a, m = n.attn, n.mlp
+    attn = [(f"{a}.{n.qkv}", "D", "QKV")] if n.qkv else [
+        (f"{a}.{n.q}", "D", "Q"), (f"{a}.{n.k}", "D", "K"), (f"{a}.{n.v}", "D", "K")]
+    if n.gate_up:
+        mlp = [(f"{m}.{n.gate_up}", "D", "F2")]
+    else:
+        mlp = ([(f"{m}.{n.gate}", "D", "F")] if n.gate else []) + [(f"{m}.{n.up}", "D", "F")]
+    return (*attn, (f"{a}.{n.o}", "Q", "D"), *mlp, (f"{m}.{n.down}", "F", "D"))
+
+
+def _tables(row: Row) -> tuple[tuple[Entry, ...], tuple[Entry, ...]]:
+    """(top, layer) tensor tables of a row, derived from its layout."""
+    n = row.layout
+    top = [(f"{n.backbone}.{n.embed}.weight", ("V", "D"), "")]
+    top += [(f"{n.backbone}.{n.positions}.weight", ("P", "D"), "")] if n.positions else []
+    top += _norm(f"{n.backbone}.{n.final_norm}", row) + [("lm_head.weight", ("V", "D"), "untied")]
+    layer: list[Entry] = []
+    for norm in (n.attn_in, n.attn_out, n.mlp_in, n.mlp_out):
+        layer += _norm(norm, row) if norm else []
+    for path, fan_in, fan_out in linears_of(n):
+        kind = "o_bias" if path.endswith(f".{n.o}") else "mlp_bias" if path.startswith(f"{n.mlp}.") else "qkv_bias"
+        layer += _linear(path, fan_in, fan_out, kind)
+    if row.qk_norm:
+        head = row.qk_norm == "head"
+        layer += _norm(f"{n.attn}.q_norm", row, "HD" if head else "Q")
+        layer += _norm(f"{n.attn}.k_norm", row, "HD" if head else "K")
+    return tuple(top), tuple(layer)
+
+
+def architecture(row: Row, family: str = "llama", read: Callable[[str, Mapping[str, Any]], Dims] | None = None,
+                 conv1d: frozenset[str] = frozenset(), adapter_blocks: str = "",
+                 buffers: tuple[str, ...] = (".rotary_emb.inv_freq",)) -> Architecture:
+    """An `Architecture` whose tables come from `row.layout`."""
+    n = row.layout
+    top, layer = _tables(row)
+    blocks = f"{n.backbone}.{n.layers}"
+    return Architecture(
+        family=family, module="decoder", read=read or reader(row), top=top, layer=layer,
+        linears=linears_of(n), conv1d=conv1d, blocks=blocks, adapter_blocks=adapter_blocks or blocks,
+        embed=f"{n.backbone}.{n.embed}.weight", prefix=f"{n.backbone}.", buffers=buffers, row=row,
+    )
+
+
+_QWEN_WINDOWS = arch_rows.by_types(arch_rows.qwen_types, gate="use_sliding_window")
+_GEMMA = dict(offset=1.0, act=("hidden_act", "gelu_pytorch_tanh"), tied=True, head_dim=256, embed_scale="sqrt")
+_GEMMA2 = _GEMMA | dict(layout=GEMMA2_LAYOUT, act=("hidden_activation", "gelu_pytorch_tanh"),
+                        query_scale="query_pre_attn_scalar")
+_LAYER_NORM = dict(norm="layer")
+
+LLAMA = architecture(Row())
+MISTRAL = architecture(Row(bias=("no", "no", "no"), windows=arch_rows.every_layer(4096)))
+QWEN2 = architecture(Row(bias=("yes", "no", "no"), windows=_QWEN_WINDOWS))
+QWEN3 = architecture(Row(bias=("attention_bias", "attention_bias", "no"), qk_norm="head",
+                         windows=_QWEN_WINDOWS))
+GEMMA = architecture(Row(**_GEMMA, bias=("attention_bias", "attention_bias", "no")))
+GEMMA2 = architecture(Row(**_GEMMA2, bias=("attention_bias", "attention_bias", "no"),
+                          attn_softcap=("attn_logit_softcapping", 50.0),
+                          final_softcap=("final_logit_softcapping", 30.0),
+                          windows=arch_rows.by_types(arch_rows.pattern_types(2))))
+_GEMMA3_TYPES = arch_rows.pattern_types(6)
+GEMMA3_TEXT = architecture(Row(**_GEMMA2, bias=("attention_bias", "attention_bias", "no"), qk_norm="head",
+                               attn_softcap=("attn_logit_softcapping", 0.0),
+                               final_softcap=("final_logit_softcapping", 0.0),
+                               windows=arch_rows.by_types(_GEMMA3_TYPES),
+                               rope_types=lambda c, n: tuple(c.get("layer_types") or _GEMMA3_TYPES(c, n))))
+PHI3 = architecture(Row(layout=Layout(qkv="qkv_proj", gate="", up="", gate_up="gate_up_proj"),
+                        eps=("rms_norm_eps", 1e-5), bias=("no", "no", "no"), windows=arch_rows.every_layer()))
+OLMO2 = architecture(Row(layout=Layout(attn_in="", attn_out="post_attention_layernorm", mlp_in="",
+                                       mlp_out="post_feedforward_layernorm"),
+                         eps=("rms_norm_eps", 1e-5), qk_norm="full", bias=("attention_bias", "attention_bias", "no")))
+SMOLLM3 = architecture(Row(tied=True, theta=2_000_000.0,
+                           windows=arch_rows.by_types(arch_rows.smollm3_types, gate="use_sliding_window")))
+GRANITE = architecture(Row(embed_scale="embedding_multiplier", query_scale="attention_multiplier",
+                           residual_scale="residual_multiplier", logits_scale="logits_scaling"))
+STARCODER2 = architecture(Row(layout=Layout(gate="", up="c_fc", down="c_proj"), **_LAYER_NORM,
+                              eps=("norm_epsilon", 1e-5), act=("hidden_act", "gelu_pytorch_tanh"),
+                              bias=("use_bias", "use_bias", "use_bias"), bias_default=True, tied=True,
+                              windows=arch_rows.every_layer()))
+GPT_NEOX = architecture(
+    Row(layout=Layout(backbone="gpt_neox", embed="embed_in", final_norm="final_layer_norm", attn="attention",
+                      qkv="query_key_value", qkv_order="heads", o="dense", gate="", up="dense_h_to_4h",
+                      down="dense_4h_to_h"),
+        **_LAYER_NORM, eps=("layer_norm_eps", 1e-5), act=("hidden_act", "gelu"),
+        bias=("attention_bias", "attention_bias", "yes"), bias_default=True,
+        parallel=("use_parallel_residual", True), partial=0.25),
+    buffers=(".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq"),
+)
+GPT2 = architecture(
+    Row(layout=Layout(backbone="transformer", embed="wte", positions="wpe", layers="h", final_norm="ln_f",
+                      attn="attn", qkv="c_attn", o="c_proj", gate="", up="c_fc", down="c_proj",
+                      attn_in="ln_1", mlp_in="ln_2"),
+        **_LAYER_NORM, eps=("layer_norm_epsilon", 1e-5), act=("activation_function", "gelu_new"),
+        bias=("yes", "yes", "yes"), tied=True),
+    family="gpt2", read=_read_gpt2,
     # HF stores these as Conv1D (in, out); nn.Linear wants (out, in).
     conv1d=frozenset({"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}),
-    blocks="transformer.h",
     adapter_blocks="model.h",  # mlx-lm's GPT-2 calls the same module `model.`
-    embed="transformer.wte.weight",
-    prefix="transformer.",
     buffers=(".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq"),
 )
 
-REGISTRY: dict[str, Architecture] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "gpt2": GPT2}
+REGISTRY: dict[str, Architecture] = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "gpt2": GPT2}
 SUPPORTED = tuple(REGISTRY)
-FAMILIES: dict[str, Architecture] = {a.family: a for a in REGISTRY.values()}
+# The naming families of adapter files: where blocks live in mlx-lm's files (only GPT-2 differs).
+FAMILIES: dict[str, Architecture] = {"llama": LLAMA, "gpt2": GPT2}
 
 
 def unsupported(model_type: Any) -> str:
@@ -185,6 +229,15 @@ def dims(config: Mapping[str, Any]) -> Result[Dims, str]:
         return Failure(f"config.json lacks field {err.args[0]!r} for model_type {kind!r}")
     except (TypeError, ValueError, ZeroDivisionError) as err:
         return Failure(f"config.json: bad field for model_type {kind!r} ({err})")
+
+
+def decoder(config: Mapping[str, Any]) -> arch_rows.Decoder:
+    """config.json resolved against its row; KeyError/ValueError for a bad or unsupported config."""
+    kind = config.get("model_type")
+    if kind not in REGISTRY:
+        raise ValueError(unsupported(kind))
+    arch = REGISTRY[kind]
+    return arch_rows.spec(kind, arch.row, arch.read(kind, config), config)
 
 
 def linear_shapes(arch: Architecture, d: Dims) -> dict[str, tuple[int, int]]:

@@ -1,4 +1,4 @@
-"""MLX modules, one file per HuggingFace model_type, HF attribute names, no I/O."""
+"""MLX modules: one decoder for every registry row (`decoder.py`), HF attribute names, no I/O."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from finetune.core import architectures
 def build(config: Mapping) -> nn.Module:
     """A randomly initialised model for a HF config.json mapping (load weights afterwards).
 
-    The module file comes from the architecture registry (`core/architectures.py`).
+    The module file comes from the architecture registry (`core/architectures.py`); every row
+    names `decoder`, which reads the row.
     """
     model_type = config.get("model_type")
     if model_type not in architectures.REGISTRY:

@@ -71,3 +71,24 @@ def packed_mask(segments: mx.array, window: int = 0) -> mx.array:
         allowed = allowed & (q - k < window)
     same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
     return (allowed & same)[:, None]  # (B, 1, T, T)
+
+
+def softcapped_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask, cap: float
+) -> mx.array:
+    """Attention with `cap · tanh(scores / cap)` before the mask (Gemma 2), as HF's eager path.
+
+    q: (B, H, T, hd); k, v: (B, KV, S, hd); mask: "causal", None or a boolean (…, T, S) array.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = mx.repeat(k, groups, axis=1), mx.repeat(v, groups, axis=1)  # (B, H, S, hd)
+    scores = (q @ k.swapaxes(-1, -2)) * scale  # (B, H, T, S)
+    scores = mx.tanh(scores / cap) * cap
+    if isinstance(mask, str):
+        t, s = scores.shape[-2:]
+        mask = mx.arange(s - t, s)[:, None] >= mx.arange(s)[None]  # (T, S)
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
+    return weights @ v  # (B, H, T, hd)

@@ -11,8 +11,9 @@ from finetune.models.attention import KVCache
 class CausalLM(nn.Module):
     """`model(ids (B, T), mask (B, S) of 1/0 or None, cache) -> logits (B, T, vocab)`.
 
-    A family sets `args` (with `tie_word_embeddings`), its HF-named backbone, and `lm_head`
-    when untied; `backbone` and `embedding` name the backbone and its token embedding.
+    A model sets `args` (a `Decoder` spec: `tied`, `logits_scale`, `final_softcap`), its HF-named
+    backbone, and `lm_head` when untied; `backbone` and `embedding` name the backbone and its token
+    embedding.
     """
 
     backbone: nn.Module
@@ -30,10 +31,13 @@ class CausalLM(nn.Module):
         return self.backbone(ids, segments=segments, positions=positions)
 
     def head(self, h: mx.array) -> mx.array:
-        """Hidden states (..., D) -> logits (..., vocab)."""
-        if self.args.tie_word_embeddings:
-            return self.embedding.as_linear(h)
-        return self.lm_head(h)
+        """Hidden states (..., D) -> logits (..., vocab): Granite's divisor, Gemma 2's soft-cap."""
+        logits = self.embedding.as_linear(h) if self.args.tied else self.lm_head(h)
+        if self.args.logits_scale != 1.0:
+            logits = logits / self.args.logits_scale
+        if self.args.final_softcap:
+            logits = mx.tanh(logits / self.args.final_softcap) * self.args.final_softcap
+        return logits
 
     def make_cache(self) -> list[KVCache]:
         """An empty per-layer cache for incremental decoding."""
