@@ -309,8 +309,8 @@ def _extras(arch, key, head_dim, rot, tensors) -> dict[str, Any]:
 def _rope_scaling(arch, key, head_dim, theta, rope_factors) -> dict | str | None:
     kind = key("rope.scaling.type")
     if kind in (None, "none"):
-        if rope_factors is None:
-            return None
+        if rope_factors is None or np.allclose(np.asarray(rope_factors, np.float64), 1.0):
+            return None  # no tensor, or one that scales nothing
         # llama.cpp keeps no original context; only ratios to it shape the frequencies
         context = key("rope.scaling.original_context_length") or min(8192, key("context_length", 16384) // 2)
         return llama3_from_factors(np.asarray(rope_factors), head_dim, theta, context).value_or(
@@ -358,20 +358,28 @@ def llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float, old: i
         return Failure("rope factors are all one")
     x = old / (2 * math.pi / freqs)  # old / wavelen
     medium = (f > 1 + 1e-5) & (f < factor - 1e-5 * factor)
+    for edges in _llama3_edges(x, f, factor, medium):
+        for low, high in ((round(edges[0], 6), round(edges[1], 6)), edges):  # 1.0, not 0.9999999986
+            if high > low and np.allclose(_llama3(freqs, factor, low, high, old), f, rtol=1e-4, atol=1e-5):
+                return Success({"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                                "high_freq_factor": high, "original_max_position_embeddings": int(old)})
+    return Failure("rope factors do not follow Llama 3's rope scaling")
+
+
+def _llama3_edges(x: np.ndarray, f: np.ndarray, factor: float, medium: np.ndarray) -> list[tuple[float, float]]:
+    """Candidate (low_freq_factor, high_freq_factor) for divisors `f` at `x = old / wavelength`."""
+    smooth = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)  # = (x - low) / (high - low)
     if medium.sum() >= 2:
-        smooth = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)  # = (x - low) / (high - low)
         slope, intercept = np.polyfit(x[medium], smooth, 1)
-        low, high = -intercept / slope, (1 - intercept) / slope
-    else:  # no smoothed band to fit: put the edges between the neighbouring frequencies
-        lows, highs = x[f >= factor - 1e-5 * factor], x[f <= 1 + 1e-5]
-        low = float(lows.max()) * 1.01 if lows.size else float(x.min()) / 2
-        high = float(highs.min()) * 0.99 if highs.size else float(x.max()) * 2
-    low, high = round(float(low), 6), round(float(high), 6)  # 1.0 rather than 0.9999999986
-    params = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-              "high_freq_factor": high, "original_max_position_embeddings": int(old)}
-    if not np.allclose(_llama3(freqs, factor, low, high, old), f, rtol=1e-4, atol=1e-5):
-        return Failure("rope factors do not follow Llama 3's rope scaling")
-    return Success(params)
+        return [(float(-intercept / slope), float((1 - intercept) / slope))]
+    lows, highs = x[f >= factor * (1 - 1e-5)], x[f <= 1 + 1e-5]  # bands scaled fully / not at all
+    floor = float(lows.max()) if lows.size else float(x.min()) / 2
+    ceiling = float(highs.min()) if highs.size else float(x.max()) * 2
+    if medium.sum() == 1:  # one point of the smoothed band: any edges through it will do
+        xm, sm = float(x[medium][0]), float(smooth[0])
+        lows_ = [floor + t * (xm - floor) for t in np.linspace(0.05, 0.95, 19)]
+        return [(lo, lo + (xm - lo) / sm) for lo in lows_ if sm > 0]
+    return [(floor + (ceiling - floor) / 3, floor + 2 * (ceiling - floor) / 3)]
 
 
 def _rope(config: Mapping[str, Any]) -> tuple[float, dict]:
