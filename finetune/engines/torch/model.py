@@ -145,24 +145,14 @@ def linear_shapes(block: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def load_base(directory: Path, dtype: torch.dtype, spec: str) -> Result[nn.Module, str]:
-    """`AutoModelForCausalLM` from a local directory (no remote code), in `dtype`, in eval mode."""
-    from transformers import AutoModelForCausalLM
+    """The causal LM of a local directory (no remote code) in `dtype`, eval mode, its weights read
+    and checked by the shared reader against the model transformers builds from config.json."""
     from transformers.utils import logging
 
+    from finetune.engines.torch.weights import load_checked
+
     logging.disable_progress_bar()  # one bar per shard read is noise beside our own progress
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            lm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa")
-    except ValueError as err:  # an architecture transformers does not know, or no sdpa for it
-        if "sdpa" in str(err).lower():
-            lm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=False)
-        else:
-            first = str(err).strip().splitlines()[0]
-            return Failure(f"{spec}: transformers cannot build this model ({first})")
-    except (OSError, KeyError) as err:
-        return Failure(f"{spec}: cannot load {directory} with transformers ({err})")
-    return Success(lm.eval())
+    return load_checked(directory, dtype, spec)
 
 
 def attach(lm: nn.Module, recipe: Recipe, spec: str) -> Result[Lora, str]:

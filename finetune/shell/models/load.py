@@ -164,8 +164,12 @@ def _load_dir(
     match converted:
         case Success(tensors):
             pass
-        case failure:
-            return failure
+        case Failure(message):  # the checkpoint against its config: name the checkpoint's file
+            return Failure(message.replace(f"{directory}: ", f"{weights.source(directory)}: ", 1))
+    if wrong := next((k for k, v in tensors.items() if not mx.issubdtype(v.dtype, mx.floating)), None):
+        held = str(tensors[wrong].dtype).removeprefix("mlx.core.")
+        return Failure(f"{weights.file_of(directory, wrong)}: tensor {wrong} is stored as {held}; "
+                       "a float checkpoint's weights are floating point (float32, float16 or bfloat16)")
     try:
         model.load_weights(list(tensors.items()), strict=True)
         del tensors, converted  # quantizing on load: the lazy float weights are read once, layer by layer, then freed

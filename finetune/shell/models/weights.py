@@ -1,18 +1,19 @@
-"""Reading HF checkpoints into MLX arrays: safetensors (single or index + shards) first, else
-`pytorch_model.bin` (single or sharded), read without executing pickled code."""
+"""The one checked reader of HF checkpoints, for both engines: safetensors (single or index +
+shards) first, else `pytorch_model.bin` (single or sharded) read without executing pickled code;
+MLX arrays for the MLX engine, NumPy arrays for the torch engine and `ft fuse`."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from returns.result import Failure, Result, Success
 
-from finetune.core.convert import merge_shards
-from finetune.shell.models.torchbin import read_torch_bin
+from finetune.shell.models.torchbin import read_torch_bin, read_torch_bin_numpy
 
 if TYPE_CHECKING:  # MLX is imported where it is used: these modules also serve the torch engine
     import mlx.core as mx
@@ -87,31 +88,93 @@ def _read_file(path: Path) -> Result[dict[str, mx.array], str]:
     return read_torch_bin(path) if path.suffix == ".bin" else read_safetensors(path)
 
 
+def _read_file_numpy(path: Path) -> Result[dict[str, np.ndarray], str]:
+    from finetune.shell.export import tensorfile
+
+    return read_torch_bin_numpy(path) if path.suffix == ".bin" else tensorfile.read(path)
+
+
 def read_checkpoint(directory: str | Path) -> Result[dict[str, mx.array], str]:
-    """Every tensor of a HF model directory, shards merged; a tensor the index lists must exist."""
+    """Every tensor of a HF model directory as MLX arrays, checked by `read_located`."""
+    return read_located(directory, _read_file).map(lambda found: found[0])
+
+
+def read_checkpoint_numpy(directory: str | Path) -> Result[tuple[dict[str, np.ndarray], dict[str, Path]], str]:
+    """Every tensor as NumPy (bfloat16 as `core.dtypes.BF16`), and the file holding each one."""
+    return read_located(directory, _read_file_numpy)
+
+
+def read_located(directory: str | Path, read_file: Callable[[Path], Result[dict, str]]) -> Result[tuple[dict, dict[str, Path]], str]:
+    """`({name: tensor}, {name: file})` of a HF model directory, every file checked: safetensors
+    headers cover their files and hold dtypes FineTune reads, .bin pickles run no code, and an
+    index and its shards agree both ways (each tensor in the shard the index names)."""
     directory = Path(directory)
 
-    def read_all(files: list[Path]) -> Result[dict[str, mx.array], str]:
-        shards: list[dict[str, mx.array]] = []
+    def read_all(files: list[Path]) -> Result[tuple[dict, dict[str, Path]], str]:
+        tensors: dict = {}
+        where: dict[str, Path] = {}
         for f in files:
-            match _read_file(f):
-                case Success(tensors):
-                    shards.append(tensors)
+            match _known_dtypes(f).bind(lambda _: read_file(f)):
+                case Success(found):
+                    pass
                 case failure:
                     return failure
-        return merge_shards(shards).alt(lambda m: f"{directory}: {m}").bind(check_index)
-
-    def check_index(merged: dict[str, mx.array]) -> Result[dict[str, mx.array], str]:
-        index = next((directory / i for i in (INDEX, BIN_INDEX) if (directory / i).is_file()), None)
-        single = (directory / SINGLE).is_file() or (directory / BIN_SINGLE).is_file()
-        if index is None or single:
-            return Success(merged)
-        listed = _weight_map(index).value_or({})
-        if missing := sorted(listed.keys() - merged.keys()):
-            return Failure(f"{index} lists tensors no shard holds: {', '.join(missing[:5])}")
-        return Success(merged)
+            if twice := next((k for k in found if k in where), None):
+                return Failure(f"{f}: tensor {twice} is also in {where[twice].name}; a tensor belongs to one shard")
+            tensors.update(found)
+            where.update(dict.fromkeys(found, f))
+        return _check_index(directory, where).map(lambda _: (tensors, where))
 
     return checkpoint_files(directory).bind(read_all)
+
+
+def _known_dtypes(path: Path) -> Result[None, str]:
+    """A safetensors tensor in a dtype neither engine reads (FP8, complex, ...) is named here."""
+    from finetune.shell.export.tensorfile import TAGS
+
+    if path.suffix == ".bin":
+        return Success(None)
+    return safetensors_header(path).bind(lambda header: next(
+        (Failure(f"{path}: tensor {k} is stored as {v.get('dtype')}, which FineTune does not read "
+                 f"(it reads {', '.join(TAGS)})")
+         for k, v in header.items() if k != "__metadata__" and v.get("dtype") not in TAGS),
+        Success(None)))
+
+
+def _check_index(directory: Path, where: Mapping[str, Path]) -> Result[None, str]:
+    """The index (when the weights are sharded) names exactly the tensors the shards hold."""
+    index = next((directory / i for i in (INDEX, BIN_INDEX) if (directory / i).is_file()), None)
+    single = (directory / SINGLE).is_file() or (directory / BIN_SINGLE).is_file()
+    if index is None or single:
+        return Success(None)
+    listed = _weight_map(index).value_or({})
+    if missing := sorted(listed.keys() - where.keys()):
+        return Failure(f"{index} lists tensors no shard holds: {', '.join(missing[:5])}")
+    if extra := sorted(where.keys() - listed.keys()):
+        return Failure(f"{where[extra[0]]}: holds tensor {extra[0]}, which {index.name} does not list")
+    if moved := next((k for k in sorted(listed) if listed[k] != where[k].name), None):
+        return Failure(f"{index} puts {moved} in {listed[moved]}, but {where[moved].name} holds it")
+    return Success(None)
+
+
+def source(directory: str | Path) -> Path:
+    """What a message about the whole checkpoint names: its single file, or its index."""
+    directory = Path(directory)
+    names = (SINGLE, INDEX, BIN_SINGLE, BIN_INDEX)
+    return next((directory / n for n in names if (directory / n).is_file()), directory)
+
+
+def file_of(directory: str | Path, name: str) -> Path:
+    """The weight file that holds tensor `name` (the directory when no file lists it)."""
+    directory = Path(directory)
+    for single, index in ((SINGLE, INDEX), (BIN_SINGLE, BIN_INDEX)):
+        if (directory / single).is_file():
+            return directory / single
+        if (directory / index).is_file():
+            listed = _weight_map(directory / index).value_or({})
+            found = listed.get(name) or listed.get(name.split(".", 1)[-1])  # GPT-2's bare names
+            return directory / found if found else directory / index
+    return directory
 
 
 def _header_entries(directory: str | Path) -> list[tuple[str, int]] | None:
