@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finetune.shell.evaluation.run import Evaluation
+from finetune.shell.training.plot import run_names
 
 COLUMNS = ("model", "rows", "exact match", "contains", "loss", "perplexity", "seconds", "tokens/s")
 
@@ -18,10 +19,11 @@ def show(result: Evaluation, out: Console) -> None:
     title = f"{result.model} on {result.data} ({result.split}, {result.engine})"
     table = Table(title=title, title_justify="left")
     for column in shown:
-        table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
-    for s in result.results:
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+    names = run_names([s.name for s in result.results])  # a run directory by its name; JSON keeps paths
+    for s, name in zip(result.results, names, strict=True):
         cells = {
-            "model": s.name + ("" if s.complete else " (interrupted)"),
+            "model": name + ("" if s.complete else " (interrupted)"),
             "rows": str(s.rows if result.metric != "loss" else s.loss_rows),
             "exact match": _share(s.exact), "contains": _share(s.contains),
             "loss": _number(s.loss), "perplexity": _number(s.perplexity),
