@@ -218,3 +218,15 @@ def test_the_result_is_frozen(small, data):
     assert len(result.results) == 1 and result.results[0].rows == 1
     with pytest.raises(AttributeError):
         result.results = ()
+
+
+def test_the_loss_plot_draws_exact_match_only_where_recorded(runs, tmp_path):
+    from finetune.shell.training import plot
+
+    with_em = plot.read_metrics(runs["mlx"]).unwrap()
+    without = [{k: v for k, v in r.items() if k != "val_exact_match"} for r in with_em]
+    assert len(plot.figure({"a": without}).axes) == 1 and "exact match" not in plot.text_curve(without)
+    fig = plot.figure({"a": with_em, "b": without})
+    assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "validation exact match"
+    assert [line.get_label() for line in fig.axes[1].get_lines()] == ["a exact match"]
+    assert plot.text_curve(with_em).endswith("Val exact match by step: 50: 1.000, 100: 1.000")
