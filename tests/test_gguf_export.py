@@ -190,6 +190,65 @@ def test_base_plus_adapter_gguf_equals_the_fused_export(tmp_path, capsys, bases,
         assert cpp_greedy(with_lora, prompt) == cpp_greedy(merged, prompt)
 
 
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, bases, tok):
+    """llama-tied quantized to 4 bits in mlx-lm's layout (as test_fuse builds it), with its adapter."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    source, adapter = bases["llama-tied"]
+    model = ours(source)
+    nn.quantize(model, group_size=32, bits=4)
+    d = tmp_path_factory.mktemp("q") / "llama-4bit"
+    d.mkdir()
+    mx.save_safetensors(str(d / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+    config = json.loads((source / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "quantization": {"group_size": 32, "bits": 4}}))
+    for f in tok[0].iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    return d, adapter
+
+
+def test_a_quantized_mlx_base_exports_requantized_or_dequantized_and_says_which(tmp_path, capsys, quantized):
+    d, adapter = quantized
+    code, stdout, err = run_cli(capsys, "fuse", d, "--adapter", adapter, "--format", "gguf", "--output", tmp_path / "q.gguf")
+    assert code == 0, err
+    assert "MLX 4-bit (group 32) base dequantized, fused in float32 and re-quantized to Q4_0" in stdout
+    assert tensor_types(tmp_path / "q.gguf")["blk.0.attn_v.weight"] == "Q4_0"
+    code, stdout, err = run_cli(capsys, "fuse", d, "--adapter", adapter, "--format", "gguf", "--gguf-type", "f32",
+                                "--output", tmp_path / "f.gguf")
+    assert code == 0, err
+    assert "MLX 4-bit (group 32) base dequantized to F32" in stdout
+    expected = mlx_logits(ours(d, adapter))  # the QLoRA model: quantized base + adapter
+    got = cpp_logits(load(tmp_path / "f.gguf"))
+    assert max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True)) <= 1e-4
+
+
+def test_a_base_read_from_gguf_exports_back_with_that_files_metadata(tmp_path, capsys, tok):
+    from gguf_files import build_model, write_gguf
+
+    from finetune.shell.models.load import model_config
+
+    source = write_gguf(build_model("llama-tied", tok[1]), tok[0], tmp_path / "src.gguf", qtype="Q8_0", name="tiny-src")
+    directory, _ = model_config(str(source)).unwrap()
+    adapter = random_adapter(directory, tmp_path / "adapter")
+    code, stdout, err = run_cli(capsys, "fuse", source, "--adapter", adapter, "--format", "gguf", "--output", tmp_path / "q.gguf")
+    assert code == 0, err
+    assert "source GGUF's Q8_0 kept at Q8_0" in stdout and tensor_types(tmp_path / "q.gguf")["blk.0.attn_q.weight"] == "Q8_0"
+    code, stdout, err = run_cli(capsys, "fuse", source, "--adapter", adapter, "--format", "gguf", "--gguf-type", "f32",
+                                "--output", tmp_path / "f.gguf")
+    assert code == 0, err
+    assert "source GGUF's Q8_0 dequantized to F32" in stdout
+    original, exported = gguf.GGUFReader(source).fields, gguf.GGUFReader(tmp_path / "f.gguf").fields
+    assert exported["general.name"].contents() == "tiny-src"
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.chat_template"):
+        assert exported[key].contents() == original[key].contents(), key
+    expected = mlx_logits(ours(str(source), adapter))  # FineTune on the GGUF base with the adapter
+    got = cpp_logits(load(tmp_path / "f.gguf"))
+    assert max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True)) <= 1e-4
+
+
 def test_tokenizer_and_chat_template_travel_in_the_file(tmp_path, capsys, bases, tok):
     out = export(capsys, tmp_path, bases, "llama-tied", "f16")
     meta = fields(out)

@@ -92,15 +92,23 @@ def choose_type(requested: str | None, directory: Path, config: Mapping[str, Any
         return chosen, f"source GGUF's {source} {verb} {chosen.upper()}"
     own = _BY_DTYPE.get(weights.checkpoint_dtype(directory) or config.get("torch_dtype") or "", "f32")
     chosen = requested or own
-    return chosen, f"float base written as {chosen.upper()}"
+    verb = "quantized to" if chosen in ("q4_0", "q8_0") else "written as"
+    return chosen, f"float base {verb} {chosen.upper()}"
 
 
 def _source_type(directory: Path) -> str:
-    """The GGML file type of the GGUF file a converted base came from ("" if none recorded)."""
+    """The main tensor type of the GGUF file a converted base came from ("" if none is recorded):
+    the commonest type of its 2-D block weights, as gguf_source.json lists them."""
+    from collections import Counter
+
     path = directory / gguf_export.SOURCE
     try:
         found = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return ""
+    types = found.get("tensor_types") or {}
+    counts = Counter(t for name, t in types.items() if name.startswith("blk.") and not name.endswith(("norm.weight", ".bias")))
+    if counts:
+        return str(counts.most_common(1)[0][0])
     file_type = (found.get("metadata") or {}).get("general.file_type")
     return _GGML_FILE_TYPES.get(file_type, "") if isinstance(file_type, int) else ""
