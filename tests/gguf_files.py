@@ -46,6 +46,37 @@ def build_model(variant: str, vocab: int, seed: int = 0, **overrides) -> PreTrai
     return model
 
 
+OTHER_DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+
+
+def build_other(model_type: str, vocab: int, seed: int = 0) -> PreTrainedModel:
+    """A tiny qwen3, gemma2, gemma3_text, phi3 or olmo2 (windows shorter than the test prompts)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {"gemma2": dict(query_pre_attn_scalar=16, sliding_window=8),
+             "gemma3_text": dict(query_pre_attn_scalar=16, sliding_window=8),
+             "phi3": dict(head_dim=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                          "partial_rotary_factor": 0.5})}.get(model_type, {})
+    dims = {k: v for k, v in (OTHER_DIMS | extra).items() if v is not None}
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                                  **dims)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".weight") and "norm" in name:
+                p.copy_((0.0 if model_type.startswith("gemma") else 1.0) + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15)
+    return model
+
+
+def _theta(config) -> float:
+    params = config.rope_parameters or {}
+    return float(params.get("full_attention", params).get("rope_theta", 10000.0))
+
+
 def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf.py `LlamaModel.permute` (rotate-half -> interleaved pairs)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -124,8 +155,13 @@ def write_gguf(model: PreTrainedModel, tokenizer_dir: Path, path: Path, qtype: s
     writer.add_head_count(numbers["head_count"])
     writer.add_head_count_kv(numbers["head_count_kv"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(_theta(config))
+    writer.add_rope_dimension_count(int(head_dim * (config.rope_parameters or {}).get("partial_rotary_factor", 1.0)))
+    if real_arch.startswith("gemma"):
+        writer.add_sliding_window(config.sliding_window)
+    if real_arch == "gemma2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
     if head_dim != config.hidden_size // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
