@@ -95,7 +95,7 @@ def prepare(recipe: Recipe, device: str | None, log: Log, engine: str | None = N
     from finetune.engines import choose
 
     name, why = choose.for_model(engine, recipe.model.path, recipe.model.revision,
-                                 quantize_bits=recipe.model.quantize_bits, memory_limit=memory_limit)
+                                 quantize_bits=recipe.model.quantize_bits)
     _check_launcher(name, why)
     if name == "torch":
         from finetune.engines.torch import device as torch_device
@@ -104,7 +104,8 @@ def prepare(recipe: Recipe, device: str | None, log: Log, engine: str | None = N
         where = torch_device.pick(device)
         log(torch_run.backend_line(where, torch_device.resolve_dtype(recipe.model.dtype, where), why))
         available = torch_device.memory_gb(where) * 1e9 / 1024**3
-        return unwrap(torch_run.prepare_run(recipe, log, available_gb=available, device=device))
+        return unwrap(torch_run.prepare_run(recipe, log, available_gb=available, device=device,
+                                            memory_limit_gb=memory_limit))
     from finetune.shell.runtime import backend
     from finetune.shell.training import run as shell_run
 

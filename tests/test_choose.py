@@ -29,9 +29,8 @@ def test_auto_on_a_linux_cpu_is_torch_and_says_why():
 
 
 @pytest.mark.parametrize(("needs", "why"), [
-    (choose.mlx_only(4, False, 0.0), "auto: QLoRA (--quantize-bits) needs the MLX engine"),
-    (choose.mlx_only(0, True, 0.0), "auto: an mlx-lm quantized base needs the MLX engine"),
-    (choose.mlx_only(0, False, 3.0), "auto: --memory-limit needs the MLX engine"),
+    (choose.mlx_only(4, False), "auto: QLoRA (--quantize-bits) needs the MLX engine"),
+    (choose.mlx_only(0, True), "auto: an mlx-lm quantized base needs the MLX engine"),
 ])
 def test_auto_keeps_mlx_for_what_only_mlx_does(needs, why):
     assert decide(None, needs, LINUX_CPU) == ("mlx", why)
@@ -59,9 +58,9 @@ def test_env_and_missing_engines(monkeypatch):
 
 
 def test_mlx_launch_ranks_need_mlx(monkeypatch):
-    assert choose.mlx_only(0, False, 0.0) == ""
+    assert choose.mlx_only(0, False) == ""
     monkeypatch.setenv("MLX_RANK", "1")
-    assert choose.mlx_only(0, False, 0.0) == "mlx.launch"
+    assert choose.mlx_only(0, False) == "mlx.launch"
 
 
 def test_a_quantized_mlx_lm_base_is_recognised_without_loading(tmp_path):

@@ -4,16 +4,18 @@ Peak = weights (quantized linears as packed words + per-group scales and biases)
 (parameters, gradients, the accumulated gradient, Adam's two moments) + activations. Activations
 are counted in elements of the compute dtype and multiplied by how many copies MLX keeps: every
 block's saved tensors (only its input with gradient checkpointing, plus the one block being
-recomputed), one block's backward temporaries, and the logits at supervised positions only.
+recomputed), one block's backward temporaries, and one chunk of logits at supervised positions (`core.headloss`).
 The copy counts were fitted to `mx.get_peak_memory()` of real train steps on MLX-CPU, where
 attention materialises its (B, H, T, T) scores (`benchmarks/memory.py`, `tests/test_memory.py`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from msgspec import Struct
 
-from finetune.core import lora
+from finetune.core import headloss, lora
 from finetune.core.config import Recipe
 from finetune.core.modelinfo import ModelFacts
 
@@ -91,7 +93,7 @@ def activation_terms(
         "inputs": facts.num_layers * hidden if checkpoint else 0,
         "block_mlp": mlp,
         "block_scores": scores,
-        "logits": supervised * facts.vocab_size,
+        "logits": min(supervised, headloss.chunk_rows(facts.vocab_size)) * facts.vocab_size,  # one chunk's
         "adapter_inner": adapted_layers(facts, recipe) * inner,
     }
 
@@ -103,20 +105,22 @@ def estimate(
     dtype: str = "float32",
     supervised: int = 0,
     batch_size: int = 0,
+    copies: Mapping[str, float] = COPIES,
 ) -> MemoryEstimate:
     """Peak training memory for micro-batches of `batch_size` rows padded to `seq_len` tokens.
 
     `seq_len`: the longest padded batch the plan produces (default: max_seq_length, else the context);
     `supervised`: the most supervised positions in one micro-batch (default: every token);
-    `batch_size`: the micro-batch (default: the recipe's batch_size).
+    `batch_size`: the micro-batch (default: the recipe's batch_size); `copies`: the engine's
+    copy counts (default: MLX's; the torch engine's are `engines/torch/budget.COPIES`).
     """
     batch = batch_size or recipe.train.batch_size
     seq = seq_len or recipe.train.max_seq_length or facts.context_length  # 0: the model's context
     n = supervised or batch * seq
     size = BYTES.get(dtype, 4)
     terms = activation_terms(facts, recipe, batch, seq, n)
-    logits = COPIES["logits"] * terms.pop("logits") * 4  # the loss is always float32
-    activations = sum(COPIES[k] * v for k, v in terms.items()) * size + logits
+    logits = copies["logits"] * terms.pop("logits") * 4  # the loss is always float32
+    activations = sum(copies[k] * v for k, v in terms.items()) * size + logits
     trainable = lora_parameters(facts, recipe)
     weights = weight_bytes(facts, recipe.model.quantize_bits, group_size(recipe), dtype)
     accumulating = recipe.train.grad_accumulation > 1 or batch < recipe.train.batch_size  # micro-steps

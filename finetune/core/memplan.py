@@ -9,7 +9,7 @@ it, and otherwise says how much memory the run needs at least.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import msgspec
 from msgspec import Struct
@@ -71,9 +71,11 @@ def micro_shape(batches: Sequence[Sequence[Row]], splits: int) -> tuple[int, int
 
 
 def plan(
-    facts: ModelFacts, recipe: Recipe, batches: Sequence[Sequence[Row]], limit_gb: float, dtype: str = "float32"
+    facts: ModelFacts, recipe: Recipe, batches: Sequence[Sequence[Row]], limit_gb: float, dtype: str = "float32",
+    copies: Mapping[str, float] = memory.COPIES,
 ) -> Result[MemoryPlan, str]:
-    """The largest micro-batch whose estimated peak fits `limit_gb` (see the module docstring)."""
+    """The largest micro-batch whose estimated peak fits `limit_gb` (see the module docstring);
+    `copies`: the engine's activation copy counts (`memory.estimate`)."""
     size = max((len(b) for b in batches), default=recipe.train.batch_size)
     weights = memory.weight_bytes(facts, recipe.model.quantize_bits, memory.group_size(recipe), dtype) / memory.GB
     if limit_gb <= weights:
@@ -89,7 +91,7 @@ def plan(
                 continue  # the same largest share as one split fewer
             rows, width, chosen = micro_shape(batches, splits)
             previous = rows
-            est = memory.estimate(facts, r, width, dtype, chosen, rows)
+            est = memory.estimate(facts, r, width, dtype, chosen, rows, copies)
             if est.total_gb <= limit_gb:
                 return Success(MemoryPlan(
                     limit_gb=limit_gb, batch_size=recipe.train.batch_size,

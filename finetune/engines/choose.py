@@ -64,7 +64,7 @@ def decide(requested: str | None = None, needs_mlx: str = "", machine: Machine |
     """(engine, why) for `--backend` (None: `$FT_BACKEND`, else auto); missing engines refused.
 
     `needs_mlx` names what the run asks for that only the MLX engine has (QLoRA, a quantized
-    mlx-lm base, `--memory-limit`, ranks from mlx.launch); `auto` then keeps MLX. `needs_torch`
+    mlx-lm base, ranks from mlx.launch); `auto` then keeps MLX. `needs_torch`
     names what only the torch engine has (an architecture the MLX engine does not implement).
     """
     requested = requested or os.environ.get("FT_BACKEND") or "auto"
@@ -115,14 +115,12 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def mlx_only(quantize_bits: int, quantized_base: bool, memory_limit: float) -> str:
+def mlx_only(quantize_bits: int, quantized_base: bool) -> str:
     """What of a run only the MLX engine does, in a few words ("" when either engine can)."""
     if quantize_bits:
         return "QLoRA (--quantize-bits)"
     if quantized_base:
         return "an mlx-lm quantized base"
-    if memory_limit:
-        return "--memory-limit"
     if launched_by_mlx():
         return "mlx.launch"
     return ""
@@ -162,12 +160,12 @@ def quantized_base(spec: str, revision: str = "main") -> bool:
 
 
 def for_model(requested: str | None, spec: str, revision: str = "main", *, quantize_bits: int = 0,
-              memory_limit: float = 0.0, adapter_quantized: bool = False) -> tuple[str, str]:
+              adapter_quantized: bool = False) -> tuple[str, str]:
     """`decide` for a run or command on model `spec`: what the model and the flags need routes `auto`,
     and what the chosen engine cannot do is refused in one line."""
     needs = model_needs(spec, revision)
     mlx_reason = ("an adapter trained on a quantized base" if adapter_quantized
-                  else mlx_only(quantize_bits, needs.quantized, memory_limit))
+                  else mlx_only(quantize_bits, needs.quantized))
     torch_reason = "" if needs.mlx_knows else f"{needs.model_type} (not an MLX engine architecture)"
     engine, why = decide(requested, mlx_reason, needs_torch=torch_reason)
     if engine == "torch" and (needs.quantized or adapter_quantized or quantize_bits):
@@ -175,8 +173,6 @@ def for_model(requested: str | None, spec: str, revision: str = "main", *, quant
             "an adapter trained on a quantized base" if adapter_quantized else "QLoRA (--quantize-bits)")
         raise UserError(f"{spec}: {what}; the torch engine runs float bases only (quantized bases are the "
                         "MLX engine's); use --backend mlx")
-    if engine == "torch" and memory_limit:
-        raise UserError("--memory-limit: only the MLX engine plans memory; drop it or use --backend mlx")
     if engine == "mlx" and not needs.mlx_knows:
         from finetune.core.architectures import SUPPORTED
 

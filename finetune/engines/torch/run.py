@@ -14,14 +14,14 @@ from msgspec import Struct
 from returns.result import Failure, Result, Success
 
 from finetune.core import adapters as core_adapters
-from finetune.core import architectures
+from finetune.core import architectures, memplan
 from finetune.core.adapters import AdapterSpec
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
 from finetune.engines import rundir
 from finetune.engines.rundir import World, plan  # noqa: F401  (the engine's surface, as shell.run's)
+from finetune.engines.torch import budget, distributed, packing
 from finetune.engines.torch import device as devices
-from finetune.engines.torch import distributed, packing
 from finetune.engines.torch import model as tmodel
 from finetune.engines.torch import train as ttrain
 from finetune.errors import UserError
@@ -46,6 +46,8 @@ class Prepared(Struct):
     device: Any  # torch.device
     dtype: Any  # torch.dtype of the base
     world: World = rundir.SINGLE  # torchrun's ranks
+    memory: Any = None  # core.memplan.MemoryPlan against --memory-limit, or None
+    base_gb: float = 0.0  # what the process held before the weights loaded (in the plan's estimate)
 
 
 def backend_line(where: Any, dtype: Any, why: str) -> str:
@@ -55,8 +57,10 @@ def backend_line(where: Any, dtype: Any, why: str) -> str:
     return line if world.size == 1 else f"{line}, {rundir.describe_world(world)}"
 
 
-def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, device: str | None = None) -> Result[Prepared, str]:
-    """Run validate's checks, then load the model with transformers and attach fresh peft LoRA."""
+def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, device: str | None = None,
+                memory_limit_gb: float = 0.0) -> Result[Prepared, str]:
+    """Run validate's checks, estimate (and with `memory_limit_gb` plan) the memory, then load the
+    model with transformers and attach fresh peft LoRA."""
     if recipe.model.quantize_bits:
         return Failure("$.model.quantize_bits: the torch engine trains float bases only; use --backend mlx for QLoRA")
     where = devices.pick(device)
@@ -69,6 +73,15 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, device: str
             return Failure(message)
     recipe = inspection.report.recipe
     splits = {k: v for k, v in inspection.tokens.items() if v}
+    budget.reset_peak(where)  # plan.json's measured peak runs from here: the weights' loading counts
+    planned, base = None, budget.process_gb(where)
+    if inspection.report.facts is not None:  # before any weight loads
+        match _memory(recipe, inspection.report.facts, splits["train"], dtype, base, memory_limit_gb, world, log):
+            case Success(planned):
+                recipe = recipe if planned is None else msgspec.structs.replace(recipe, train=msgspec.structs.replace(
+                    recipe.train, grad_checkpoint=recipe.train.grad_checkpoint or planned.grad_checkpoint))
+            case Failure(message):
+                return Failure(message)
     log(f"Loading {recipe.model.path} ...")
     match sources.model_dir(recipe.model.path, recipe.model.revision):
         case Success(directory):
@@ -93,7 +106,22 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, device: str
         num_layers=recipe.lora.num_layers, model=recipe.model.path,
     )
     kind = architectures.family_of_blocks(model.prefix).family  # how mlx-lm names the tensors
-    return Success(Prepared(recipe, model, inspection.tokenizer, splits, spec, kind, where, dtype, world))
+    return Success(Prepared(recipe, model, inspection.tokenizer, splits, spec, kind, where, dtype, world, planned, base))
+
+
+def _memory(recipe: Recipe, facts: Any, train: list[Tokens], dtype: Any, base: float, limit: float, world: World,
+            log: Log) -> Result[Any, str]:
+    """The estimate line, and with a limit the plan (each rank plans its share of a batch)."""
+    share = msgspec.structs.replace(recipe.train, batch_size=max(1, recipe.train.batch_size // world.size))
+    shared = msgspec.structs.replace(recipe, train=share)
+    if not limit:
+        est = budget.estimate(facts, shared, train, dtype)
+        log(f"memory estimate: peak {est.total_gb + base:.3g} GB ({est.weights_gb:.3g} weights, {est.lora_gb:.3g} "
+            f"adapters and Adam, {est.activations_gb:.3g} activations, {base:.3g} the process already holds); "
+            "--memory-limit GB plans micro-steps under a limit")
+        return Success(None)
+    planned = budget.plan(shared, facts, train, limit, dtype, base)
+    return planned.map(lambda p: log(memplan.describe(p)) or p)
 
 
 def save_adapters(directory: Path, params: dict[str, Any], spec: AdapterSpec, kind: str) -> None:
@@ -145,10 +173,16 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
                  "metrics": len(metrics), "engine": "torch"}
         checkpoints.save(run_dir, c.step, params, optimizer.state(), state, cfg.keep_checkpoints)
 
+    planned = prepared.memory
+    if planned and lead:
+        budget.record(run_dir, planned, prepared.base_gb)
     with _one_line_errors(world, run_dir):
         cursor = ttrain.run_steps(model, optimizer, train_data, valid_data, cfg, steps, cursor, where,
                                   on_report=on_report, on_save=on_save, on_log=log, world=world,
+                                  splits=planned.splits if planned else 1, memory_limit_gb=planned.limit_gb if planned else 0.0,
                                   exact_match=scorer)
+        if planned and lead:
+            budget.record(run_dir, planned, prepared.base_gb, budget.peak_gb(where))
         test_loss = None
         if evaluate_test and prepared.splits.get("test"):
             test = rundir.data(prepared.splits["test"], recipe)
@@ -199,7 +233,8 @@ def _restore(prepared: Prepared, run_dir: Path, optimizer: ttrain.Optimizer, ste
         return Failure(f"{source}/adapters.safetensors: holds {len(params)} tensors, the model needs {len(live)}")
     prepared.model.load_adapters(params)
     optimizer.restore(opt)
-    cursor = rundir.Cursor(step=state["step"], batch_index=state["batch_index"], trained_tokens=state["trained_tokens"])
+    cursor = rundir.Cursor(step=state["step"], batch_index=state["batch_index"], trained_tokens=state["trained_tokens"],
+                           splits=state.get("splits", 1))
     return Success((cursor, report.metrics_until(run_dir, cursor.step)))
 
 

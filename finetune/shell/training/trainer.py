@@ -25,6 +25,7 @@ from finetune.engines.rundir import (  # engine-free, shared with the torch engi
 )
 from finetune.shell.training import distributed
 from finetune.shell.training.distributed import World
+from finetune.shell.training.loss import head_ce
 
 
 def supervised_ce(
@@ -35,19 +36,19 @@ def supervised_ce(
     weights: mx.array,
     segments: mx.array | None = None,
     positions: mx.array | None = None,
+    grad: bool = True,
 ) -> tuple[mx.array, mx.array]:
     """(Σ cross-entropy, number of targets) over the selected positions (the MLX engine's loss;
     the torch engine's `engines/torch/train.supervised_ce` is the same definition).
 
     The LM head runs only where a target is supervised: `select` holds flat indices into
     `inputs` (B*T), `targets` the next tokens there, `weights` 1 (0 for the padding of
-    `select` itself). Padding tokens of `inputs` are never targets.
+    `select` itself). Padding tokens of `inputs` are never targets. The head and the loss run
+    over chunks of those positions (`shell/training/loss.head_ce`); `grad=False` (evaluation) skips its gradient.
     """
     h = model.hidden(inputs, segments, positions)  # (B, T, D)
     h = h.reshape(-1, h.shape[-1])[select]  # (N, D)
-    logits = model.head(h).astype(mx.float32)  # (N, V)
-    ce = nn.losses.cross_entropy(logits, targets, reduction="none")  # (N,)
-    return (ce * weights).sum(), weights.sum()
+    return head_ce(model.head, h, targets, weights, grad=grad), weights.sum()
 
 
 def batch_arrays(
@@ -74,7 +75,7 @@ def evaluate(model: nn.Module, data: Data, max_length: int, num_batches: int, wo
         if not batching.shares(data.plan[i], world.size)[world.rank]:
             continue
         _, arrays = batch_arrays(data, i, max_length, world.rank, world.size)
-        loss, tokens = supervised_ce(model, *arrays)
+        loss, tokens = supervised_ce(model, *arrays, grad=False)
         total, count = total + loss, count + tokens
         mx.eval(total, count)
     model.train()
