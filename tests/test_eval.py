@@ -230,3 +230,13 @@ def test_the_loss_plot_draws_exact_match_only_where_recorded(runs, tmp_path):
     assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "validation exact match"
     assert [line.get_label() for line in fig.axes[1].get_lines()] == ["a exact match"]
     assert plot.text_curve(with_em).endswith("Val exact match by step: 50: 1.000, 100: 1.000")
+
+
+def test_a_qlora_adapter_gets_its_quantized_base(small, data, runs, tmp_path):
+    """The float base serves the plain adapter; the QLoRA one is scored on the 8-bit base it trained on."""
+    q8 = finetune.train(None, model=str(small), data=str(data), output=tmp_path / "q8", backend="mlx",
+                        quantize_bits=8, **{**TRAIN, "eval_generate": 0}).run_dir
+    lines = []
+    result = finetune.evaluate(small, data, [q8, runs["mlx"]], log=lines.append)
+    assert result.engine == "mlx" and [s.exact for s in result.results] == [0.0, 1.0, 1.0]
+    assert any("quantized base" in line for line in lines)

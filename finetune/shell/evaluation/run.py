@@ -84,7 +84,7 @@ def evaluate(model: str, data: str, adapters: Sequence[str], options: Options, l
             unwrap(engine.swap(net, a))
     net = unwrap(engine.swap(net, None))
     if quantized:
-        log(f"Note: {', '.join(quantized)} trained on a quantized base: that base is loaded again for each")
+        log(f"Note: {', '.join(quantized)}: trained on a quantized base, which is loaded for it alone")
     results: list[Scores] = []
     cache: dict[Any, rows.Cases] = {}
     skipped, complete = 0, True
