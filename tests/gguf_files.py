@@ -115,14 +115,22 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_dir: Path) -> None:
     special = {a["content"] for a in spec["added_tokens"] if a["special"]}
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
-    writer.add_token_merges(merges)
+    if (spec.get("pre_tokenizer") or {}).get("type") == "Metaspace":  # SentencePiece: scores, no merges
+        writer.add_tokenizer_model("llama")
+        writer.add_token_scores([-float(i) for i in range(len(tokens))])
+        writer.add_token_types([gguf.TokenType.UNKNOWN if t == tok.unk_token else gguf.TokenType.CONTROL
+                                if t in special else gguf.TokenType.NORMAL for t in tokens])
+        writer.add_unk_token_id(tok.unk_token_id)
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+        writer.add_token_merges(merges)
     writer.add_bos_token_id(tok.bos_token_id)
     writer.add_eos_token_id(tok.eos_token_id)
-    writer.add_pad_token_id(tok.pad_token_id)
+    if tok.pad_token_id is not None:
+        writer.add_pad_token_id(tok.pad_token_id)
     writer.add_add_bos_token(tok("a")["input_ids"][0] == tok.bos_token_id)
     if tok.chat_template:
         writer.add_chat_template(tok.chat_template)

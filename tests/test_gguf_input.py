@@ -137,6 +137,29 @@ def test_tokenizer_and_chat_template_equal_transformers_gguf_tokenizer(make):
     assert (ours.bos_token, ours.eos_token, ours.pad_token) == (theirs.bos_token, theirs.eos_token, theirs.pad_token)
 
 
+def test_a_sentencepiece_vocabulary_tokenizes_as_transformers_does(tmp_path):
+    """Llama 2, TinyLlama and Mistral files carry a SentencePiece vocabulary: tokens and scores, no merges."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = _bundled_strings(10)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    alphabet = sorted(set("".join(texts)) - {" "}) + ["\u2581"]
+    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"],
+                                                               initial_alphabet=alphabet))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        str(tmp_path / "sp"))
+    vocab = tok.get_vocab_size()
+    path = write_gguf(build_model("llama", vocab), tmp_path / "sp", tmp_path / "sp.gguf", "Q8_0")
+    ours = load_tokenizer(model_dir(str(path)).unwrap())
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in texts + ["  two spaces", "Привет"]:
+        ids = theirs(text)["input_ids"]
+        assert ours(text)["input_ids"] == ids, text
+        assert ours.decode(ids) == theirs.decode(ids)
+
+
 def test_converted_once_cached_by_identity_and_recorded(make, tmp_path):
     path, _ = make("llama", "Q4_0")
     copy = tmp_path / "copy.gguf"

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -125,10 +126,11 @@ def _dequantize(tensor: Any) -> np.ndarray:
     return np.asarray(out, np.float32).reshape(shape)
 
 
-def hf_weights(source: Source) -> dict[str, np.ndarray]:
+def hf_weights(source: Source, advance: Callable[[], None] = lambda: None) -> dict[str, np.ndarray]:
     """Every tensor dequantized to float32, under its HF name and in HF's layout."""
     out = {}
     for t in source.reader.tensors:
+        advance()
         name = mapping.to_hf_name(t.name, source.arch)
         if name is None:  # llama.cpp-only tensors (rope_freqs) are read into the config instead
             continue
@@ -138,9 +140,16 @@ def hf_weights(source: Source) -> dict[str, np.ndarray]:
 
 def write(source: Source, out: Path) -> None:
     """The HF-layout directory of `source` into the (empty, temporary) directory `out`."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from safetensors.numpy import save_file
 
-    save_file(hf_weights(source), str(out / "model.safetensors"), metadata={"format": "pt"})
+    progress = Progress(TextColumn("[bold]dequantize"), BarColumn(), MofNCompleteColumn(),
+                        console=Console(file=sys.stderr), transient=True, disable=not sys.stderr.isatty())
+    with progress:
+        task = progress.add_task("dequantize", total=len(source.reader.tensors))
+        weights = hf_weights(source, lambda: progress.advance(task))
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(source.config, indent=2) + "\n", encoding="utf-8")
     write_tokenizer(source.metadata, out)
     (out / "gguf_source.json").write_text(json.dumps(_provenance(source), indent=2) + "\n", encoding="utf-8")
@@ -193,6 +202,4 @@ def write_tokenizer(metadata: Mapping[str, Any], out: Path) -> None:
 
 
 def _announce(path: Path) -> None:
-    import sys
-
     print(f"Converting {path.name} to a HuggingFace directory (once; cached)...", file=sys.stderr, flush=True)
