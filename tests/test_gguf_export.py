@@ -93,7 +93,7 @@ def export(capsys, tmp_path, bases, variant, gguf_type, *extra) -> Path:
     code, stdout, err = run_cli(capsys, "fuse", base, "--adapter", adapter, "--format", "gguf",
                                 "--gguf-type", gguf_type, "--output", out, *extra)
     assert code == 0, err
-    assert f"GGUF {variant.split('-')[0]}, {gguf_type.upper()}" in stdout
+    assert f"GGUF {'qwen2' if variant.startswith('qwen2') else 'llama'}, {gguf_type.upper()}" in stdout
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
     return out
 
@@ -127,6 +127,17 @@ def test_fused_gguf_gives_finetunes_logits_in_llama_cpp(tmp_path, capsys, bases,
     assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
     assert types["blk.0.attn_q.weight"] == gguf_type.upper()
     assert ("output.weight" in types) == (variant == "llama")  # tied heads stay tied
+
+
+@pytest.mark.parametrize("variant", ["llama3", "llama-linear", "llama-bias"])
+def test_rope_scaling_and_biases_survive_the_export(tmp_path, capsys, tok, variant):
+    """Llama 3 rope (llama.cpp's rope_freqs tensor), linear rope scaling, biases with head_dim 24."""
+    base = write_model(build_hf(variant, tok[1]), tmp_path / variant, tok[0])
+    variants = {variant: (base, random_adapter(base, tmp_path / "adapter"))}
+    out = export(capsys, tmp_path, variants, variant, "f32")
+    expected, got = mlx_logits(ours(*variants[variant])), cpp_logits(load(out))
+    assert max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True)) <= 1e-4
+    assert ("rope_freqs.weight" in tensor_types(out)) == (variant == "llama3")
 
 
 @pytest.fixture(scope="module")
