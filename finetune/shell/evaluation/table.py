@@ -19,7 +19,8 @@ def show(result: Evaluation, out: Console) -> None:
     title = f"{result.model} on {result.data} ({result.split}, {result.engine})"
     table = Table(title=title, title_justify="left")
     for column in shown:
-        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+        model = column == "model"  # numbers never wrap; a long name folds
+        table.add_column(column, justify="left" if model else "right", no_wrap=not model, overflow="fold")
     names = run_names([s.name for s in result.results])  # a run directory by its name; JSON keeps paths
     for s, name in zip(result.results, names, strict=True):
         cells = {
