@@ -23,6 +23,7 @@ MODES: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, int]]] = {
     "nvfp4": ((4,), (16,), (16, 4)),
 }
 _FIELDS = ("group_size", "bits", "mode")
+INFER = 0  # a group size written as null: the scales' shape tells it (in / scales' last dim)
 ON_LOAD = "quantized_on_load"  # in an adapter's record: the base was quantized from a float checkpoint
 # HuggingFace-side schemes (quantization_config.quant_method) and what to do instead.
 _INSTEAD = "convert the float model with `mlx_lm convert -q` (or load it with --quantize-bits 4)"
@@ -65,11 +66,13 @@ class Quant(Struct, frozen=True, kw_only=True):
 
     def summary(self) -> str:
         mixed = f", {len(self.overrides)} layers differ" if self.overrides else ""
-        return f"{self.bits}-bit {self.mode}, group size {self.group_size}{mixed}"
+        group = "from the scales" if self.group_size == INFER else self.group_size
+        return f"{self.bits}-bit {self.mode}, group size {group}{mixed}"
 
 
 def _params(raw: Mapping[str, Any], where: str) -> Result[Params, str]:
-    """Missing fields take the mode's defaults, as `to_quantized` does for a per-layer entry."""
+    """Missing fields take the mode's defaults, as `to_quantized` does for a per-layer entry;
+    `"group_size": null` (mlx-lm 0.32's mixed recipes) is `INFER`: read from the stored scales."""
     mode = raw.get("mode", "affine")
     if mode not in MODES:
         return Failure(f"{where}: quantization mode {mode!r} is unknown; MLX offers {', '.join(MODES)}")
@@ -77,6 +80,8 @@ def _params(raw: Mapping[str, Any], where: str) -> Result[Params, str]:
     bits, group = raw.get("bits", bits0), raw.get("group_size", group0)
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in bits_ok:
         return Failure(f"{where}: {mode} quantization takes bits {', '.join(map(str, bits_ok))}, got {bits!r}")
+    if group is None:
+        return Success(Params(group_size=INFER, bits=bits, mode=mode))
     if not isinstance(group, int) or isinstance(group, bool) or group not in groups_ok:
         return Failure(f"{where}: {mode} quantization takes group_size {', '.join(map(str, groups_ok))}, got {group!r}")
     return Success(Params(group_size=group, bits=bits, mode=mode))
@@ -153,6 +158,12 @@ def stored_plan(
         if params is None:
             return Failure(f"{where}: config.json leaves {path} in float (false) but the checkpoint stores it quantized")
         weight, scales = stored[path]
+        if params.group_size == INFER:
+            match _inferred(params, width, scales, f"{where}: quantization.{path}"):
+                case Success(params):
+                    pass
+                case failure:
+                    return failure
         if width % params.group_size:
             return Failure(f"{where}: quantization group_size {params.group_size} does not divide {path}'s "
                            f"input width {width}; the config does not describe these weights")
@@ -167,6 +178,16 @@ def stored_plan(
     return Success(plan)
 
 
+def _inferred(params: Params, width: int, scales: tuple[int, ...], where: str) -> Result[Params, str]:
+    """A null group size read from the scales, as mlx-lm 0.32 does: in / scales' last dim."""
+    groups_ok = MODES[params.mode][1]
+    group = width // scales[-1] if scales and scales[-1] and width % scales[-1] == 0 else 0
+    if group not in groups_ok:
+        return Failure(f"{where}: group_size is null and scales {tuple(scales)} over input width {width} give no "
+                       f"{params.mode} group size ({', '.join(map(str, groups_ok))})")
+    return Success(Params(group_size=group, bits=params.bits, mode=params.mode))
+
+
 def load_plan(quant: Quant, in_dims: Mapping[str, int], flag: str) -> Result[dict[str, Params], str]:
     """Quantizing a float model on load: every module unless overridden; the group must divide."""
     plan: dict[str, Params] = {}
@@ -174,6 +195,8 @@ def load_plan(quant: Quant, in_dims: Mapping[str, int], flag: str) -> Result[dic
         params = quant.params(path)
         if params is None:
             continue
+        if params.group_size == INFER:
+            return Failure(f"{flag}: group_size is null for {path}; quantizing on load needs a group size")
         if width % params.group_size:
             fits = [g for g in MODES[params.mode][1] if width % g == 0]
             hint = f"; use {' or '.join(map(str, fits))}" if fits else ""
