@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_template_props import TEMPLATES, TOKENIZERS, content, conversations
 
 from finetune.core import evaluation
 from finetune.core.records import Message, Sample
@@ -13,7 +14,6 @@ from finetune.core.templates import render_prompt
 from finetune.core.tokenize import tokenize
 from finetune.shell.models.generate import decoder
 from finetune.shell.models.tokenizer import encoder, specials
-from test_template_props import TEMPLATES, TOKENIZERS, content, conversations
 
 CASES = [(t, k) for t in TEMPLATES for k in TOKENIZERS]
 PROPS = settings(deadline=None, max_examples=20)
