@@ -223,6 +223,11 @@ def _positive_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
+def _f32(x: float) -> float:
+    """A GGUF float32 as the shortest decimal that is the same float32: 1e-05, not 9.9999997e-06."""
+    return float(str(np.float32(x)))
+
+
 def _number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -266,8 +271,8 @@ def _config(arch, model_type, metadata, tensors, rope_factors) -> Result[dict, s
         **{hf: key(g) for g, hf in _REQUIRED.items()},
         "num_key_value_heads": kv, "head_dim": head_dim, "vocab_size": vocab,
         "max_position_embeddings": key("context_length", 2048),
-        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "rms_norm_eps": _f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": _f32(key("rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in tensors,
         "hidden_act": _GEMMA_ACT if arch.startswith("gemma") else "silu",
         "torch_dtype": "float32",
@@ -316,7 +321,7 @@ def _rope_scaling(arch, key, head_dim, theta, rope_factors) -> dict | str | None
         return llama3_from_factors(np.asarray(rope_factors), head_dim, theta, context).value_or(
             f"tensor 'rope_freqs.weight' is not a Llama 3 rope scaling for head_dim {head_dim}")
     if kind == "linear" and _number(key("rope.scaling.factor")):
-        return {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+        return {"rope_type": "linear", "factor": _f32(key("rope.scaling.factor"))}
     return f"metadata {arch}.rope.scaling.type={kind!r} is not supported (supported: none, linear, llama3)"
 
 
