@@ -61,12 +61,17 @@ def converted_dir(path: Path) -> Result[Path, str]:
         if (final / "config.json").is_file():
             return Success(final)
         source = read(path)
-        _announce(path)
-        return Success(build_dir(final, lambda out: write(source, out)))
     except GGUFError as err:
         return Failure(f"{path}: {err}")
     except OSError as err:
         return Failure(f"{path}: cannot read ({err.strerror or err})")
+    _announce(path)
+    try:
+        return Success(build_dir(final, lambda out: write(source, out)))
+    except GGUFError as err:
+        return Failure(f"{path}: {err}")
+    except OSError as err:
+        return Failure(f"{path}: cannot write its conversion under {final.parent} ({err.strerror or err})")
 
 
 class Source:
@@ -88,11 +93,11 @@ def read(path: Path) -> Source:
 
     try:
         reader = GGUFReader(str(path))
+        metadata = {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
     except ValueError as err:
         raise GGUFError(_reader_reason(str(err))) from None
-    except (IndexError, OSError, EOFError) as err:
+    except (IndexError, KeyError, TypeError, OverflowError, EOFError) as err:  # what a cut or garbled header raises
         raise GGUFError(f"truncated or corrupt GGUF file ({type(err).__name__}: {err})") from None
-    metadata = {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
     for t in reader.tensors:
         if t.tensor_type.name not in DEQUANTIZED:
