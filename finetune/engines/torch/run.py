@@ -4,6 +4,7 @@ mlx-lm's format, recipe.toml, metrics.jsonl, checkpoints with the optimizer stat
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +29,7 @@ from finetune.errors import UserError
 from finetune.shell.data import check, report
 from finetune.shell.evaluation import training as exact_match
 from finetune.shell.models import sources
-from finetune.shell.paths import write_safetensors, write_text
+from finetune.shell.paths import cache_root, write_safetensors, write_text
 from finetune.shell.training import checkpoints, recipes
 
 Log = Callable[[str], None]
@@ -73,6 +74,8 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, device: str
             return Failure(message)
     recipe = inspection.report.recipe
     splits = {k: v for k, v in inspection.tokens.items() if v}
+    if recipe.train.compile:  # torch.compile's graphs and kernels kept across runs (not in /tmp): warm starts
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
     budget.reset_peak(where)  # plan.json's measured peak runs from here: the weights' loading counts
     planned, base = None, budget.process_gb(where)
     if inspection.report.facts is not None:  # before any weight loads
