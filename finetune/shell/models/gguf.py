@@ -180,7 +180,11 @@ def write_tokenizer(metadata: Mapping[str, Any], out: Path) -> None:
 
     _quiet_transformers()
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    try:
+        from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    except ImportError:  # transformers 4.x kept them in integrations/ggml.py
+        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     if not isinstance(metadata.get("tokenizer.ggml.tokens"), list):
         raise GGUFError("no tokenizer in the metadata (tokenizer.ggml.tokens is missing)")
