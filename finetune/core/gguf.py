@@ -382,8 +382,12 @@ def _llama3_edges(x: np.ndarray, f: np.ndarray, factor: float, medium: np.ndarra
     ceiling = float(highs.min()) if highs.size else float(x.max()) * 2
     if medium.sum() == 1:  # one point of the smoothed band: any edges through it will do
         xm, sm = float(x[medium][0]), float(smooth[0])
-        lows_ = [floor + t * (xm - floor) for t in np.linspace(0.05, 0.95, 19)]
-        return [(lo, lo + (xm - lo) / sm) for lo in lows_ if sm > 0]
+        if not 0 < sm < 1:
+            return []
+        steps = np.linspace(0.05, 0.95, 19)
+        by_low = [(lo, lo + (xm - lo) / sm) for lo in (floor + t * (xm - floor) for t in steps)]
+        by_high = [((xm - sm * hi) / (1 - sm), hi) for hi in (xm + t * (ceiling - xm) for t in steps)]
+        return [(lo, hi) for lo, hi in by_low + by_high if floor < lo <= xm <= hi < ceiling]
     return [(floor + (ceiling - floor) / 3, floor + 2 * (ceiling - floor) / 3)]
 
 
