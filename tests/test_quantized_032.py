@@ -11,7 +11,15 @@ import mlx_lm
 import pytest
 import torch
 from cli_run import error_line, run_cli
-from lora_models import build_hf, make_tokenizer, max_diff, mlx_logits, ours, torch_logits, write_model
+from lora_models import (
+    build_hf,
+    make_tokenizer,
+    max_diff,
+    mlx_logits,
+    ours,
+    torch_logits,
+    write_model,
+)
 from mlx_lm import convert
 from returns.result import Failure
 

@@ -39,8 +39,7 @@ def read_config(directory: Path) -> Result[Any, str]:
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as err:  # an unknown model_type, or a broken file
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        return Failure(f"{where}: transformers {transformers.__version__} cannot read this config ({first}); "
+        return Failure(f"{where}: transformers {transformers.__version__} cannot read this config ({_first(err)}); "
                        "the torch engine takes the causal LMs transformers implements")
     try:
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
@@ -49,6 +48,12 @@ def read_config(directory: Path) -> Result[Any, str]:
                        f"{transformers.__version__}; the torch engine trains causal LMs")
     config._attn_implementation = attention(model_class)
     return Success((config, model_class))
+
+
+def _first(err: Exception) -> str:
+    """The first sentence of an exception's message (transformers' run to paragraphs)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.split(". ")[0][:200]
 
 
 def to_torch(a: np.ndarray) -> torch.Tensor:
@@ -70,8 +75,7 @@ def load_checked(directory: Path, dtype: torch.dtype, spec: str) -> Result[nn.Mo
     try:
         lm = _skeleton(model_class, config, dtype)
     except (ValueError, TypeError, ImportError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        return Failure(f"{directory / 'config.json'}: transformers cannot build {config.model_type!r} from it ({first})")
+        return Failure(f"{directory / 'config.json'}: transformers cannot build {config.model_type!r} from it ({_first(err)})")
     if refusal := _float_refusal(lm, arrays, where):
         return Failure(refusal)
     state = {k: to_torch(v) for k, v in arrays.items()}

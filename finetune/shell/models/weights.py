@@ -114,7 +114,7 @@ def read_located(directory: str | Path, read_file: Callable[[Path], Result[dict,
         tensors: dict = {}
         where: dict[str, Path] = {}
         for f in files:
-            match _known_dtypes(f).bind(lambda _: read_file(f)):
+            match _known_dtypes(f).bind(lambda _, f=f: read_file(f)):
                 case Success(found):
                     pass
                 case failure:
