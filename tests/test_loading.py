@@ -223,7 +223,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path, llama, caps
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps(config | {"model_type": "bert"}))
     message = failure(load_model(str(directory)))
-    assert "unsupported architecture 'bert'; supported: llama, mistral, qwen2, gpt2" in message
+    assert "unsupported architecture 'bert'; supported: llama, mistral, qwen2, qwen3, " in message
     code, err = cli(["models", "info", str(directory)], capsys)
     assert code == 2 and "architecture 'bert' is not implemented by the MLX engine" in err and "--backend torch" in err
 

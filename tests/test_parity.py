@@ -187,9 +187,9 @@ def test_export_round_trip_restores_the_checkpoint(saved):
 
 
 def test_unsupported_model_type_and_config_errors():
-    assert "supported: llama, mistral, qwen2, gpt2" in hf_to_mlx("bert", {}, {}).failure()
+    assert "supported: llama, mistral, qwen2, qwen3, gemma" in hf_to_mlx("bert", {}, {}).failure()
     assert "lacks field 'n_embd'" in hf_to_mlx("gpt2", {"model_type": "gpt2"}, {}).failure()
-    with pytest.raises(ValueError, match="supported: llama, mistral, qwen2, gpt2"):
+    with pytest.raises(ValueError, match="supported: llama, mistral, qwen2, qwen3"):
         build({"model_type": "bert"})
     with pytest.raises(ValueError, match="rope type 'proportional' is not supported"):
         build(

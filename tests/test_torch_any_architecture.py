@@ -1,5 +1,6 @@
-"""The torch engine trains architectures the MLX engine does not implement (here GPT-NeoX, built
-small by transformers itself), and `auto` routes them to it; transformers' unknowns are one line."""
+"""The torch engine trains any architecture transformers has (here GPT-NeoX, built small by
+transformers itself), and `auto` routes one the MLX engine does not implement (OPT) to it;
+transformers' unknowns are one line."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import torch
 from cli_run import one_line_error, run_cli
 from peft import PeftModel
 from safetensors.numpy import load_file
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
 
 from finetune.engines import choose
 from finetune.engines.torch import generate as torch_generate
@@ -34,12 +41,26 @@ def neox(tmp_path_factory):
     return out
 
 
-def test_auto_routes_an_architecture_mlx_lacks_to_torch(neox, monkeypatch):
+@pytest.fixture(scope="module")
+def opt(tmp_path_factory, neox):
+    """A 2-layer OPT (an architecture without an MLX engine row) with the same tokenizer."""
+    out = tmp_path_factory.mktemp("opt") / "model"
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=2048, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                       word_embed_proj_dim=64, max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
+    OPTForCausalLM(config).save_pretrained(out)
+    for f in neox.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def test_auto_routes_an_architecture_mlx_lacks_to_torch(opt, monkeypatch):
     monkeypatch.delenv("FT_BACKEND", raising=False)
-    needs = choose.model_needs(str(neox))
-    assert needs == choose.ModelNeeds(quantized=False, model_type="gpt_neox", mlx_knows=False)
+    needs = choose.model_needs(str(opt))
+    assert needs == choose.ModelNeeds(quantized=False, model_type="opt", mlx_knows=False)
     mac = choose.Machine(mlx=True, torch=True, apple_silicon=True, nvidia_gpu=False, linux_x86=False, native_bf16=False)
-    reason = "gpt_neox (not an MLX engine architecture)"
+    reason = "opt (not an MLX engine architecture)"
     assert choose.decide("auto", "", mac, needs_torch=reason) == ("torch", f"auto: {reason} needs the torch engine")
 
 
@@ -78,9 +99,9 @@ def test_gpt_neox_trains_generates_and_is_described_with_torch(neox, tmp_path, c
     assert code == 0 and "OK: ready to train." in out, out
 
 
-def test_mlx_and_transformers_unknowns_are_one_line(neox, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "train", "start", str(neox), "sql", "--backend", "mlx", "--output", str(tmp_path / "a"))
-    assert code == 2 and "architecture 'gpt_neox' is not implemented by the MLX engine" in one_line_error(err)
+def test_mlx_and_transformers_unknowns_are_one_line(neox, opt, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "start", str(opt), "sql", "--backend", "mlx", "--output", str(tmp_path / "a"))
+    assert code == 2 and "architecture 'opt' is not implemented by the MLX engine" in one_line_error(err)
     alien = tmp_path / "alien"
     shutil.copytree(neox, alien)
     config = json.loads((alien / "config.json").read_text())

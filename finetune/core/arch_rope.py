@@ -99,6 +99,8 @@ def inv_freq(r: Rope, length: int) -> list[float] | None:
             return None
         base *= (r.factor * length / r.max_positions - (r.factor - 1)) ** (d / (d - 2))
     freqs = [base ** (-(i / d)) for i in range(0, d, 2)]  # HF: 1 / base^(2i/d)
+    if r.kind == "dynamic":
+        return freqs
     if r.kind == "linear":
         return [f / r.factor for f in freqs]
     if r.kind == "llama3":

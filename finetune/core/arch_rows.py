@@ -28,6 +28,7 @@ class Layout(NamedTuple):
     positions: str = ""  # learned position embeddings (GPT-2's wpe)
     layers: str = "layers"
     final_norm: str = "norm"
+    head: str = "lm_head"  # the untied output projection, top level
     attn: str = "self_attn"
     q: str = "q_proj"
     k: str = "k_proj"

@@ -123,7 +123,7 @@ def _tables(row: Row) -> tuple[tuple[Entry, ...], tuple[Entry, ...]]:
     n = row.layout
     top = [(f"{n.backbone}.{n.embed}.weight", ("V", "D"), "")]
     top += [(f"{n.backbone}.{n.positions}.weight", ("P", "D"), "")] if n.positions else []
-    top += _norm(f"{n.backbone}.{n.final_norm}", row) + [("lm_head.weight", ("V", "D"), "untied")]
+    top += _norm(f"{n.backbone}.{n.final_norm}", row) + [(f"{n.head}.weight", ("V", "D"), "untied")]
     layer: list[Entry] = []
     for norm in (n.attn_in, n.attn_out, n.mlp_in, n.mlp_out):
         layer += _norm(norm, row) if norm else []
@@ -187,7 +187,8 @@ STARCODER2 = architecture(Row(layout=Layout(gate="", up="c_fc", down="c_proj"), 
                               bias=("use_bias", "use_bias", "use_bias"), bias_default=True, tied=True,
                               windows=arch_rows.every_layer()))
 GPT_NEOX = architecture(
-    Row(layout=Layout(backbone="gpt_neox", embed="embed_in", final_norm="final_layer_norm", attn="attention",
+    Row(layout=Layout(backbone="gpt_neox", embed="embed_in", final_norm="final_layer_norm", head="embed_out",
+                      attn="attention",
                       qkv="query_key_value", qkv_order="heads", o="dense", gate="", up="dense_h_to_4h",
                       down="dense_4h_to_h"),
         **_LAYER_NORM, eps=("layer_norm_eps", 1e-5), act=("hidden_act", "gelu"),
@@ -208,7 +209,11 @@ GPT2 = architecture(
     buffers=(".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq"),
 )
 
-REGISTRY: dict[str, Architecture] = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "gpt2": GPT2}
+REGISTRY: dict[str, Architecture] = {
+    "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA, "gemma2": GEMMA2,
+    "gemma3_text": GEMMA3_TEXT, "phi3": PHI3, "olmo2": OLMO2, "smollm3": SMOLLM3, "granite": GRANITE,
+    "starcoder2": STARCODER2, "gpt_neox": GPT_NEOX, "gpt2": GPT2,
+}
 SUPPORTED = tuple(REGISTRY)
 # The naming families of adapter files: where blocks live in mlx-lm's files (only GPT-2 differs).
 FAMILIES: dict[str, Architecture] = {"llama": LLAMA, "gpt2": GPT2}

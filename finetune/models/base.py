@@ -32,7 +32,7 @@ class CausalLM(nn.Module):
 
     def head(self, h: mx.array) -> mx.array:
         """Hidden states (..., D) -> logits (..., vocab): Granite's divisor, Gemma 2's soft-cap."""
-        logits = self.embedding.as_linear(h) if self.args.tied else self.lm_head(h)
+        logits = self.embedding.as_linear(h) if self.args.tied else getattr(self, self.args.names.head)(h)
         if self.args.logits_scale != 1.0:
             logits = logits / self.args.logits_scale
         if self.args.final_softcap:

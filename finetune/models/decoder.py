@@ -213,8 +213,8 @@ class Model(CausalLM):
         super().__init__()
         self.args = args
         setattr(self, args.names.backbone, Backbone(args))
-        if not args.tied:
-            self.lm_head = nn.Linear(args.hidden, args.vocab, bias=False)
+        if not args.tied:  # lm_head (GPT-NeoX: embed_out)
+            setattr(self, args.names.head, nn.Linear(args.hidden, args.vocab, bias=False))
 
     @property
     def backbone(self) -> nn.Module:
