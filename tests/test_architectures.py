@@ -238,3 +238,13 @@ def test_row_trains_fuses_and_exports_to_peft(saved, tok, text_data, tmp_path, c
     assert code == 0, err
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), peft_dir).eval()
     assert max_diff(torch_logits(theirs), expected) <= TOL
+
+
+def test_models_info_names_the_engines_that_train_a_model(saved, capsys):
+    from finetune.cli.models import _engines
+
+    code, out, err = run_cli(capsys, "models", "info", saved("olmo2")[1])
+    assert code == 0, err
+    assert [line.split(None, 1)[1] for line in out.splitlines() if line.startswith("engines")] == ["mlx, torch"]
+    assert _engines("opt") == "torch (the MLX engine has no opt row)"
+    assert _engines("no_such_model").startswith("none (no MLX row for no_such_model")

@@ -107,6 +107,7 @@ def info(
         ("model", found.name + (f"  [{found.note}]" if found.note else "")),
         ("directory", found.directory),
         ("architecture", f.model_type),
+        ("engines", _engines(f.model_type)),
         ("layers", str(f.num_layers)),
         ("hidden size", str(f.hidden_size)),
         ("attention heads", f"{f.num_heads} (kv heads {f.num_kv_heads}, head dim {f.head_dim})"),
@@ -135,6 +136,25 @@ def info(
     for key, value in lines:
         out.print(f"[bold]{key:<{width}}[/bold]  {escape(value)}")
     return 0
+
+
+def _engines(model_type: str) -> str:
+    """The engines that can train this architecture: MLX with a registry row, torch where
+    transformers has a causal LM for it (and the torch extra is installed)."""
+    import importlib.util
+
+    from finetune.core import architectures
+
+    names = ["mlx"] if model_type in architectures.REGISTRY else []
+    if all(importlib.util.find_spec(m) for m in ("torch", "peft", "transformers")):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        names += ["torch"] if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else []
+    if not names:
+        return f"none (no MLX row for {model_type}, and transformers has no causal LM for it)"
+    if "mlx" not in names:
+        return f"torch (the MLX engine has no {model_type} row)"
+    return ", ".join(names) + ("" if "torch" in names else " (torch: pip install the torch extra)")
 
 
 def _mlx_info(model: str, revision: str, load: bool):
