@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from cli_run import one_line_error, run_cli
+from cli_run import error_line, one_line_error, run_cli
 
 from finetune.cli import main
 
@@ -61,7 +61,7 @@ class Server:
 
     def http(self, method: str, path: str, key: str | None = KEY, **kwargs) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.request(method, self.url + path, headers=headers, timeout=TIMEOUT, **kwargs)
+        return httpx.request(method, self.url + path, headers=headers, **{"timeout": TIMEOUT, **kwargs})
 
     def health(self) -> dict:
         return httpx.get(self.url.removesuffix("/v1") + "/health", timeout=TIMEOUT).json()
@@ -78,8 +78,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("serve-home")
+def home(finetune_home) -> Path:
+    """The session's FineTune home (conftest): `tiny` is built once for this process and the servers."""
+    return finetune_home
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +133,18 @@ def test_greedy_text_equals_ft_generate_with_and_without_the_adapter(server, exp
 
 
 def test_usage_and_finish_reasons(server):
+    from finetune.shell.models.generate import build_prompt
+    from finetune.shell.models.tiny import ensure_tiny
+    from finetune.shell.models.tokenizer import load_tokenizer
+
     client = server.client()
     out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0)
     assert out.choices[0].finish_reason == "length"
     assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (5, 3, 8)
+    ids = build_prompt(load_tokenizer(ensure_tiny()), text=PROMPT).unwrap().ids  # the same prompt as ids
+    assert len(ids) == 5
+    by_ids = client.completions.create(model="tiny", prompt=list(ids), max_tokens=3, temperature=0)
+    assert by_ids.choices[0].text == out.choices[0].text
     longer = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text
     word = longer.split()[1]  # a stop string cuts the text before it and finishes with "stop"
     cut = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, stop=[word, "zzz"])
@@ -262,8 +271,9 @@ def test_bad_requests_get_openai_errors(server):
     assert server.http("GET", "/nowhere").status_code == 404
     assert server.http("GET", "/chat/completions").status_code == 405
     # Harmless fields OpenAI clients send are accepted.
-    fine = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2, user="u", presence_penalty=0,
-                                          extra_body={"unknown_field": 1}, response_format={"type": "text"})
+    fine = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2, temperature=0, user="u",
+                                          presence_penalty=0, extra_body={"unknown_field": 1},
+                                          response_format={"type": "text"})
     assert fine.usage.completion_tokens >= 1
 
 
@@ -306,11 +316,18 @@ def test_a_client_leaving_mid_stream_stops_its_generation(server):
     assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 4
     health = server.health()
     assert health["queued"] == 0 and health["generated_tokens"] - before < 1000, health
+    # A client that gives up on a whole (non-streamed) answer stops its generation too.
+    with pytest.raises(httpx.ReadTimeout):
+        server.http("POST", "/completions", json={**body, "stream": False}, timeout=httpx.Timeout(TIMEOUT, read=1.0))
+    text = server.client().completions.create(model="sql", prompt=PROMPT, max_tokens=4, temperature=0)
+    assert text.usage.completion_tokens <= 4
+    assert server.health()["generated_tokens"] - health["generated_tokens"] < 1000
 
 
 def test_ctrl_c_stops_the_server_cleanly(server):
-    assert server.stop(signal.SIGINT) == 0
+    code = server.stop(signal.SIGINT)
     err = server.log.read_text()
+    assert code == 0, err
     assert "ft serve: stopped" in err and "Traceback" not in err
 
 
@@ -338,10 +355,11 @@ def test_torch_engine_serves_the_same_text(home, run, expected, tmp_path):
     (["tiny", "--adapter", "a b=."], "adapter name"),
     (["tiny", "--api-key", " "], "--api-key is empty"),
     (["tiny", "--host", "no.such.host.invalid"], "--host no.such.host.invalid: cannot resolve"),
+    (["/nonexistent/model"], "no such model directory"),
 ])
 def test_cli_bad_flags_are_one_line_and_exit_2(args, words, capsys):
     code, _, err = run_cli(capsys, "serve", *args)
-    assert code == 2 and words in one_line_error(err)
+    assert code == 2 and words in error_line(err)  # a model that fails to load follows the backend line
 
 
 def test_cli_busy_port_is_one_line_and_exit_2(capsys):

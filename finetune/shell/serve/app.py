@@ -151,16 +151,20 @@ async def complete(served: Served, request: Request, chat: bool) -> Response:
               swap=served.swap(req.model), options=options)
     events = Events(served, job)
     watcher = asyncio.ensure_future(events.watch(request))
+    streaming = False
     try:
         kind, value = await events.next()
         if kind == "error":
             raise value
         if options.stream and kind == "start":
-            watcher.cancel()  # the stream listens for the disconnect itself
+            watcher.cancel()  # the stream listens for the disconnect itself, and cancels at its end
+            streaming = True
             return EventStream(stream(events, Reply(chat, req.model), options, value), events.cancel)
         return await whole(events, Reply(chat, req.model), (kind, value))
     finally:
         watcher.cancel()
+        if not streaming:  # done, failed, or cut short (the server stopping): the job ends too
+            events.cancel.set()
 
 
 async def whole(events: Events, reply: Reply, first: tuple[str, Any]) -> Response:

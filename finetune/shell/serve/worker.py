@@ -76,6 +76,8 @@ class Worker:
                 future.set_exception(err)
             finally:
                 self.busy = False
+        if self._loading.done() and self._loading.exception() is None:
+            self.engine.close()
 
     def generate(self, job: Job, emit: Emit, cancelled: Callable[[], bool]) -> None:
         """Run `job` (on this thread), reporting through `emit`; never raises."""
