@@ -173,6 +173,10 @@ def _ropes(row: Row, c: Mapping[str, Any], model_type: str, n: int, head_dim: in
             "full_attention": dict(c.get("rope_scaling") or {}) | {"rope_theta": c.get("rope_theta", 1e6)},
             "sliding_attention": {"rope_type": "default", "rope_theta": c.get("rope_local_base_freq", 1e4)},
         }}
+    if model_type == "phi3":  # HF's Phi3Config reads old checkpoints' "su"/"yarn" as longrope
+        raw = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        if raw.get("rope_type", raw.get("type")) in ("su", "yarn"):
+            c = dict(c) | {"rope_parameters": dict(raw) | {"rope_type": "longrope"}}
     theta = c.get("rotary_emb_base", row.theta)
     partial = c.get("rotary_pct", row.partial)
     kinds = {t: arch_rope.read(c, arch_rope.parameters(c, t, theta), head_dim, partial)
