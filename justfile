@@ -39,6 +39,9 @@ bench: install
     {{py}} benchmarks/qlora_memory.py --model tiny
     {{py}} benchmarks/blas.py
 
-# The demo: a short LoRA run of the built-in tiny model on the bundled SQL set.
-quick: install
-    {{venv}}/bin/ft train quick
+# The README's main job: a short LoRA run of the built-in tiny model on the bundled SQL set, on the
+# MLX engine the README times. Only the base install (no torch): `install`'s test extras bring torch,
+# which makes `auto` pick the torch engine on x86-64 Linux, so the engine is also named.
+quick:
+    test -x {{venv}}/bin/ft || (python3 -m venv {{venv}} && {{venv}}/bin/pip install -e .)
+    {{venv}}/bin/ft train quick --backend mlx

@@ -103,7 +103,7 @@ def prepare(recipe: Recipe, device: str | None, log: Log, engine: str | None = N
 
         where = torch_device.pick(device)
         log(torch_run.backend_line(where, torch_device.resolve_dtype(recipe.model.dtype, where), why))
-        available = torch_device.memory_gb(where) * 1e9 / 1024**3
+        available = torch_device.memory_gb(where)  # GB, as every estimate
         return unwrap(torch_run.prepare_run(recipe, log, available_gb=available, device=device,
                                             memory_limit_gb=memory_limit))
     from finetune.shell.runtime import backend
@@ -111,7 +111,7 @@ def prepare(recipe: Recipe, device: str | None, log: Log, engine: str | None = N
 
     info = backend.select(device)
     log(backend.describe(info, why))
-    return unwrap(shell_run.prepare_run(recipe, log, available_gb=info.memory_gb * 1e9 / 1024**3,
+    return unwrap(shell_run.prepare_run(recipe, log, available_gb=info.memory_gb,
                                         memory_limit_gb=memory_limit))
 
 
@@ -206,7 +206,7 @@ def _available_gb() -> float:
     """Memory of the device training would use (system memory on the CPU and Apple silicon)."""
     from finetune.shell.runtime import backend
 
-    return backend.select(None).memory_gb * 1e9 / 1024**3
+    return backend.select(None).memory_gb
 
 
 def _check_launcher(engine: str, why: str) -> None:

@@ -49,7 +49,7 @@ def test_auto_elsewhere():
 def test_env_and_missing_engines(monkeypatch):
     monkeypatch.setenv("FT_BACKEND", "mlx")
     assert decide(machine=LINUX_CPU) == ("mlx", "asked for")
-    with pytest.raises(UserError, match="--backend torch: torch and peft are not installed; pip install 'finetune\\[torch\\]'"):
+    with pytest.raises(UserError, match="--backend torch: torch and peft are not installed; pip install 'finetune-lora\\[torch\\]'"):
         decide("torch", machine=with_(torch=False))
     with pytest.raises(UserError, match="no training engine installed"):
         decide("auto", machine=with_(torch=False, mlx=False))

@@ -108,7 +108,7 @@ def _inspect(recipe, backend: str | None):
     dtype = str(torch_device.resolve_dtype(recipe.model.dtype, where)).removeprefix("torch.")
     print(torch_device.describe(where, torch_device.DTYPES[dtype], why), file=sys.stderr)
     as_torch = msgspec.structs.replace(recipe, model=msgspec.structs.replace(recipe.model, dtype=dtype))
-    inspection = unwrap(check.inspect(as_torch, available_gb=torch_device.memory_gb(where) * 1e9 / 1024**3, engine="torch"))
+    inspection = unwrap(check.inspect(as_torch, available_gb=torch_device.memory_gb(where), engine="torch"))
     shown = msgspec.structs.replace(inspection.report.recipe, model=msgspec.structs.replace(
         inspection.report.recipe.model, dtype=recipe.model.dtype))  # the recipe as written, not as estimated
     note = (f"Memory estimate for the torch engine: base weights and activations in {dtype}, LoRA and AdamW "
@@ -165,7 +165,8 @@ def start(
 
     Writes OUTPUT/adapters.safetensors and adapter_config.json (mlx-lm's format), recipe.toml,
     metrics.jsonl and checkpoints/. Runs validate's checks before loading weights. Every recipe
-    field is a flag; flags override the recipe; MODEL and DATA override its model and data.
+    field is a flag; flags override the recipe; MODEL and DATA override its model and data. The
+    defaults shown are the built-in recipe's; a --recipe file's values replace them.
 
     Parameters
     ----------
@@ -184,7 +185,7 @@ def start(
     backend
         Training engine: mlx, torch (transformers + peft) or auto (default; $FT_BACKEND).
     memory_limit
-        GB (2^30 bytes) the run may use; planned before loading weights (micro-batches, checkpointing). 0: free RAM, or Metal's working set.
+        GB (10^9 bytes) the run may use; planned before loading weights (micro-batches, checkpointing). 0: the RAM available now, or Metal's working set.
     """
     from finetune import api
 
@@ -221,7 +222,7 @@ def quick(
     backend
         Training engine: mlx, torch (transformers + peft) or auto (default; $FT_BACKEND).
     memory_limit
-        GB (2^30 bytes) the run may use; planned before loading weights (micro-batches, checkpointing). 0: free RAM, or Metal's working set.
+        GB (10^9 bytes) the run may use; planned before loading weights (micro-batches, checkpointing). 0: the RAM available now, or Metal's working set.
     """
     from finetune import api
     from finetune.shell.training import recipes
@@ -246,8 +247,9 @@ def _settings(settings: dict, **positionals) -> dict:
     return given
 
 
-def _with_recipe_flags(command):
-    """Give `command` (which takes **settings) one keyword flag per recipe field, from the Structs."""
+def _with_recipe_flags(command, defaults=None, output: str = ""):
+    """Give `command` (which takes **settings) one keyword flag per recipe field, from the Structs;
+    each flag's help ends with its value in `defaults` (a Recipe; `output` words its output)."""
     import inspect
 
     from cyclopts import Parameter
@@ -261,7 +263,8 @@ def _with_recipe_flags(command):
         if flag.name in taken:
             continue
         names = [flag.option, *("--" + a.replace("_", "-") for a in flag.aliases)]
-        hint = Annotated[flag.kind | None, Parameter(name=names, help=flag.help)]
+        shown = (output if flag.name == "output" and output else _default(defaults, flag.path)) if defaults else ""
+        hint = Annotated[flag.kind | None, Parameter(name=names, help=f"{flag.help} [default: {shown}]" if shown else flag.help)]
         extra.append(inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=hint))
     command.__signature__ = inspect.Signature(own + extra)
     command.__annotations__ = {**{p.name: p.annotation for p in own + extra}, "return": int}
@@ -295,9 +298,31 @@ def recipe(
     return 0
 
 
-start = _with_recipe_flags(start)
-quick = _with_recipe_flags(quick)
-recipe = _with_recipe_flags(recipe)
+def _default(recipe, path: tuple[str, ...]) -> str:
+    """A recipe field's value as a flag would spell it."""
+    value = recipe
+    for part in path:
+        value = getattr(value, part)
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _quick_recipe():
+    from finetune.shell.training import recipes
+
+    return unwrap(recipes.load(str(recipes.bundled("quick")), {}))
+
+
+def _built_in_recipe():
+    from finetune.core.config import Recipe
+
+    return Recipe()
+
+
+start = _with_recipe_flags(start, _built_in_recipe())
+quick = _with_recipe_flags(quick, _quick_recipe(), output="runs/quick, or runs/quick-N when that exists")
+recipe = _with_recipe_flags(recipe, _built_in_recipe())
 
 
 def _fresh(base: Path) -> Path:

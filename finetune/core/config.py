@@ -38,7 +38,7 @@ class ModelConfig(_Config):
 
     path: Annotated[str, _field("Local HF dir, hub id (local HF cache) or tiny.", flag="model", min_length=1)] = "tiny"
     revision: Annotated[str, _field("Hub revision (branch, tag or commit) of a hub id.", min_length=1)] = "main"
-    dtype: Annotated[Dtype, _field("Weights dtype; auto: float32 on the CPU, the checkpoint's own on a GPU.")] = "auto"
+    dtype: Annotated[Dtype, _field("Base weights dtype; auto: on the MLX engine float32 on the CPU and the checkpoint's own on a GPU, on the torch engine bfloat16 where bf16 is native (CUDA, CPUs with AVX512_BF16/AMX) else float32.")] = "auto"
     quantize_bits: Annotated[Literal[0, 4, 8], _field("Quantize a float base to 4 or 8 bits on load (QLoRA); 0 = keep it.")] = 0
     quantize_group_size: Annotated[Literal[32, 64, 128], _field("Group size of that quantization.")] = 64
 
@@ -83,8 +83,8 @@ class TrainingConfig(_Config):
 
     iters: Annotated[int, _field("Optimizer steps (instead of --epochs).", ge=0)] = 1000
     epochs: Annotated[int, _field("Passes over the training rows (instead of --iters).", ge=0)] = 0
-    batch_size: Annotated[int, _field("Rows per micro-batch.", ge=1)] = 4
-    grad_accumulation: Annotated[int, _field("Micro-batches per optimizer step (token-weighted).", ge=1)] = 1
+    batch_size: Annotated[int, _field("Rows per batch; under a memory limit the planner may train a batch as several micro-steps (same effective batch).", ge=1)] = 4
+    grad_accumulation: Annotated[int, _field("Batches per optimizer step (token-weighted).", ge=1)] = 1
     learning_rate: Annotated[float, _field("Peak learning rate.", gt=0.0, le=10.0)] = 1e-4
     min_learning_rate: Annotated[float, _field("Learning rate at the end of a cosine or linear decay.", ge=0.0, le=10.0)] = 0.0
     optimizer: Annotated[Optimizer, _field("Optimizer: adamw or adam.")] = "adamw"

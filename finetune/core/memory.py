@@ -20,7 +20,7 @@ from finetune.core.config import Recipe
 from finetune.core.modelinfo import ModelFacts
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-GB = 1024**3
+GB = 10**9  # every size FineTune prints or writes is in GB of 10^9 bytes (as mlx-lm's "Peak mem")
 ADAPTER_COPIES = 4  # parameters, gradients, Adam's m and v (+1 accumulated gradient when accumulating)
 # Copies of each activation term MLX-CPU keeps at the peak (fitted; see the module docstring).
 COPIES = {
@@ -121,6 +121,7 @@ def estimate(
     terms = activation_terms(facts, recipe, batch, seq, n)
     logits = copies["logits"] * terms.pop("logits") * 4  # the loss is always float32
     activations = sum(copies[k] * v for k, v in terms.items()) * size + logits
+    activations += packed_bytes(facts, recipe, batch, seq, size)
     trainable = lora_parameters(facts, recipe)
     weights = weight_bytes(facts, recipe.model.quantize_bits, group_size(recipe), dtype)
     accumulating = recipe.train.grad_accumulation > 1 or batch < recipe.train.batch_size  # micro-steps
@@ -130,6 +131,22 @@ def estimate(
         total_gb=(weights + lora + activations) / GB, trainable=trainable,
         batch_size=batch, seq_len=seq, grad_checkpoint=recipe.train.grad_checkpoint,
     )
+
+
+# What `--packing` adds (MLX-CPU, fitted like COPIES; tests/test_readme_claims.py measures it): with
+# per-token positions every saved block keeps rotated copies of q and k, (B, T, (H + KV) · head_dim),
+# and the per-document boolean mask is applied to the (B, H, T, T) scores.
+PACKED_COPIES = {"positions": 6.3, "mask": 0.34}
+
+
+def packed_bytes(facts: ModelFacts, recipe: Recipe, batch: int, seq_len: int, size: int) -> float:
+    """Bytes `--packing` adds to a micro-batch's activations (0 without packing)."""
+    if not recipe.data.packing:
+        return 0.0
+    saved = 1 if recipe.train.grad_checkpoint else facts.num_layers
+    rotated = saved * batch * seq_len * (facts.num_heads + facts.num_kv_heads) * facts.head_dim
+    scores = batch * facts.num_heads * seq_len * seq_len
+    return (PACKED_COPIES["positions"] * rotated + PACKED_COPIES["mask"] * scores) * size
 
 
 def group_size(recipe: Recipe) -> int:

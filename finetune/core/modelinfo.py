@@ -69,5 +69,17 @@ def facts(config: Mapping[str, Any]) -> Result[ModelFacts, str]:
         model_type=config["model_type"], hidden_size=d.hidden, num_layers=d.layers,
         num_heads=d.heads, num_kv_heads=d.kv_heads, head_dim=d.head_dim,
         intermediate_size=d.intermediate, vocab_size=d.vocab, context_length=d.context,
-        tied_embeddings=d.tied,
+        tied_embeddings=d.tied, counted=_exact_count(config),
     ))
+
+
+def _exact_count(config: Mapping[str, Any]) -> int:
+    """The checkpoint's parameters from its tensor table, as training counts them (0: not readable)."""
+    from math import prod
+
+    from finetune.core.convert import expected_shapes
+
+    try:
+        return sum(prod(shape) for shape in expected_shapes(config["model_type"], config).values())
+    except (KeyError, ValueError, TypeError):
+        return 0

@@ -8,6 +8,7 @@ in affine mode, `<path>.biases`. Weights are in MLX's layout (GPT-2's linears al
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +26,7 @@ MODES: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, int]]] = {
 _FIELDS = ("group_size", "bits", "mode")
 INFER = 0  # a group size written as null: the scales' shape tells it (in / scales' last dim)
 ON_LOAD = "quantized_on_load"  # in an adapter's record: the base was quantized from a float checkpoint
+DIGEST = "base_digest"  # in an adapter's record: which weights, quantized (see `codes_digest`)
 # HuggingFace-side schemes (quantization_config.quant_method) and what to do instead.
 _INSTEAD = "convert the float model with `mlx_lm convert -q` (or load it with --quantize-bits 4)"
 
@@ -100,7 +102,7 @@ def parse_block(block: Any, where: str) -> Result[Quant, str]:
             return failure
     overrides: dict[str, Params | None] = {}
     for path, value in block.items():
-        if path in _FIELDS or path == ON_LOAD:
+        if path in _FIELDS or path in (ON_LOAD, DIGEST):
             continue
         if value is False:
             overrides[path] = None
@@ -214,9 +216,18 @@ def describe(layers: Mapping[str, Params | None]) -> Quant | None:
     return Quant(default=default, overrides={k: v for k, v in sorted(layers.items()) if v != default})
 
 
-def record(quant: Quant | None, on_load: bool) -> dict[str, Any] | None:
+def record(quant: Quant | None, on_load: bool, digest: str = "") -> dict[str, Any] | None:
     """What an adapter stores about its base (`base_quantization` in adapter_config.json)."""
-    return None if quant is None else {**quant.as_config(), ON_LOAD: on_load}
+    return None if quant is None else {**quant.as_config(), ON_LOAD: on_load, **({DIGEST: digest} if digest else {})}
+
+
+def codes_digest(codes: Mapping[str, bytes]) -> str:
+    """The identity of a quantized base: SHA-256 of every quantized module's packed weight words
+    (uint32) with its scales and biases (as float32), by module path."""
+    h = hashlib.sha256()
+    for path in sorted(codes):
+        h.update(path.encode() + b"\0" + len(codes[path]).to_bytes(8, "little") + codes[path])
+    return h.hexdigest()
 
 
 def mlx_names(model_type: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
@@ -243,8 +254,14 @@ def on_load(bits: int, group_size: int) -> Quant | None:
     return Quant(default=Params(group_size=group_size, bits=bits)) if bits else None
 
 
-def base_mismatch(want: Quant | None, have: Quant | None, adapter: str) -> str | None:
-    """The refusal when an adapter's recorded base quantization is not the base's, else None."""
+def base_mismatch(want: Quant | None, have: Quant | None, adapter: str, want_digest: str = "",
+                  have_digest: str = "") -> str | None:
+    """The refusal when an adapter's recorded base is not this base (its quantization, or, where
+    both digests are known, its quantized weights), else None."""
+    if have == want and want_digest and have_digest and want_digest != have_digest:
+        return (f"{adapter}: the adapter was trained on another {want.summary() if want else 'float'} base "
+                "(this base's quantized weights differ: another model, or other weights quantized on load); "
+                "load the base it was trained on")
     if have == want:
         return None
     said = want.summary() if want else "float"

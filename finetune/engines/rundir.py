@@ -238,7 +238,7 @@ def log_start(log: Callable[[str], None], trainable: int, total: int, steps: int
     """The line both engines print before the first step (`total`: every parameter, LoRA included;
     the share is of the base's, as `ft train validate` states it)."""
     base = total - trainable
-    log(f"Training {trainable:,} LoRA parameters ({trainable / max(1, base):.2%} of the base's {base:,}) for {steps} steps "
+    log(f"Training {trainable:,} LoRA parameters ({trainable / max(1, base):.2%} of the base) for {steps} steps "
         f"on {len(train.examples):,} rows in {len(train.plan):,} batches"
         + (f", {describe_world(world)}" if world.size > 1 else ""))
 

@@ -59,7 +59,7 @@ def show_check(report: ValidationReport, out: Console, max_errors: int = 20) -> 
         share = m.trainable / max(1, f.parameters)
         out.print(
             f"[bold]Model[/bold] {f.model_type}, {f.parameters / 1e6:.1f}M parameters, {f.num_layers} layers, "
-            f"context {f.context_length}; LoRA trains {m.trainable:,} parameters ({share:.2%})"
+            f"context {f.context_length}; LoRA trains {m.trainable:,} parameters ({share:.2%} of the base)"
         )
         out.print(
             f"[bold]Memory estimate[/bold] {m.total_gb:.2f} GB (weights {m.weights_gb:.2f}, adapters+optimizer "

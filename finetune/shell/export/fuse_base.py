@@ -74,12 +74,23 @@ def read(directory: Path, config: dict, adapter: adapters.Adapter, spec: str) ->
             return failure
     layers = {p: plan.get(p) for p in in_dims}
     want = quantization.parse_block(record, str(adapter.config_path)).value_or(None) if record else None
-    refusal = quantization.base_mismatch(want, quantization.describe(layers), str(adapter.directory)) if record else None
+    digest = str(record.get(quantization.DIGEST, "")) if record else ""
+    have = _digest(tensors, plan) if digest and all(tensors[f"{p}.weight"].dtype == np.uint32 for p in plan) else ""
+    refusal = quantization.base_mismatch(want, quantization.describe(layers), str(adapter.directory), digest, have) if record else None
     if refusal:
         return Failure(refusal)
     on_load = bool(record and record.get(quantization.ON_LOAD))  # then quantizing is needed, else dequantizing
     needs = mlx_quantizes(plan if on_load else {p: q for p, q in plan.items() if q.mode != "affine"})
     return Success(Base(tensors=tensors, plan=plan, layers=layers, needs_mlx=needs))
+
+
+def _digest(tensors: Mapping[str, np.ndarray], plan: Mapping[str, Params]) -> str:
+    """`quantization.codes_digest` of the packed layers, as the MLX loader computes it."""
+    def raw(path: str) -> bytes:
+        parts = [tensors[f"{path}.weight"], *(tensors[f"{path}.{leaf}"] for leaf in ("scales", "biases") if f"{path}.{leaf}" in tensors)]
+        return b"".join(np.ascontiguousarray(p if p.dtype == np.uint32 else dtypes.cast_floats({"x": p}, "float32")["x"]).tobytes() for p in parts)
+
+    return quantization.codes_digest({p: raw(p) for p in plan})
 
 
 def _quantized(tensors: dict, quant: Quant, in_dims: dict, shapes: dict, spec: str) -> Result[tuple[dict, dict], str]:

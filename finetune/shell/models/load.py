@@ -106,7 +106,7 @@ def load_model(
         from finetune.shell.models.quantized import check_record
 
         want = quantization.parse_block(record, adapter).value_or(None) if record else None
-        checked = check_record(pair[0], want, adapter) if record else Success(pair[0])
+        checked = check_record(pair[0], want, adapter, str(record.get(quantization.DIGEST, ""))) if record else Success(pair[0])
         return checked.bind(lambda m: attach(m, adapter)).map(lambda m: (m, pair[1]))
 
     return loaded.bind(attach_adapter)

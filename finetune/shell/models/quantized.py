@@ -39,6 +39,17 @@ def layers(model: nn.Module) -> dict[str, Params | None]:
     return out
 
 
+def unpacked_parameters(model: nn.Module) -> int:
+    """Every parameter as the float checkpoint counts it: a quantized weight by its unpacked
+    elements, its scales and biases not at all."""
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    for _, m in model.named_modules():
+        if isinstance(m, _QUANTIZED):
+            packing = [m.weight.size, m.scales.size, m.get("biases", mx.zeros(0)).size]
+            total += m.weight.size * 32 // m.bits - sum(packing)
+    return total
+
+
 def describe(model: nn.Module) -> Quant | None:
     """The model's quantization in canonical form (None when nothing is quantized)."""
     return quantization.describe(layers(model))
@@ -98,7 +109,20 @@ def load_stored(
     return Success(model)
 
 
-def check_record(model: nn.Module, want: Quant | None, adapter: str) -> Result[nn.Module, str]:
-    """The base must be quantized exactly as the adapter's record says it was in training."""
-    refusal = quantization.base_mismatch(want, describe(model), adapter)
+def codes(model: nn.Module) -> dict[str, bytes]:
+    """Every quantized module's packed words, scales and biases (float32): `quantization.codes_digest`'s input."""
+    import numpy as np
+
+    def raw(m: nn.Module) -> bytes:
+        parts = [m.weight, m.scales, *([m["biases"]] if m.get("biases") is not None else [])]
+        return b"".join(np.array(p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p).tobytes() for p in parts)
+
+    return {p.removesuffix(".linear"): raw(m) for p, m in model.named_modules() if isinstance(m, _QUANTIZED)}
+
+
+def check_record(model: nn.Module, want: Quant | None, adapter: str, digest: str = "") -> Result[nn.Module, str]:
+    """The base must be quantized exactly as the adapter's record says it was in training (and,
+    when the record has a digest, hold the same quantized weights)."""
+    have = quantization.codes_digest(codes(model)) if digest else ""
+    refusal = quantization.base_mismatch(want, describe(model), adapter, digest, have)
     return Failure(refusal) if refusal else Success(model)

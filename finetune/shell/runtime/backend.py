@@ -91,7 +91,7 @@ def describe(info: BackendInfo, why: str = "") -> str:
 
     world = distributed.setup()  # joins mlx.launch's ranks; ranks above 0 print nothing from here
     ranks = f", {distributed.describe(world)}" if world.size > 1 else ""
-    ranks += f" ({why})" if why and why != "asked for" else ""
+    ranks += f" (MLX engine: {why})" if why else ""  # the choice and its reason, as the torch engine's line
     if info.device == "gpu":
         return f"backend: {info.api} GPU ({info.name}, {info.memory_gb:.1f} GB), {info.blas}{ranks}"
     cores = os.cpu_count() or 1

@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
-from finetune.core import lora, memplan, schedule
+from finetune.core import lora, memory, memplan, schedule
 from finetune.core.adapters import AdapterSpec
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
@@ -99,9 +99,17 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, memory_limi
     spec = AdapterSpec(
         rank=recipe.lora.rank, scale=recipe.lora.scale, dropout=recipe.lora.dropout, keys=keys,
         num_layers=recipe.lora.num_layers, model=recipe.model.path,
-        base_quantization=quantization.record(base, on_load=on_load is not None),
+        base_quantization=quantization.record(base, on_load=on_load is not None, digest=_digest(model) if base else ""),
     )
     return Success(Prepared(recipe, model, tok, splits, spec, adapters.model_kind(model), planned))
+
+
+def _digest(model) -> str:
+    """The quantized base's identity, recorded in the adapter (`quantization.codes_digest`)."""
+    from finetune.core.quantization import codes_digest
+    from finetune.shell.models.quantized import codes
+
+    return codes_digest(codes(model))
 
 
 def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test: bool = False) -> Result[Outcome, str]:
@@ -137,7 +145,9 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
     if lead:
         recipes.save(recipe, run_dir / "recipe.toml")
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    from finetune.shell.models.quantized import unpacked_parameters
+
+    total = unpacked_parameters(model)  # a QLoRA base counts its weights, not its packed words
     rundir.log_start(log, trainable, total, steps, train_data, world)
     on_report = rundir.recorder(run_dir, metrics, world, log)
 
@@ -171,7 +181,7 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
                 exact_match=scorer,
             )
         if planned and lead:
-            budget.record(run_dir, planned, mx.get_peak_memory() / 1024**3)
+            budget.record(run_dir, planned, mx.get_peak_memory() / memory.GB)
     except RuntimeError as err:  # a collective failed: name the lost rank instead of a trace
         lost = distributed.lost_peer(err, world, run_dir)
         if lost is None:

@@ -12,7 +12,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
-from finetune.core import batching
+from finetune.core import batching, memory
 from finetune.core.config import TrainingConfig
 from finetune.engines import rundir
 from finetune.engines.rundir import (  # engine-free, shared with the torch engine
@@ -170,9 +170,9 @@ def run_steps(
             cursor.trained_tokens += int(acc_tokens.item())
             cursor.step += 1
             window.steps += 1
-            if memory_limit_gb and mx.get_peak_memory() > memory_limit_gb * 1024**3 and splits < cfg.batch_size:
+            if memory_limit_gb and mx.get_peak_memory() > memory_limit_gb * memory.GB and splits < cfg.batch_size:
                 splits = cursor.splits = min(cfg.batch_size, 2 * splits)
-                on_log(f"Peak memory {mx.get_peak_memory() / 1024**3:.2f} GB passed the {memory_limit_gb:.2f} GB limit: "
+                on_log(f"Peak memory {mx.get_peak_memory() / memory.GB:.2f} GB passed the {memory_limit_gb:.2f} GB limit: "
                        f"{splits} micro-steps per batch from now on (same effective batch)")
                 mx.reset_peak_memory()
             window.seconds += time.perf_counter() - tic
@@ -184,7 +184,7 @@ def run_steps(
             if cursor.step % cfg.report_every == 0 or last or val is not None:
                 lr = float(optimizer.learning_rate.item())
                 reduce = distributed.sum_values if world.size > 1 else None
-                report = window.report(cursor, plan_size, lr, val, mx.get_peak_memory() / 1e9, reduce)
+                report = window.report(cursor, plan_size, lr, val, mx.get_peak_memory() / memory.GB, reduce)
                 on_report(rundir.with_exact_match(report, exact_match if val is not None else None))
                 window = Window()
             if (cfg.save_every and cursor.step % cfg.save_every == 0) or last:
