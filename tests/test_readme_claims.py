@@ -168,3 +168,18 @@ def test_the_estimate_counts_what_packing_adds(batch, seq):
     unpacked = memory.estimate(facts, msgspec.structs.replace(r, data=msgspec.structs.replace(r.data, packing=False)), seq, supervised=chosen)
     assert est.total_gb > unpacked.total_gb
     assert abs(est.total_gb * memory.GB / peak - 1) <= 0.15, (est.total_gb, peak / memory.GB)
+
+
+def test_the_distribution_is_named_finetune_lora_and_install_hints_say_so():
+    """`finetune` on PyPI is another project: pyproject, the installed metadata and every hint use `finetune-lora`."""
+    import importlib.metadata
+    import tomllib
+
+    from finetune.engines import choose
+
+    root = Path(__file__).resolve().parents[1]
+    assert tomllib.loads((root / "pyproject.toml").read_text())["project"]["name"] == "finetune-lora"
+    assert importlib.metadata.version("finetune-lora")
+    assert "'finetune-lora[torch]'" in choose.INSTALL_TORCH
+    readme = (root / "README.md").read_text()
+    assert "`finetune-lora`" in readme and "pip install 'finetune[" not in readme
