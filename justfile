@@ -32,6 +32,9 @@ bench: install
     {{py}} benchmarks/train_vs_mlxlm.py --blas out-of-the-box --out benchmarks/results-out-of-the-box.json
     {{py}} benchmarks/memory.py
     {{py}} benchmarks/torch_engine.py --out benchmarks/results-torch-engine.json
+    {{py}} benchmarks/torch_engine.py --models smollm,real --batches 4 --configs torch,peft-f32,torch-bf16-compile --out benchmarks/results-real-torch.json
+    {{py}} benchmarks/train_vs_mlxlm.py --models smollm,real --blas same --out benchmarks/results-real-mlxlm.json
+    {{py}} benchmarks/torch_memory.py
     {{py}} benchmarks/distributed.py --out benchmarks/results-distributed.json
     {{py}} benchmarks/distributed.py --engine torch --out benchmarks/results-distributed-torch.json
     {{py}} benchmarks/generate_engines.py

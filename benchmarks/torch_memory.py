@@ -74,7 +74,7 @@ def point(layers: int, batch: int, seq: int, checkpoint: bool, supervised: float
     est = memory.estimate(facts, r, seq, "float32", chosen, batch, copies=budget.COPIES)
     grads = memory.lora_parameters(facts, r) * 4 / memory.GB  # the one part of the adapter state added by a step
     return {"layers": layers, "batch": batch, "seq": seq, "checkpoint": checkpoint, "supervised": supervised,
-            "terms": terms, "added_gb": added, "estimate_added_gb": est.activations_gb + grads, "grads_gb": grads}
+            "terms": terms, "added_gb": added, "estimate_added_gb": est.activations_gb + grads + budget.FIXED_GB, "grads_gb": grads}
 
 
 def measure(p: tuple) -> dict:

@@ -66,7 +66,8 @@ def estimate_gb(r: Recipe, splits: int) -> float:
     rr, train = inspection.report.recipe, inspection.tokens["train"]
     work = memplan.workload(rundir.plan(train, rr), train, rr.train.max_seq_length)
     rows, width, chosen = memplan.micro_shape(work, splits)
-    return memory.estimate(inspection.report.facts, rr, width, "float32", chosen, rows, copies=budget.COPIES).total_gb
+    est = memory.estimate(inspection.report.facts, rr, width, "float32", chosen, rows, copies=budget.COPIES)
+    return est.total_gb + budget.FIXED_GB
 
 
 def start(capsys, model_dir, data, out, *extra):
@@ -102,12 +103,13 @@ def test_a_planned_run_stays_under_its_limit_with_the_same_result(tmp_path, caps
 def test_limits_nothing_fits_are_refused_in_one_line(tmp_path, capsys, model_dir, data):
     code, _, err = start(capsys, model_dir, data, tmp_path / "a", "--memory-limit", 0.01)
     assert code == 2
-    assert "below the model's" in error_line(err) and "GB the process holds before loading" in error_line(err)
+    assert "below the model's" in error_line(err) and "GB the process needs besides" in error_line(err)
     facts = check.inspect(recipe(model_dir, data)).unwrap().report.facts
     weights = memory.weight_bytes(facts, 0, 64, "float32") / memory.GB
     budget.reset_peak(CPU)
-    code, _, err = start(capsys, model_dir, data, tmp_path / "b", "--memory-limit", budget.process_gb(CPU) + weights * 1.01)
-    assert code == 2 and "needs at least" in error_line(err) and "the process holds" in error_line(err)
+    limit = budget.process_gb(CPU) + budget.FIXED_GB + weights * 1.01  # the weights fit, a step does not
+    code, _, err = start(capsys, model_dir, data, tmp_path / "b", "--memory-limit", limit)
+    assert code == 2 and "needs at least" in error_line(err) and "the process needs besides" in error_line(err)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -80,7 +80,7 @@ def plan(
     limit holds before the weights load (the torch engine's process on the CPU), in every estimate."""
     size = max((len(b) for b in batches), default=recipe.train.batch_size)
     weights = memory.weight_bytes(facts, recipe.model.quantize_bits, memory.group_size(recipe), dtype) / memory.GB
-    held = f" and the {reserved_gb:.3g} GB the process holds before loading" if reserved_gb else ""
+    held = f" and the {reserved_gb:.3g} GB the process needs besides" if reserved_gb else ""
     if limit_gb <= weights + reserved_gb:
         return Failure(f"--memory-limit {limit_gb:.3g} GB is below the model's {weights:.3g} GB of weights{held}; "
                        "raise it, or quantize the base (--quantize-bits 4)")
