@@ -248,3 +248,15 @@ def test_models_info_names_the_engines_that_train_a_model(saved, capsys):
     assert [line.split(None, 1)[1] for line in out.splitlines() if line.startswith("engines")] == ["mlx, torch"]
     assert _engines("opt") == "torch (the MLX engine has no opt row)"
     assert _engines("no_such_model").startswith("none (no MLX row for no_such_model")
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r != "llama-dynamic"])  # dynamic NTK reads the packed length
+def test_packed_rows_equal_separate_rows(saved, row):
+    """Packed documents (per-token positions and segments) give each document's own hidden states."""
+    model = ours(saved(row)[1])
+    a, b = mx.array([[5, 9, 11, 40, 7, 3, 8, 21]]), mx.array([[17, 6, 90, 33, 12, 2, 44, 51, 60, 70]])
+    segments = mx.array([[0] * 8 + [1] * 10])
+    positions = mx.array([list(range(8)) + list(range(10))])
+    packed = model.hidden(mx.concatenate([a, b], axis=1), segments, positions)
+    assert mx.abs(packed[:, :8] - model.hidden(a)).max().item() <= TOL
+    assert mx.abs(packed[:, 8:] - model.hidden(b)).max().item() <= TOL

@@ -13,7 +13,8 @@ class RoPE:
 
     Plain RoPE goes through the kernel's own `base` (as mlx-lm does, so adapters give the same
     logits there); scaled variants pass explicit periods (`freqs` are 1 / inv_freq). Dynamic and
-    longrope periods depend on the length of the forward, as in HF.
+    longrope periods depend on the length of the forward, as in HF (packed rows: dynamic reads
+    the row's length, longrope the longest document's).
     """
 
     def __init__(self, r: Rope, head_dim: int):
@@ -36,6 +37,11 @@ class RoPE:
             return x
         b, h, t, hd = x.shape
         periods = self.periods(offset + t)
+        if positions is not None and self.r.kind == "longrope":
+            # HF picks the factors by the longest position (packed rows: the longest document).
+            longest = mx.max(positions) + 1
+            periods = mx.where(longest > self.r.original_max, self.periods(self.r.original_max + 1),
+                               self.periods(self.r.original_max))
         base = self.r.theta if periods is None else None
         if positions is not None:
             # Per-token positions (packed rows): one query per "row", each with its own offset,
