@@ -71,8 +71,9 @@ def parse_config(raw: Any, source: str) -> Result[AdapterSpec, str]:
     if not isinstance(raw, Mapping):
         return Failure(f"{source}: expected a JSON object")
     kind = raw.get("fine_tune_type", "lora")
-    if kind != "lora":
-        return Failure(f"{source}: fine_tune_type {kind!r} is not supported (only 'lora')")
+    if kind not in ("lora", "dora"):
+        hint = " (a full fine-tune's run directory is a model: load it as the base)" if kind == "full" else ""
+        return Failure(f"{source}: fine_tune_type {kind!r} is not an adapter; expected 'lora' or 'dora'{hint}")
     lp = raw.get("lora_parameters")
     if not isinstance(lp, Mapping):
         return Failure(f"{source}: missing 'lora_parameters'")
@@ -91,7 +92,7 @@ def parse_config(raw: Any, source: str) -> Result[AdapterSpec, str]:
         return checked
     return Success(AdapterSpec(
         rank=rank, scale=float(scale), dropout=float(lp.get("dropout", 0.0) or 0.0),
-        keys=tuple(keys or ()), num_layers=num_layers, model=str(raw.get("model", "")),
+        keys=tuple(keys or ()), num_layers=num_layers, model=str(raw.get("model", "")), fine_tune_type=kind,
         base_quantization=dict(base) if base is not None else None,
     ))
 
@@ -103,7 +104,7 @@ def check_shapes(
     source: str,
     names: Mapping[str, str] | None = None,
 ) -> Result[None, str]:
-    """Every `<path>.lora_a` is (in, r) and `.lora_b` (r, out) for a linear the model has.
+    """Every `<path>.lora_a` is (in, r), `.lora_b` (r, out) and a DoRA `.m` (out,) for a linear the model has.
 
     `names`: how the file calls each tensor (messages name the file's tensor, not our path).
     PEFT stores the transposes, so its shapes are compared (and reported) transposed.
@@ -116,18 +117,22 @@ def check_shapes(
 
     for name in sorted(params):
         path, _, leaf = name.rpartition(".")
-        if leaf not in ("lora_a", "lora_b"):
-            return Failure(f"{source}: {shown(name)} is not a LoRA tensor (expected names ending in .lora_a/.lora_b)")
+        if leaf not in ("lora_a", "lora_b", "m"):
+            return Failure(f"{source}: {shown(name)} is not a LoRA tensor (expected names ending in .lora_a/.lora_b, or DoRA's .m)")
         if path not in expected:
             return Failure(f"{source}: {shown(name)} names a layer this model does not have")
         fan_in, fan_out = expected[path]
-        want = (fan_in, rank) if leaf == "lora_a" else (rank, fan_out)
+        want = {"lora_a": (fan_in, rank), "lora_b": (rank, fan_out), "m": (fan_out,)}[leaf]
         got = tuple(params[name].shape)
         if got != want:
             return Failure(f"{source}: {shown(name)} has shape {as_stored(got, name)}, the model needs {as_stored(want, name)}")
-        twin = f"{path}.{'lora_b' if leaf == 'lora_a' else 'lora_a'}"
+        twin = f"{path}.{'lora_b' if leaf == 'lora_a' else 'lora_a'}"  # `.m` needs its `.lora_a`
         if twin not in params:
             return Failure(f"{source}: {shown(name)} has no matching {shown(twin)}")
+    dora = {n.rpartition(".")[0] for n in params if n.endswith(".m")}
+    plain = sorted({n.rpartition(".")[0] for n in params} - dora)
+    if dora and plain:
+        return Failure(f"{source}: {shown(plain[0] + '.lora_a')} has no DoRA magnitude {shown(plain[0] + '.m')} while other layers have one")
     return Success(None)
 
 

@@ -18,6 +18,7 @@ Schedule = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["adamw", "adam"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 Profile = Literal["none", "chat", "instruction", "code"]
+FineTuneType = Literal["lora", "dora"]
 
 BUILTIN_TEMPLATES = ("auto", "plain", "alpaca", "chatml", "llama2", "llama3", "tokenizer")
 ALL_LINEAR = "all-linear"
@@ -65,6 +66,7 @@ class LoRAConfig(_Config):
         tuple[Annotated[str, Meta(min_length=1)], ...],
         _field("Linear layers to adapt, comma-separated key paths (self_attn.q_proj,...) or all-linear."),
     ] = (ALL_LINEAR,)
+    fine_tune_type: Annotated[FineTuneType, _field("Fine-tune type: lora, or dora (LoRA with a learned magnitude per output row; mlx-lm's and PEFT's DoRA).", flag="fine-tune-type")] = "lora"
 
     def __post_init__(self) -> None:
         if self.num_layers == 0:

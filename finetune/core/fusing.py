@@ -46,13 +46,17 @@ def dequantize(weights: Mapping[str, np.ndarray], plan: Mapping[str, Params]) ->
 
 
 def fuse_all(
-    weights: Mapping[str, np.ndarray], pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], scale: float
+    weights: Mapping[str, np.ndarray], pairs: Mapping[str, tuple[np.ndarray, ...]], scale: float
 ) -> dict[str, np.ndarray]:
-    """`<path>.weight` replaced by `W + scale · (A B)ᵀ` (in float32) for every LoRA pair."""
+    """`<path>.weight` replaced by `W + scale · (A B)ᵀ` (in float32) for every LoRA pair `(A, B)`;
+    a DoRA triple `(A, B, m)` also rescales each output row to its magnitude: `m · W' / ‖W'‖_row`
+    (the bias is left alone, as DoRA's forward leaves it)."""
     out = dict(weights)
-    for path, (a, b) in pairs.items():
+    for path, (a, b, *m) in pairs.items():
         fused = lora.delta(dtypes.as_float32(a), dtypes.as_float32(b), np.float32(scale))
         fused += dtypes.as_float32(weights[f"{path}.weight"])
+        if m:
+            fused *= (dtypes.as_float32(m[0]) / np.linalg.norm(fused, axis=1))[:, None]
         out[f"{path}.weight"] = fused
     return out
 

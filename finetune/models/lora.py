@@ -43,8 +43,12 @@ def linear_shapes(model: nn.Module, paths: list[str] | tuple[str, ...]) -> dict[
     return out
 
 
-def attach(model: nn.Module, params: Mapping[str, mx.array], scale: float, dropout: float = 0.0) -> nn.Module:
-    """Wrap every linear named in `params` (`<path>.lora_a/b`) in a LoRALinear; freeze the rest."""
+def attach(model: nn.Module, params: Mapping[str, mx.array], scale: float, dropout: float = 0.0, dora: bool = False) -> nn.Module:
+    """Wrap every linear named in `params` (`<path>.lora_a/b`) in a LoRALinear, or a DoRALinear
+    where `params` holds its magnitude `<path>.m` (or `dora`: `m` starts at the base's row norms);
+    freeze the rest."""
+    from finetune.models.dora import DoRALinear, row_norms
+
     model.freeze()
     modules = dict(model.named_modules())
     swaps = []
@@ -52,7 +56,12 @@ def attach(model: nn.Module, params: Mapping[str, mx.array], scale: float, dropo
         if not name.endswith(".lora_a"):
             continue
         path = name[: -len(".lora_a")]
-        swaps.append((path, LoRALinear(modules[path], a, params[f"{path}.lora_b"], scale, dropout)))
+        base, b = modules[path], params[f"{path}.lora_b"]
+        if dora or f"{path}.m" in params:
+            m = params.get(f"{path}.m")
+            swaps.append((path, DoRALinear(base, a, b, row_norms(base) if m is None else m, scale, dropout)))
+        else:
+            swaps.append((path, LoRALinear(base, a, b, scale, dropout)))
     model.update_modules(tree_unflatten(swaps))
     return model
 

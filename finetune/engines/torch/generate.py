@@ -50,6 +50,8 @@ def load(spec: str, adapter: str | None, device: torch.device, revision: str = "
     lm = tmodel.load_base(directory, dtype_for(directory, config, device), spec)
     if adapter is not None:
         lm = lm.bind(lambda base: with_adapter(base, adapter))
+    if isinstance(lm, Failure):  # before the tokenizer, whose own reading of config.json would warn too
+        return lm
     try:
         tokenizer = load_tokenizer(directory)
     except Exception as err:  # transformers raises OSError/ValueError/... for broken files
@@ -99,7 +101,8 @@ def with_adapter(lm: nn.Module, directory: str) -> Result[nn.Module, str]:
     tail = layers == tuple(range(total - len(layers), total))
     r = Recipe()
     recipe = msgspec.structs.replace(r, lora=msgspec.structs.replace(
-        r.lora, rank=found.rank, scale=found.scale, dropout=0.0, keys=keys, num_layers=len(layers) if tail else -1))
+        r.lora, rank=found.rank, scale=found.scale, dropout=0.0, keys=keys, num_layers=len(layers) if tail else -1,
+        fine_tune_type="dora" if any(k.endswith(".m") for k in params) else "lora"))
     return tmodel.attach(lm, recipe, directory).map(lambda m: _loaded(m, params))
 
 

@@ -1,4 +1,4 @@
-"""A transformers causal LM with peft LoRA attached from the core's initial values.
+"""A transformers causal LM with peft LoRA (or DoRA) attached from the core's initial values.
 
 Our adapter names are HF module paths (`model.layers.3.self_attn.q_proj.lora_a`), so peft's
 modules and our tensors meet without renaming: `lora_A.weight` = `lora_a`ᵀ, `lora_B.weight` = `lora_b`ᵀ.
@@ -67,22 +67,20 @@ class Lora(nn.Module):
         return self.head(self.hidden(inputs))
 
     def adapters(self) -> dict[str, torch.Tensor]:
-        """`{<path>.lora_a: (in, r), <path>.lora_b: (r, out)}`, float32, detached, on the CPU."""
-        modules = dict(self.lm.named_modules())
-        out = {}
-        for path in self.paths:
-            m = modules[path]
-            out[f"{path}.lora_a"] = m.lora_A["default"].weight.detach().float().cpu().T.contiguous()
-            out[f"{path}.lora_b"] = m.lora_B["default"].weight.detach().float().cpu().T.contiguous()
-        return out
+        """`{<path>.lora_a: (in, r), <path>.lora_b: (r, out)}` (and DoRA's `<path>.m`: (out,)),
+        float32, detached, on the CPU."""
+        return {k: (v.T if v.ndim == 2 else v).detach().float().cpu().contiguous() for k, v in self.trainable().items()}
 
     def trainable(self) -> dict[str, torch.Tensor]:
-        """Our tensor names -> the live peft parameters, in peft's (transposed) layout."""
+        """Our tensor names -> the live peft parameters, in peft's (transposed) layout; a DoRA
+        layer's magnitude (`lora_magnitude_vector`) is our `.m`."""
         modules = dict(self.lm.named_modules())
         out = {}
         for path in self.paths:
             out[f"{path}.lora_a"] = modules[path].lora_A["default"].weight
             out[f"{path}.lora_b"] = modules[path].lora_B["default"].weight
+            if "default" in modules[path].lora_magnitude_vector:
+                out[f"{path}.m"] = modules[path].lora_magnitude_vector["default"].weight
         return out
 
     def load_adapters(self, params: Mapping[str, np.ndarray]) -> None:
@@ -179,6 +177,7 @@ def attach(lm: nn.Module, recipe: Recipe, spec: str) -> Result[Lora, str]:
         r=recipe.lora.rank, lora_alpha=core_peft.alpha_for(recipe.lora.scale, recipe.lora.rank),
         lora_dropout=recipe.lora.dropout, target_modules=list(keys), layers_to_transform=list(layers),
         fan_in_fan_out=any(_is_conv1d(blocks[0].get_submodule(k)) for k in keys), bias="none",
+        use_dora=recipe.lora.fine_tune_type == "dora",  # `m` starts at ‖W‖ per row: B starts at zero
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's notes about fan_in_fan_out and Conv1D

@@ -106,7 +106,7 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, device: str
     keys = tuple(sorted({p[len(model.prefix) + 1:].split(".", 1)[1] for p in model.paths}))
     spec = AdapterSpec(
         rank=recipe.lora.rank, scale=recipe.lora.scale, dropout=recipe.lora.dropout, keys=keys,
-        num_layers=recipe.lora.num_layers, model=recipe.model.path,
+        num_layers=recipe.lora.num_layers, model=recipe.model.path, fine_tune_type=recipe.lora.fine_tune_type,
     )
     kind = architectures.family_of_blocks(model.prefix).family  # how mlx-lm names the tensors
     return Success(Prepared(recipe, model, inspection.tokenizer, splits, spec, kind, where, dtype, world, planned, base))

@@ -94,8 +94,8 @@ class Optimizer:
         """MLX's flattened names, our (transposed) layout."""
         out = {"step": np.array(self.step, np.uint64), "learning_rate": np.array(self.learning_rate(max(self.step - 1, 0)), np.float32)}
         for k in self.params:
-            out[f"{k}.m"] = self.m[k].detach().cpu().T.numpy().copy()
-            out[f"{k}.v"] = self.v[k].detach().cpu().T.numpy().copy()
+            out[f"{k}.m"] = _flip(self.m[k].detach().cpu()).numpy().copy()
+            out[f"{k}.v"] = _flip(self.v[k].detach().cpu()).numpy().copy()
         return out
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
@@ -103,6 +103,11 @@ class Optimizer:
         for k, p in self.params.items():
             self.m[k] = torch.from_numpy(np.ascontiguousarray(state[f"{k}.m"].T)).to(p.device)
             self.v[k] = torch.from_numpy(np.ascontiguousarray(state[f"{k}.v"].T)).to(p.device)
+
+
+def _flip(x: torch.Tensor) -> torch.Tensor:
+    """A factor's moment in our (transposed) layout; a DoRA magnitude's (1-D) as it is."""
+    return x.T if x.ndim == 2 else x
 
 
 def clip_(grads: dict[str, torch.Tensor], max_norm: float) -> None:

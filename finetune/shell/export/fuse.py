@@ -89,8 +89,9 @@ def fuse(
             pass
         case failure:
             return failure
-    pairs = {p.removesuffix(".lora_a"): (a, params[p.removesuffix(".lora_a") + ".lora_b"])
-             for p, a in params.items() if p.endswith(".lora_a")}
+    pairs = {p.removesuffix(".lora_a"): (a, *(params[p.removesuffix(".lora_a") + leaf] for leaf in (".lora_b", ".m")
+                                              if p.removesuffix(".lora_a") + leaf in params))
+             for p, a in params.items() if p.endswith(".lora_a")}  # (A, B), or DoRA's (A, B, m)
     log(f"Fusing into {target}{' (re-quantized: ' + quant.summary() + ')' if quant else ''}; checking with {engine} ...")
     dense = fuse_base.dense(base)
     exact = fusing.fuse_all(dense, pairs, found.scale)

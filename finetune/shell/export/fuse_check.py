@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.core import dtypes
+from finetune.core import dtypes, lora
 from finetune.core.convert import mlx_to_hf
 from finetune.core.quantization import Params, without_quantization
 
@@ -58,7 +58,7 @@ def _mlx(config, rows, base, plan, pairs, scale, variants, variant_plan):
 
     model = model_of(base, plan)
     plain = run(model)
-    factors = {f"{p}.{leaf}": x for p, ab in pairs.items() for leaf, x in zip(("lora_a", "lora_b"), ab, strict=True)}
+    factors = {f"{p}.{leaf}": x for p, ab in pairs.items() for leaf, x in zip(("lora_a", "lora_b", "m")[:len(ab)], ab, strict=True)}
     lora_modules.attach(model, mlx_arrays(dtypes.cast_floats(factors, "float32")), scale)
     adapted = run(model)
     del model  # one model in memory at a time
@@ -88,13 +88,23 @@ def _torch(config, rows, base, plan, pairs, scale, variants, variant_plan):
         with torch.no_grad():
             return [model(input_ids=torch.tensor([list(row)])).logits[0].float().numpy() for row in rows]
 
-    def hook(a: np.ndarray, b: np.ndarray):
+    def hook(path: str, a: np.ndarray, b: np.ndarray, *m: np.ndarray):
         a_t, b_t = (torch.from_numpy(_writable(x)) for x in (a, b))
-        return lambda _module, inputs, out: out + scale * ((inputs[0] @ a_t) @ b_t)
+        if not m:
+            return lambda _module, inputs, out: out + scale * ((inputs[0] @ a_t) @ b_t)
+        # DoRA: the update added, then each output row rescaled to m / ‖W + scale·(AB)ᵀ‖ (bias apart)
+        adapted = dtypes.as_float32(base[f"{path}.weight"]) + lora.delta(dtypes.as_float32(a), dtypes.as_float32(b), np.float32(scale))
+        ratio = torch.from_numpy(_writable(dtypes.as_float32(m[0]) / np.linalg.norm(adapted, axis=1)))
+
+        def dora(module, inputs, out):
+            bias = 0.0 if module.bias is None else module.bias
+            return ratio * (out - bias + scale * ((inputs[0] @ a_t) @ b_t)) + bias
+
+        return dora
 
     load(base)
     plain = run()
-    handles = [model.get_submodule(p).register_forward_hook(hook(a, b)) for p, (a, b) in pairs.items()]
+    handles = [model.get_submodule(p).register_forward_hook(hook(p, *ab)) for p, ab in pairs.items()]
     adapted = run()
     for h in handles:
         h.remove()

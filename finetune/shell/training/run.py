@@ -95,10 +95,10 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, memory_limi
     layers = lora.select_layers(len(model.layers), recipe.lora.num_layers)
     shapes = lora_modules.linear_shapes(model, lora.targets(lora_modules.layers_prefix(model), layers, keys))
     params = {k: mx.array(v) for k, v in lora.init(recipe.train.seed, shapes, recipe.lora.rank).items()}
-    lora_modules.attach(model, params, recipe.lora.scale, recipe.lora.dropout)
+    lora_modules.attach(model, params, recipe.lora.scale, recipe.lora.dropout, dora=recipe.lora.fine_tune_type == "dora")
     spec = AdapterSpec(
         rank=recipe.lora.rank, scale=recipe.lora.scale, dropout=recipe.lora.dropout, keys=keys,
-        num_layers=recipe.lora.num_layers, model=recipe.model.path,
+        num_layers=recipe.lora.num_layers, model=recipe.model.path, fine_tune_type=recipe.lora.fine_tune_type,
         base_quantization=quantization.record(base, on_load=on_load is not None, digest=_digest(model) if base else ""),
     )
     return Success(Prepared(recipe, model, tok, splits, spec, adapters.model_kind(model), planned))

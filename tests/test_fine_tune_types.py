@@ -1,0 +1,153 @@
+"""Fine-tune types: DoRA on the MLX engine (mlx-lm's adapter layout, loaded by mlx-lm with our
+logits), DoRA fused into the weights, DoRA exported to PEFT (`use_dora`, `lora_magnitude_vector`)
+with PEFT's logits, DoRA on the torch engine (peft's `use_dora`), and the recipe field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from cli_run import run_cli
+from lora_models import (
+    build_hf,
+    make_tokenizer,
+    max_diff,
+    mlx_logits,
+    ours,
+    torch_logits,
+    write_model,
+)
+
+from finetune.cli import main
+
+TOL = 5e-5  # float32 round-off between two implementations (RoPE angles, bias order) on logits of size ~5
+
+
+def _rows(n: int, offset: int = 0) -> list[dict]:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    out = []
+    for i in range(offset, offset + n):
+        text = "".join(letters[(7 * i + 5 * k) % 26] for k in range(3 + i % 3))
+        out.append({"prompt": f"Q: reverse {text}\nA: ", "completion": text[::-1]})
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_home(finetune_home):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINETUNE_HOME", str(finetune_home))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny Llama with attention and MLP biases (DoRA must leave the bias out of its norm)."""
+    root = tmp_path_factory.mktemp("dora")
+    tok, vocab = make_tokenizer(root / "tok")
+    return write_model(build_hf("llama-bias", vocab, seed=3), root / "llama", tok)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    for name, rows in (("train", _rows(32)), ("valid", _rows(4, 32))):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def _train(base: Path, data: Path, out: Path, *extra: str) -> Path:
+    argv = ["train", "start", str(base), str(data), "--iters", "4", "--batch-size", "4",
+            "--learning-rate", "1e-2", "--save-every", "2", "--eval-every", "0", "--output", str(out), *extra]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def dora_run(tmp_path_factory, base, data) -> Path:
+    return _train(base, data, tmp_path_factory.mktemp("runs") / "dora", "--fine-tune-type", "dora")
+
+
+def test_dora_run_is_an_mlx_lm_dora_adapter(dora_run, base):
+    config = json.loads((dora_run / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "dora"
+    tensors = mx.load(str(dora_run / "adapters.safetensors"))
+    paths = {k.rpartition(".")[0] for k in tensors}
+    assert {k for k in tensors if k.endswith(".m")} == {f"{p}.m" for p in paths}
+    for p in paths:
+        assert tensors[f"{p}.m"].shape == (tensors[f"{p}.lora_b"].shape[1],)
+        assert tensors[f"{p}.m"].dtype == mx.float32
+
+
+def test_mlx_lm_loads_our_dora_adapter_with_our_logits(dora_run, base):
+    import mlx_lm
+
+    theirs, _ = mlx_lm.load(str(base), adapter_path=str(dora_run))
+    mine, plain = ours(base, dora_run), ours(base)
+    assert max_diff(mlx_logits(mine), mlx_logits(theirs)) <= TOL
+    assert max_diff(mlx_logits(mine), mlx_logits(plain)) > 1e-2  # the adapter really matters
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_fused_dora_gives_the_adapter_logits_in_transformers_and_mlx_lm(tmp_path, capsys, dora_run, base, backend):
+    import mlx_lm
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "fused"
+    code, _, err = run_cli(capsys, "fuse", base, "--adapter", dora_run, "--output", out, "--backend", backend)
+    assert code == 0, err
+    adapted = mlx_logits(ours(base, dora_run))
+    assert max_diff(mlx_logits(mlx_lm.load(str(out))[0]), adapted) <= TOL
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype="float32").eval()
+    assert max_diff(torch_logits(hf), adapted) <= TOL
+
+
+def test_an_adapter_mlx_lm_trained_with_dora_loads_with_mlx_lm_logits(tmp_path, base):
+    """mlx-lm's own DoRA layers (their `m` moved off the base's norms) saved as mlx-lm saves them."""
+    import mlx_lm
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = mlx_lm.load(str(base))
+    model.freeze()
+    settings = {"rank": 4, "scale": 3.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "mlp.down_proj"]}
+    linear_to_lora_layers(model, 1, settings, use_dora=True)
+    rng = np.random.default_rng(0)
+    for _, module in model.named_modules():
+        if hasattr(module, "m"):
+            module.lora_b = mx.array(0.1 * rng.standard_normal(module.lora_b.shape).astype(np.float32))
+            module.m = module.m * mx.array(1.0 + 0.2 * rng.standard_normal(module.m.shape).astype(np.float32))
+    out = tmp_path / "mlx-lm-dora"
+    out.mkdir()
+    mx.save_safetensors(str(out / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    (out / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "dora", "num_layers": 1, "lora_parameters": settings}))
+    assert max_diff(mlx_logits(ours(base, out)), mlx_logits(model)) <= TOL
+    assert max_diff(mlx_logits(ours(base, out)), mlx_logits(ours(base))) > 1e-2
+
+
+@pytest.fixture(scope="module")
+def torch_dora_run(tmp_path_factory, base, data) -> Path:
+    return _train(base, data, tmp_path_factory.mktemp("runs") / "torch-dora", "--fine-tune-type", "dora", "--backend", "torch")
+
+
+def test_torch_engine_trains_dora_that_mlx_lm_and_ft_load_alike(torch_dora_run, base):
+    """peft's `use_dora` run, saved in mlx-lm's DoRA layout: mlx-lm, FineTune's MLX engine and the
+    torch engine (`ft generate --backend torch` loads this way) give the same logits."""
+    import mlx_lm
+
+    from finetune.engines.torch.generate import load
+
+    config = json.loads((torch_dora_run / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "dora"
+    mine = mlx_logits(ours(base, torch_dora_run))
+    assert max_diff(mine, mlx_logits(mlx_lm.load(str(base), adapter_path=str(torch_dora_run))[0])) <= TOL
+    assert max_diff(mine, mlx_logits(ours(base))) > 1e-2
+    import torch
+
+    lm, _ = load(str(base), str(torch_dora_run), torch.device("cpu")).unwrap()
+    assert max_diff(torch_logits(lm), mine) <= TOL
