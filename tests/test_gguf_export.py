@@ -5,6 +5,7 @@ the Ollama Modelfile; bad export targets."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import gguf
@@ -343,3 +344,28 @@ def test_export_peft_delegates_to_the_adapter_export(tmp_path, capsys, bases):
     code, stdout, err = run_cli(capsys, "adapters", "export", adapter, "--format", "gguf-adapter", "--output", tmp_path / "a.gguf")
     assert code == 0, err
     assert fields(tmp_path / "a.gguf")["adapter.type"] == "lora"
+
+
+@pytest.mark.skipif(not os.environ.get("FT_REAL_MODEL"), reason="opt-in: FT_REAL_MODEL=/path/to/model.gguf")
+def test_real_gguf_exports_to_llama_cpp(tmp_path, capsys):
+    """A real llama.cpp file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf) with a small random adapter:
+    the F32 export gives FineTune's logits in llama.cpp, base + LoRA GGUF the fused greedy text."""
+    from finetune.shell.models.load import model_config
+
+    source = os.environ["FT_REAL_MODEL"]
+    directory, _ = model_config(source).unwrap()
+    adapter = random_adapter(directory, tmp_path / "adapter", rank=8, b_std=0.002)
+    tokenizer = load_tokenizer(directory)
+    rows = (bundled_root() / "sql" / "test.jsonl").read_text().splitlines()[:3]
+    ids = [tokenizer(json.loads(r)["prompt"])["input_ids"] for r in rows]
+    for argv in (("fuse", source, "--adapter", adapter, "--format", "gguf", "--gguf-type", "f32", "--output", tmp_path / "f.gguf"),
+                 ("export", source, "--format", "gguf", "--gguf-type", "f32", "--output", tmp_path / "base.gguf"),
+                 ("export", adapter, "--format", "gguf-adapter", "--output", tmp_path / "lora.gguf")):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 0, err
+    fused = load(tmp_path / "f.gguf")
+    for e, g in zip(mlx_logits(ours(source, adapter), ids), cpp_logits(fused, ids), strict=True):
+        assert float(np.abs(g - e).max()) <= 1e-3 and (g.argmax(-1) == e.argmax(-1)).all()
+    with_lora = load(tmp_path / "base.gguf", tmp_path / "lora.gguf")
+    for prompt in ids:
+        assert cpp_greedy(with_lora, prompt) == cpp_greedy(fused, prompt)
