@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from cli_run import run_cli
+from cli_run import error_line, run_cli
 from lora_models import (
     build_hf,
     make_tokenizer,
@@ -151,3 +151,55 @@ def test_torch_engine_trains_dora_that_mlx_lm_and_ft_load_alike(torch_dora_run, 
 
     lm, _ = load(str(base), str(torch_dora_run), torch.device("cpu")).unwrap()
     assert max_diff(torch_logits(lm), mine) <= TOL
+
+
+def _peft_model(base: Path, adapter: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
+    return PeftModel.from_pretrained(hf, adapter).eval()
+
+
+def test_dora_exports_to_peft_with_use_dora_and_peft_logits(tmp_path, capsys, dora_run, base):
+    out = tmp_path / "peft"
+    code, _, err = run_cli(capsys, "adapters", "export", dora_run, "--output", out)
+    assert code == 0, err
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    names = mx.load(str(out / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in names
+    assert max_diff(torch_logits(_peft_model(base, out)), mlx_logits(ours(base, dora_run))) <= TOL
+    back = tmp_path / "back"  # and back: the same mlx-lm DoRA adapter
+    assert run_cli(capsys, "adapters", "import", out, "--output", back)[0] == 0
+    assert json.loads((back / "adapter_config.json").read_text())["fine_tune_type"] == "dora"
+    first, again = mx.load(str(dora_run / "adapters.safetensors")), mx.load(str(back / "adapters.safetensors"))
+    assert first.keys() == again.keys() and all(mx.array_equal(first[k], again[k]).item() for k in first)
+
+
+def test_a_peft_made_dora_adapter_loads_with_peft_logits(tmp_path, base):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype="float32")
+    made = get_peft_model(hf, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], use_dora=True))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in made.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1.0 + 0.2 * torch.randn_like(p))
+    made.save_pretrained(tmp_path / "peft")
+    made.eval()
+    assert max_diff(mlx_logits(ours(base, tmp_path / "peft")), torch_logits(made)) <= TOL
+
+
+def test_peft_magnitudes_without_use_dora_are_refused_in_one_line(tmp_path, capsys, dora_run, base):
+    out = tmp_path / "peft"
+    assert run_cli(capsys, "adapters", "export", dora_run, "--output", out)[0] == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    code, _, err = run_cli(capsys, "generate", base, "--adapter", out, "--prompt", "hi", "--max-tokens", "2")
+    assert code == 2 and "lora_magnitude_vector is a DoRA magnitude" in error_line(err)

@@ -172,7 +172,7 @@ def test_ours_to_peft_to_ours_is_exact(tmp_path, capsys, bases, variant, num_lay
 
 
 @pytest.mark.parametrize(("config", "message"), [
-    (dict(use_dora=True), "DoRA (use_dora) is not supported"),
+    (dict(rank_pattern={"q_proj": 4}), "per-module ranks (rank_pattern) is not supported"),
     (dict(bias="lora_only"), "bias 'lora_only'"),
     (dict(modules_to_save=["lm_head"]), "modules_to_save"),
 ])

@@ -1,7 +1,8 @@
 """PEFT LoRA adapters <-> our adapters (pure): tensor names, layouts, `adapter_config.json`.
 
 PEFT stores `base_model.model.<HF module path>.lora_A.weight` (r, in) and `.lora_B.weight`
-(out, r) and computes `y = W x + (alpha / r) · B(A(x))` (`alpha / √r` with rsLoRA). Our tensors are
+(out, r) and computes `y = W x + (alpha / r) · B(A(x))` (`alpha / √r` with rsLoRA); with `use_dora`
+also `.lora_magnitude_vector` (out,), our DoRA `.m` (same values, same layout). Our tensors are
 `<path>.lora_a` = lora_Aᵀ (in, r) and `<path>.lora_b` = lora_Bᵀ (r, out) with `scale` a plain
 multiplier. GPT-2's Conv1D layers are no exception: PEFT's `lora_A`/`lora_B` are nn.Linear there
 too (`fan_in_fan_out=True` only tells PEFT how to merge into the transposed base weight).
@@ -30,10 +31,10 @@ from finetune.core.adapters import (
 Array = Any  # an engine's array (MLX, NumPy, torch): only names and shapes are read here
 
 PREFIX = "base_model.model."
-_PEFT_NAME = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
+_PEFT_NAME = re.compile(r"^base_model\.model\.(.+)\.(?:(lora_A|lora_B)\.weight|(lora_magnitude_vector))$")
+_LEAVES = {"lora_A": "lora_a", "lora_B": "lora_b", "lora_magnitude_vector": "m"}
 # PEFT options that change what the adapter computes in ways our LoRA layers do not.
 _UNSUPPORTED = (
-    ("use_dora", "DoRA (use_dora)"),
     ("lora_bias", "trained LoRA biases (lora_bias)"),
     ("modules_to_save", "fully trained extra modules (modules_to_save)"),
     ("trainable_token_indices", "trained token embeddings (trainable_token_indices)"),
@@ -62,6 +63,7 @@ class PeftSpec(Struct, frozen=True, kw_only=True):
     target_modules: tuple[str, ...] | str = ()
     layers_to_transform: tuple[int, ...] | None = None
     fan_in_fan_out: bool = False
+    use_dora: bool = False
 
     @property
     def scale(self) -> float:
@@ -104,30 +106,34 @@ def parse_config(raw: Any, source: str) -> Result[PeftSpec, str]:
         target_modules=targets if isinstance(targets, str) else tuple(targets),
         layers_to_transform=None if layers is None else tuple(layers),
         fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+        use_dora=bool(raw.get("use_dora", False)),
     ))
 
 
 def from_peft(tensors: Mapping[str, Array], source: str) -> Result[dict[str, Array], str]:
-    """PEFT tensors -> `{<path>.lora_a: lora_Aᵀ, <path>.lora_b: lora_Bᵀ}` (our module paths)."""
+    """PEFT tensors -> `{<path>.lora_a: lora_Aᵀ, <path>.lora_b: lora_Bᵀ, <path>.m: magnitude}` (our module paths)."""
     out: dict[str, Array] = {}
     for name in sorted(tensors):
         m = _PEFT_NAME.match(name)
         if m is None:
-            return Failure(f"{source}: {name} is not a LoRA A/B weight (DoRA magnitudes, biases, "
+            return Failure(f"{source}: {name} is not a LoRA A/B weight or DoRA magnitude (biases, "
                            "embeddings and saved modules are not supported)")
-        path, which = m.group(1), m.group(2)
+        path, which = m.group(1), m.group(2) or m.group(3)
         if split_path(path) is None:
             return Failure(f"{source}: {name} adapts {path}, outside the transformer blocks; FineTune "
                            "adapters cover the blocks' linear layers only")
-        if tensors[name].ndim != 2:
-            return Failure(f"{source}: {name} has shape {tuple(tensors[name].shape)}, expected a matrix")
-        out[f"{path}.{'lora_a' if which == 'lora_A' else 'lora_b'}"] = tensors[name].T
+        want = 1 if which == "lora_magnitude_vector" else 2
+        if tensors[name].ndim != want:
+            return Failure(f"{source}: {name} has shape {tuple(tensors[name].shape)}, expected {'a vector' if want == 1 else 'a matrix'}")
+        out[f"{path}.{_LEAVES[which]}"] = tensors[name].T
     return Success(out)
 
 
 def peft_name(name: str) -> str:
-    """Our `<path>.lora_a` / `.lora_b` -> PEFT's tensor name."""
+    """Our `<path>.lora_a` / `.lora_b` / `.m` -> PEFT's tensor name."""
     path, _, leaf = name.rpartition(".")
+    if leaf == "m":
+        return f"{PREFIX}{path}.lora_magnitude_vector"
     return f"{PREFIX}{path}.{'lora_A' if leaf == 'lora_a' else 'lora_B'}.weight"
 
 
@@ -213,7 +219,7 @@ def config_json(
         "lora_dropout": spec.dropout,
         "fan_in_fan_out": bool(architectures.FAMILIES[kind].conv1d),  # Conv1D bases (GPT-2)
         "bias": "none",
-        "use_dora": False,
+        "use_dora": spec.fine_tune_type == "dora",
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -245,8 +251,20 @@ def to_spec(peft: PeftSpec, paths: Sequence[str], layers: int, model: str = "") 
     _, keys = layers_and_keys(paths)
     return AdapterSpec(
         rank=peft.rank, scale=peft.scale, dropout=peft.dropout, keys=keys, num_layers=layers,
-        model=model or peft.base_model,
+        model=model or peft.base_model, fine_tune_type="dora" if peft.use_dora else "lora",
     )
+
+
+def check_dora(params: Mapping[str, Array], spec: PeftSpec, source: str) -> Result[None, str]:
+    """`use_dora` and the magnitudes agree: every adapted module has one with it, none without."""
+    paths = sorted({n.rpartition(".")[0] for n in params})
+    with_m = {n.rpartition(".")[0] for n in params if n.endswith(".m")}
+    if spec.use_dora and (lacking := [p for p in paths if p not in with_m]):
+        return Failure(f"{source}: use_dora is true but {PREFIX}{lacking[0]}.lora_magnitude_vector is missing")
+    if not spec.use_dora and with_m:
+        return Failure(f"{source}: {PREFIX}{sorted(with_m)[0]}.lora_magnitude_vector is a DoRA magnitude "
+                       "but adapter_config.json does not set use_dora")
+    return Success(None)
 
 
 def kept_fields(raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -247,7 +247,9 @@ def _load_peft(d: Path) -> Result[Adapter, str]:
             pass
         case failure:
             return failure
-    match _read_tensors(weights_path).bind(lambda t: core_peft.from_peft(t, str(weights_path))):
+    match _read_tensors(weights_path).bind(lambda t: core_peft.from_peft(t, str(weights_path))).bind(
+        lambda p: core_peft.check_dora(p, spec, str(config_path)).map(lambda _: p)
+    ):
         case Success(params):
             pass
         case failure:
