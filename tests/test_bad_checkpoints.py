@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -112,6 +114,8 @@ CASES: dict[str, tuple[str, Callable[[Path], None], str, tuple[str, ...], dict[s
     "shard holds a tensor the index lacks": ("sharded", lambda d: _edit_tensors(
         _shards(d)[0], lambda t: t.update({"model.layers.0.extra.weight": np.zeros(4, np.float32)})),
         "model-00001-of-", ("holds tensor model.layers.0.extra.weight, which model.safetensors.index.json does not list",), {}),
+    "tensor in two shards": ("sharded", lambda d: _edit_tensors(_shards(d)[0], lambda t: t.update(
+        {k: v for k, v in load_file(_shards(d)[1]).items()})), "model-00002-of-", ("is also in model-00001-of-",), {}),
     "index lists a tensor no shard holds": ("sharded", _drop_from_shard, "model.safetensors.index.json",
                                             ("lists tensors no shard holds",), {}),
     "unsupported model_type": ("safetensors", lambda d: _edit_config(d, model_type="mamba", architectures=["MambaForCausalLM"]),
@@ -129,11 +133,11 @@ CASES: dict[str, tuple[str, Callable[[Path], None], str, tuple[str, ...], dict[s
 }
 
 
-def _generate(capsys, directory: Path, backend: str) -> tuple[int, str]:
+def _generate(capfd, directory: Path, backend: str) -> tuple[int, str]:
     """`ft generate` in process: the exit code and the one line besides the backend line."""
-    capsys.readouterr()
+    capfd.readouterr()
     code = main(["generate", str(directory), "--prompt", "hi", "--max-tokens", "2", "--backend", backend])
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if not line.startswith("backend: ")]
     assert len(lines) == 1, err
@@ -142,12 +146,12 @@ def _generate(capsys, directory: Path, backend: str) -> tuple[int, str]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES)
-def test_bad_checkpoint_is_one_line_naming_the_file(sources, tmp_path, capsys, case, backend):
+def test_bad_checkpoint_is_one_line_naming_the_file(sources, tmp_path, capfd, case, backend):
     layout, damage, names, both, each = CASES[case]
     directory = tmp_path / "model"
     copy_files(sources[layout], directory)
     damage(directory)
-    code, line = _generate(capsys, directory, backend)
+    code, line = _generate(capfd, directory, backend)
     assert code == 2, line
     assert line.startswith(f"ft: error: {directory}/{names}" if names else f"ft: error: {directory}"), line
     for text in (*both, *each.get(backend, ())):
@@ -158,9 +162,9 @@ def test_bad_checkpoint_is_one_line_naming_the_file(sources, tmp_path, capsys, c
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_undamaged_sources_generate(sources, capsys, backend):
+def test_the_undamaged_sources_generate(sources, capfd, backend):
     for directory in sources.values():
-        capsys.readouterr()
+        capfd.readouterr()
         assert main(["generate", str(directory), "--prompt", "hi", "--max-tokens", "2", "--backend", backend]) == 0
 
 
@@ -176,23 +180,37 @@ def opt(tmp_path_factory, tok) -> Path:
     return out
 
 
-def test_torch_refuses_a_missing_tensor_outside_the_registry(opt, tmp_path, capsys):
-    code, line = _generate(capsys, opt, "torch")
+def test_torch_refuses_a_missing_tensor_outside_the_registry(opt, tmp_path, capfd):
+    code, line = _generate(capfd, opt, "torch")
     assert code == 0 and "tokens/s" in line, line
     directory = tmp_path / "opt"
     copy_files(opt, directory)
     _edit_tensors(directory / "model.safetensors", lambda t: t.pop("model.decoder.layers.1.fc2.weight"))
-    code, line = _generate(capsys, directory, "torch")
+    code, line = _generate(capfd, directory, "torch")
     assert code == 2
     assert line == (f"ft: error: {directory}/model.safetensors: missing 1 tensor(s) that opt (OPTForCausalLM, built "
                     "from config.json) needs: model.decoder.layers.1.fc2.weight")
 
 
-def test_torch_refuses_a_misshapen_tensor_outside_the_registry(opt, tmp_path, capsys):
+def test_torch_refuses_a_misshapen_tensor_outside_the_registry(opt, tmp_path, capfd):
     directory = tmp_path / "opt"
     copy_files(opt, directory)
     _edit_config(directory, ffn_dim=48)
-    code, line = _generate(capsys, directory, "torch")
+    code, line = _generate(capfd, directory, "torch")
     assert code == 2
     assert line == (f"ft: error: {directory}/model.safetensors: tensor model.decoder.layers.0.fc1.bias has shape "
                     "(64,), but config.json (opt) implies (48,)")
+
+
+def test_nothing_else_reaches_the_terminal(sources, tmp_path):
+    """As a user runs it (a subprocess: transformers' own log lines go to the real stderr)."""
+    directory = tmp_path / "model"
+    copy_files(sources["safetensors"], directory)
+    _edit_config(directory, model_type="llama9000")
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}  # set by importing our tokenizer module
+    env["FT_BACKEND"] = "torch"
+    done = subprocess.run([sys.executable, "-m", "finetune.cli", "generate", str(directory), "--prompt", "hi"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("backend: ")]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"ft: error: {directory}/config.json: transformers"), lines

@@ -9,7 +9,8 @@ model is finished, so transformers never fills a weight in.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ def read_config(directory: Path) -> Result[Any, str]:
 
     where = directory / "config.json"
     try:
-        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        with _quiet():  # its warning about the model type: our line says it
+            config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as err:  # an unknown model_type, or a broken file
         return Failure(f"{where}: transformers {transformers.__version__} cannot read this config ({_first(err)}); "
                        "the torch engine takes the causal LMs transformers implements")
@@ -109,26 +111,34 @@ def _load(lm: nn.Module, state: dict[str, torch.Tensor], where: Mapping[str, Pat
     """transformers' own placing of the tensors (renames, conversions), refused unless exact."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.modeling_utils import LoadStateDictConfig
-    from transformers.utils import logging
 
     cls = type(lm)
     load_config = LoadStateDictConfig(pretrained_model_name_or_path=str(directory), dtype=dtype,
                                       dtype_plan=lm._get_dtype_plan(dtype), weight_mapping=get_model_conversion_mapping(lm))
-    quiet = logging.get_verbosity()
-    logging.set_verbosity_error()  # its loading report: our one line says what matters
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            info, _ = cls._load_pretrained_model(lm, state, None, load_config)
-            lm._adjust_missing_and_unexpected_keys(info)
-            if refusal := _refusal(lm, info, where, directory):
-                return Failure(refusal)
-            cls._finalize_model_loading(lm, load_config, info)
-    finally:
-        logging.set_verbosity(quiet)
+    with _quiet():  # its loading report: our one line says what matters
+        info, _ = cls._load_pretrained_model(lm, state, None, load_config)
+        lm._adjust_missing_and_unexpected_keys(info)
+        if refusal := _refusal(lm, info, where, directory):
+            return Failure(refusal)
+        cls._finalize_model_loading(lm, load_config, info)
     if on_meta := next((k for k, t in _tensors(lm) if t.is_meta), None):
         return Failure(f"{weights.source(directory)}: {lm.config.model_type} tensor {on_meta} was not loaded")
     return Success(lm.eval())
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers' warnings and log lines silenced (errors still raise)."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def _tensors(lm: nn.Module):
