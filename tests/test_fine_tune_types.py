@@ -6,6 +6,7 @@ with PEFT's logits, DoRA on the torch engine (peft's `use_dora`), and the recipe
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -203,3 +204,67 @@ def test_peft_magnitudes_without_use_dora_are_refused_in_one_line(tmp_path, caps
     (out / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
     code, _, err = run_cli(capsys, "generate", base, "--adapter", out, "--prompt", "hi", "--max-tokens", "2")
     assert code == 2 and "lora_magnitude_vector is a DoRA magnitude" in error_line(err)
+
+
+@pytest.mark.parametrize(("fixture", "extra"), [("dora_run", ()), ("torch_dora_run", ("--backend", "torch"))])
+def test_a_resumed_dora_run_is_bit_identical(tmp_path, request, base, data, fixture, extra):
+    whole = request.getfixturevalue(fixture)
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-0000004")
+    (cut / "adapters.safetensors").unlink()
+    _train(base, data, cut, "--fine-tune-type", "dora", *extra, "--resume")
+    assert (cut / "adapters.safetensors").read_bytes() == (whole / "adapters.safetensors").read_bytes()
+    opt_whole, opt_cut = (mx.load(str(d / "checkpoints/step-0000004/optimizer.safetensors")) for d in (whole, cut))
+    assert opt_whole.keys() == opt_cut.keys()  # the magnitudes' Adam moments too
+    assert any(k.endswith(".m.v") for k in opt_whole)
+    assert all(mx.array_equal(opt_whole[k], opt_cut[k]).item() for k in opt_whole)
+
+
+def test_generate_with_a_dora_run_on_both_engines(capsys, dora_run, base):
+    outputs = []
+    for backend in ("mlx", "torch"):
+        code, out, err = run_cli(capsys, "generate", base, "--adapter", dora_run, "--prompt", "hello world",
+                                 "--max-tokens", "6", "--backend", backend)
+        assert code == 0, err
+        outputs.append(out.strip())
+    assert outputs[0] and outputs[0] == outputs[1]
+
+
+def test_dora_on_a_base_quantized_on_load_trains_and_generates(tmp_path, capsys, base, data):
+    """As mlx-lm: DoRA's norm is taken of the dequantized weight (QDoRA)."""
+    run = _train(base, data, tmp_path / "qdora", "--fine-tune-type", "dora", "--quantize-bits", "8",
+                 "--quantize-group-size", "32")
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "dora" and config["base_quantization"]
+    losses = [json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if "train_loss" in line]
+    assert losses and all(np.isfinite(losses))
+    code, _, err = run_cli(capsys, "generate", base, "--adapter", run, "--prompt", "hello world", "--max-tokens", "4")
+    assert code == 0, err
+    import mlx.nn as nn
+    import mlx_lm
+    from mlx_lm.tuner.utils import load_adapters
+
+    theirs = mlx_lm.load(str(base))[0]  # mlx-lm's QDoRA: the same 8-bit base, our adapter on it
+    nn.quantize(theirs, group_size=32, bits=8)
+    load_adapters(theirs, str(run))
+    mine = mlx_logits(ours(base, run))
+    assert max_diff(mine, mlx_logits(theirs)) <= TOL
+
+
+def test_the_recipe_field_round_trips_and_bad_values_exit_2(tmp_path, capsys, dora_run, base, data):
+    from finetune.core.config import Recipe
+    from finetune.shell.training import recipes
+
+    saved = (dora_run / "recipe.toml").read_text()
+    assert 'fine_tune_type = "dora"' in saved
+    assert recipes.load(dora_run / "recipe.toml").unwrap().lora.fine_tune_type == "dora"
+    assert Recipe().lora.fine_tune_type == "lora"
+    code, _, err = run_cli(capsys, "train", "start", base, data, "--fine-tune-type", "full", "--output", tmp_path / "x")
+    assert code == 2 and "full" in err and "Traceback" not in err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[lora]\nfine_tune_type = "qlora"\n')
+    code, _, err = run_cli(capsys, "train", "start", base, data, "--recipe", bad, "--output", tmp_path / "y")
+    assert code == 2 and "$.lora.fine_tune_type" in error_line(err)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

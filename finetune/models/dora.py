@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from finetune.core import lora
+from finetune.models.lora import LoRALinear
 
 
 def dense_weight(linear: nn.Module) -> mx.array:
@@ -29,18 +30,13 @@ def row_norms(linear: nn.Module) -> mx.array:
     return mx.linalg.norm(dense_weight(linear).astype(mx.float32), axis=1)
 
 
-class DoRALinear(nn.Module):
-    """A frozen base linear, LoRA factors and a per-output magnitude `m`."""
+class DoRALinear(LoRALinear):
+    """A LoRALinear (frozen base, factors) whose output rows are rescaled to a magnitude `m`
+    (a LoRALinear to code that unwraps adapted layers: `.linear` is the base)."""
 
     def __init__(self, linear: nn.Module, a: mx.array, b: mx.array, m: mx.array, scale: float, dropout: float = 0.0):
-        super().__init__()
-        self.linear = linear
-        self.lora_a = a  # (in, r)
-        self.lora_b = b  # (r, out)
+        super().__init__(linear, a, b, scale, dropout)
         self.m = m  # (out,)
-        self.scale = scale
-        self.dropout = nn.Dropout(p=dropout)
-        self.linear.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
         bias = self.linear.get("bias")

@@ -34,6 +34,9 @@ class WrittenAdapter(Struct, frozen=True, kw_only=True):
 def adapter_tensors(arch: str, config: dict, params: dict[str, np.ndarray], where: str) -> Result[dict[str, np.ndarray], str]:
     """Our `<path>.lora_a` (in, r) / `.lora_b` (r, out) as llama.cpp's `<gguf name>.lora_a` (r, in) /
     `.lora_b` (out, r), float32, Q/K `lora_b` rows permuted like the base's."""
+    if dora := sorted(k for k in params if k.endswith(".m")):
+        return Failure(f"{where}: {dora[0]} is a DoRA magnitude, which llama.cpp's LoRA adapters cannot hold; "
+                       "fuse it instead (ft fuse, then ft export gguf on the fused model)")
     out = {}
     for key in sorted(params):
         if not key.endswith(".lora_a"):
