@@ -113,7 +113,8 @@ def test_shapes_and_keys_match_the_config(config, seed):
     out = hf_to_mlx(t, config, random_checkpoint(config, seed, "hf")).unwrap()
     assert out.keys() == expected_shapes(t, config).keys()
     assert {k: tuple(v.shape) for k, v in out.items()} == expected_shapes(t, config)
-    assert ("lm_head.weight" in out) != config["tie_word_embeddings"]
+    head = architectures.REGISTRY[t].row.layout.head  # lm_head (GPT-NeoX: embed_out)
+    assert (f"{head}.weight" in out) != config["tie_word_embeddings"]
 
 
 @PROPS

@@ -75,6 +75,9 @@ class Row(NamedTuple):
     partial: float = 1.0  # partial_rotary_factor's default
     windows: Callable[[Mapping[str, Any], int], tuple[int, ...]] = lambda c, n: (0,) * n
     rope_types: Callable[[Mapping[str, Any], int], tuple[str, ...]] = lambda c, n: ("full_attention",) * n
+    rope_layers: Callable[[Mapping[str, Any], int], list[int]] | None = None  # 1 = the layer rotates
+    learned_positions: bool = False  # GPT-2's wpe instead of RoPE
+    fixups: tuple[Callable[[Mapping[str, Any]], Mapping[str, Any]], ...] = ()  # old spellings -> HF's reading
 
 
 class Decoder(Struct, frozen=True, kw_only=True):
@@ -164,27 +167,39 @@ def smollm3_types(c: Mapping[str, Any], n: int) -> list[str]:
     return ["sliding_attention" if sliding and not ropes[i] else "full_attention" for i in range(n)]
 
 
-def _ropes(row: Row, c: Mapping[str, Any], model_type: str, n: int, head_dim: int) -> tuple[Rope, ...]:
-    if model_type == "gpt2":
+# Config fixups: what HF's config class does to a family's old or hub spellings before reading.
+def gemma_tanh_gelu(c: Mapping[str, Any]) -> Mapping[str, Any]:
+    """GemmaConfig turns the legacy `hidden_act: gelu` into the tanh form it always meant."""
+    return dict(c) | {"hidden_act": "gelu_pytorch_tanh"} if c.get("hidden_act") == "gelu" else c
+
+
+def gemma3_hub_rope(c: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Hub Gemma 3: `rope_theta`/`rope_scaling` for global layers, `rope_local_base_freq` for local."""
+    if isinstance((c.get("rope_parameters") or {}).get("full_attention"), Mapping):
+        return c
+    return dict(c) | {"rope_parameters": {
+        "full_attention": dict(c.get("rope_scaling") or {}) | {"rope_theta": c.get("rope_theta", 1e6)},
+        "sliding_attention": {"rope_type": "default", "rope_theta": c.get("rope_local_base_freq", 1e4)},
+    }}
+
+
+def phi3_longrope(c: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Phi3Config reads old checkpoints' "su"/"yarn" scaling as longrope."""
+    raw = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if raw.get("rope_type", raw.get("type")) not in ("su", "yarn"):
+        return c
+    return dict(c) | {"rope_parameters": dict(raw) | {"rope_type": "longrope"}}
+
+
+def _ropes(row: Row, c: Mapping[str, Any], n: int, head_dim: int) -> tuple[Rope, ...]:
+    if row.learned_positions:
         return (Rope(kind="none"),) * n
-    if model_type == "gemma3_text" and not isinstance((c.get("rope_parameters") or {}).get("full_attention"), Mapping):
-        # Hub style: rope_theta and rope_scaling for global layers, rope_local_base_freq for local.
-        c = dict(c) | {"rope_parameters": {
-            "full_attention": dict(c.get("rope_scaling") or {}) | {"rope_theta": c.get("rope_theta", 1e6)},
-            "sliding_attention": {"rope_type": "default", "rope_theta": c.get("rope_local_base_freq", 1e4)},
-        }}
-    if model_type == "phi3":  # HF's Phi3Config reads old checkpoints' "su"/"yarn" as longrope
-        raw = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        if raw.get("rope_type", raw.get("type")) in ("su", "yarn"):
-            c = dict(c) | {"rope_parameters": dict(raw) | {"rope_type": "longrope"}}
     theta = c.get("rotary_emb_base", row.theta)
     partial = c.get("rotary_pct", row.partial)
-    kinds = {t: arch_rope.read(c, arch_rope.parameters(c, t, theta), head_dim, partial)
-             for t in set(row.rope_types(c, n))}
-    out = tuple(kinds[t] for t in row.rope_types(c, n))
-    if model_type == "smollm3":
-        out = tuple(r if use else Rope(kind="none") for r, use in zip(out, no_rope(c, n), strict=True))
-    return out
+    types = row.rope_types(c, n)
+    kinds = {t: arch_rope.read(c, arch_rope.parameters(c, t, theta), head_dim, partial) for t in set(types)}
+    uses = row.rope_layers(c, n) if row.rope_layers else [1] * n
+    return tuple(kinds[t] if use else Rope(kind="none") for t, use in zip(types, uses, strict=True))
 
 
 def _number(c: Mapping[str, Any], field: tuple[str, float]) -> float:
@@ -195,8 +210,9 @@ def _number(c: Mapping[str, Any], field: tuple[str, float]) -> float:
 def spec(model_type: str, row: Row, sizes: Any, c: Mapping[str, Any]) -> Decoder:
     """Resolve config.json `c` (sizes already read into `sizes`, a Dims) against `row`."""
     n = sizes.layers
+    for fixup in row.fixups:
+        c = fixup(c)
     act = c.get(row.act[0]) or row.act[1]
-    act = "gelu_pytorch_tanh" if model_type == "gemma" and act == "gelu" else act  # as HF's GemmaConfig
     if act not in ACTIVATIONS:
         raise ValueError(f"activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
     if c.get("add_cross_attention", False) or c.get("scale_attn_by_inverse_layer_idx", False):
@@ -204,10 +220,10 @@ def spec(model_type: str, row: Row, sizes: Any, c: Mapping[str, Any]) -> Decoder
     scale = sizes.head_dim**-0.5
     if row.query_scale == "query_pre_attn_scalar":
         scale = float(c.get("query_pre_attn_scalar", 256)) ** -0.5
+    elif row.query_scale == "scale_attn_weights":  # GPT-2: a flag, off = no scaling
+        scale = scale if c.get("scale_attn_weights", True) else 1.0
     elif row.query_scale:
         scale = float(c.get(row.query_scale, 1.0))
-    if model_type == "gpt2" and not c.get("scale_attn_weights", True):
-        scale = 1.0
     embed = math.sqrt(sizes.hidden) if row.embed_scale == "sqrt" else float(c.get(row.embed_scale, 1.0)) if row.embed_scale else 1.0
     windows = row.windows(c, n)
     if len(windows) != n:
@@ -222,5 +238,5 @@ def spec(model_type: str, row: Row, sizes: Any, c: Mapping[str, Any]) -> Decoder
         residual_scale=float(c.get(row.residual_scale, 1.0)) if row.residual_scale else 1.0,
         logits_scale=float(c.get(row.logits_scale, 1.0)) if row.logits_scale else 1.0,
         parallel=bool(c.get(row.parallel[0], row.parallel[1])) if row.parallel[0] else False,
-        windows=windows, ropes=_ropes(row, c, model_type, n, sizes.head_dim),
+        windows=windows, ropes=_ropes(row, c, n, sizes.head_dim),
     )

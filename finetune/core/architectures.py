@@ -162,7 +162,8 @@ MISTRAL = architecture(Row(bias=("no", "no", "no"), windows=arch_rows.every_laye
 QWEN2 = architecture(Row(bias=("yes", "no", "no"), windows=_QWEN_WINDOWS))
 QWEN3 = architecture(Row(bias=("attention_bias", "attention_bias", "no"), qk_norm="head",
                          windows=_QWEN_WINDOWS))
-GEMMA = architecture(Row(**_GEMMA, bias=("attention_bias", "attention_bias", "no")))
+GEMMA = architecture(Row(**_GEMMA, bias=("attention_bias", "attention_bias", "no"),
+                         fixups=(arch_rows.gemma_tanh_gelu,)))
 GEMMA2 = architecture(Row(**_GEMMA2, bias=("attention_bias", "attention_bias", "no"),
                           attn_softcap=("attn_logit_softcapping", 50.0),
                           final_softcap=("final_logit_softcapping", 30.0),
@@ -171,14 +172,15 @@ _GEMMA3_TYPES = arch_rows.pattern_types(6)
 GEMMA3_TEXT = architecture(Row(**_GEMMA2, bias=("attention_bias", "attention_bias", "no"), qk_norm="head",
                                attn_softcap=("attn_logit_softcapping", 0.0),
                                final_softcap=("final_logit_softcapping", 0.0),
-                               windows=arch_rows.by_types(_GEMMA3_TYPES),
+                               windows=arch_rows.by_types(_GEMMA3_TYPES), fixups=(arch_rows.gemma3_hub_rope,),
                                rope_types=lambda c, n: tuple(c.get("layer_types") or _GEMMA3_TYPES(c, n))))
 PHI3 = architecture(Row(layout=Layout(qkv="qkv_proj", gate="", up="", gate_up="gate_up_proj"),
-                        eps=("rms_norm_eps", 1e-5), bias=("no", "no", "no"), windows=arch_rows.every_layer()))
+                        eps=("rms_norm_eps", 1e-5), bias=("no", "no", "no"), windows=arch_rows.every_layer(),
+                        fixups=(arch_rows.phi3_longrope,)))
 OLMO2 = architecture(Row(layout=Layout(attn_in="", attn_out="post_attention_layernorm", mlp_in="",
                                        mlp_out="post_feedforward_layernorm"),
                          eps=("rms_norm_eps", 1e-5), qk_norm="full", bias=("attention_bias", "attention_bias", "no")))
-SMOLLM3 = architecture(Row(tied=True, theta=2_000_000.0,
+SMOLLM3 = architecture(Row(tied=True, theta=2_000_000.0, rope_layers=arch_rows.no_rope,
                            windows=arch_rows.by_types(arch_rows.smollm3_types, gate="use_sliding_window")))
 GRANITE = architecture(Row(embed_scale="embedding_multiplier", query_scale="attention_multiplier",
                            residual_scale="residual_multiplier", logits_scale="logits_scaling"))
@@ -201,7 +203,7 @@ GPT2 = architecture(
                       attn="attn", qkv="c_attn", o="c_proj", gate="", up="c_fc", down="c_proj",
                       attn_in="ln_1", mlp_in="ln_2"),
         **_LAYER_NORM, eps=("layer_norm_epsilon", 1e-5), act=("activation_function", "gelu_new"),
-        bias=("yes", "yes", "yes"), tied=True),
+        bias=("yes", "yes", "yes"), tied=True, query_scale="scale_attn_weights", learned_positions=True),
     family="gpt2", read=_read_gpt2,
     # HF stores these as Conv1D (in, out); nn.Linear wants (out, in).
     conv1d=frozenset({"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}),
