@@ -37,6 +37,9 @@ def read_config(directory: Path) -> Result[Any, str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     where = directory / "config.json"
+    if int(transformers.__version__.split(".")[0]) < 5:  # its loader's pieces (LoadStateDictConfig, ...) came in 5
+        return Failure(f"the torch engine needs transformers 5 or newer (found {transformers.__version__}); "
+                       "pip install -U transformers")
     try:
         with _quiet():  # its warning about the model type: our line says it
             config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
