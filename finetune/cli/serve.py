@@ -14,7 +14,7 @@ from returns.result import Failure
 
 from finetune.errors import UserError, unwrap
 
-INSTALL = "ft serve needs starlette and uvicorn (the serve extra): pip install 'starlette>=0.37' 'uvicorn>=0.30'"
+INSTALL = "ft serve needs starlette and uvicorn (the serve extra): pip install 'finetune-lora[serve]'"
 
 
 def serve(
