@@ -26,7 +26,7 @@ from finetune.shell.data.datasets import bundled_root
 from finetune.shell.export import ollama
 from finetune.shell.models.tokenizer import load_tokenizer
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'finetune[test]')")
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'finetune-lora[test]')")
 
 VARIANTS = ("llama-tied", "llama", "qwen2-tied")
 
