@@ -268,3 +268,10 @@ def test_the_recipe_field_round_trips_and_bad_values_exit_2(tmp_path, capsys, do
     code, _, err = run_cli(capsys, "train", "start", base, data, "--recipe", bad, "--output", tmp_path / "y")
     assert code == 2 and "$.lora.fine_tune_type" in error_line(err)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_dora_gguf_adapter_is_refused_in_one_line(tmp_path, capsys, dora_run):
+    out = tmp_path / "a.gguf"
+    code, _, err = run_cli(capsys, "export", dora_run, "--format", "gguf-adapter", "--output", out)
+    assert code == 2 and "is a DoRA magnitude" in error_line(err)
+    assert not out.exists()
