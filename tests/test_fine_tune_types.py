@@ -275,3 +275,19 @@ def test_a_dora_gguf_adapter_is_refused_in_one_line(tmp_path, capsys, dora_run):
     code, _, err = run_cli(capsys, "export", dora_run, "--format", "gguf-adapter", "--output", out)
     assert code == 2 and "is a DoRA magnitude" in error_line(err)
     assert not out.exists()
+
+
+def test_the_memory_plan_counts_the_dora_magnitudes(dora_run):
+    """The estimate's trainable count is what the DoRA run trained (factors and magnitudes)."""
+    import msgspec
+
+    from finetune.core import memory, modelinfo
+    from finetune.shell.training import recipes
+
+    recipe = recipes.load(dora_run / "recipe.toml").unwrap()
+    config = json.loads((Path(recipe.model.path) / "config.json").read_text())
+    facts = modelinfo.facts(config).unwrap()
+    tensors = mx.load(str(dora_run / "adapters.safetensors"))
+    assert memory.lora_parameters(facts, recipe) == sum(v.size for v in tensors.values())
+    lora_only = msgspec.structs.replace(recipe, lora=msgspec.structs.replace(recipe.lora, fine_tune_type="lora"))
+    assert memory.lora_parameters(facts, lora_only) == sum(v.size for k, v in tensors.items() if not k.endswith(".m"))

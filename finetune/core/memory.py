@@ -58,10 +58,11 @@ def adapted_layers(facts: ModelFacts, recipe: Recipe) -> int:
 
 
 def lora_parameters(facts: ModelFacts, recipe: Recipe) -> int:
-    """Σ r·(in + out) over targeted linears in the adapted blocks."""
+    """Σ r·(in + out) over targeted linears in the adapted blocks (DoRA: + out, its magnitudes)."""
     shapes = facts.linear_shapes()
     targeted = {k: shapes[k] for k in target_keys(facts, recipe.lora.keys) if k in shapes}
-    return adapted_layers(facts, recipe) * lora.count(targeted, recipe.lora.rank)
+    magnitudes = sum(out for _, out in targeted.values()) if recipe.lora.fine_tune_type == "dora" else 0
+    return adapted_layers(facts, recipe) * (lora.count(targeted, recipe.lora.rank) + magnitudes)
 
 
 def weight_bytes(facts: ModelFacts, bits: int, group_size: int, dtype: str) -> float:
