@@ -69,14 +69,14 @@ def test_flags_set_the_recipe_paths_they_name():
     assert raw["lora"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
     assert (raw["model"]["path"], raw["data"]["path"]) == ("m", "d")
     assert r.lora.keys == ("self_attn.q_proj", "self_attn.v_proj")
-    assert r.data.format == "text"  # mlx is another name for text
+    assert r.data.format == "mlx"  # mlx-lm's formats, each row's detected (tests/test_format_spellings.py)
     assert (r.train.save_every, r.train.grad_checkpoint, r.model.quantize_bits, r.lora.dropout) == (7, True, 4, 0.1)
 
 
-def test_format_mlx_is_text_in_a_recipe_file_too(tmp_path):
+def test_format_mlx_decodes_in_a_recipe_file_too(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text("[data]\nformat = 'mlx'\n")
-    assert recipes.load(path).unwrap().data.format == "text"
+    assert recipes.load(path).unwrap().data.format == "mlx"
 
 
 def test_quick_takes_data_and_template_as_flags(tmp_path, capsys, monkeypatch):
@@ -154,7 +154,7 @@ def test_recipe_command_writes_yaml_and_toml_that_load_back(tmp_path, capsys):
                                "--lora-rank", "4", "--format", "mlx", "--lora-keys", "mlp.up_proj")
         assert code == 0, err
         r = recipes.load(out_file).unwrap()
-        expected = recipes.load(ROOT / "recipes" / "sql.toml", {"lora_rank": 4, "format": "text", "lora_keys": "mlp.up_proj"}).unwrap()
+        expected = recipes.load(ROOT / "recipes" / "sql.toml", {"lora_rank": 4, "format": "mlx", "lora_keys": "mlp.up_proj"}).unwrap()
         assert r == expected
     code, _, err = run_cli(capsys, "train", "recipe", tmp_path / "r.txt")
     assert code == 2 and "must end in .toml, .yaml or .yml" in one_line_error(err)

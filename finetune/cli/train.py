@@ -8,9 +8,8 @@ from typing import Annotated, Literal
 
 from cyclopts import Parameter
 
+from finetune.core.config import DataFormat as FormatFlag
 from finetune.errors import UserError, unwrap
-
-FormatFlag = Literal["auto", "chat", "text", "completions", "instruction"]
 
 
 def validate(
@@ -43,7 +42,7 @@ def validate(
     template
         auto, plain, alpaca, chatml, llama2, llama3, tokenizer, a Jinja string or a file.
     format
-        Force one row format instead of detecting each row's.
+        Row format: auto (each row's by its keys), one format for every row, or mlx (mlx-lm's formats only: chat, completions, text, each row's by its keys; instruction rows refused).
     max_seq_length
         Longest sequence in tokens; longer rows are truncated.
     batch_size

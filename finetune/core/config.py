@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
-DataFormat = Literal["auto", "chat", "text", "completions", "instruction"]
+DataFormat = Literal["auto", "chat", "text", "completions", "instruction", "mlx"]
 Supervise = Literal["assistant", "last-turn-only", "all"]
 Schedule = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["adamw", "adam"]
@@ -48,7 +48,7 @@ class DataConfig(_Config):
     """Where the data is and how rows become token sequences."""
 
     path: Annotated[str, _field("Bundled dataset name, .jsonl/.json file, or directory with train/valid/test.jsonl.", flag="data", min_length=1)] = "sql"
-    format: Annotated[DataFormat, _field("Force one row format instead of detecting each row's (mlx = text).")] = "auto"
+    format: Annotated[DataFormat, _field("Row format: auto (each row's by its keys), one format for every row, or mlx (mlx-lm's formats only: chat, completions, text, each row's by its keys; instruction rows refused).")] = "auto"
     template: Annotated[str, _field("Template: auto, plain, alpaca, chatml, llama2, llama3, tokenizer, a Jinja string or a file.", min_length=1)] = "auto"
     supervise: Annotated[Supervise, _field("Tokens that carry loss: every assistant turn, the last one, or all.")] = "assistant"
     packing: Annotated[bool, _field("Pack several rows per sequence with per-document attention.")] = False

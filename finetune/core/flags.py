@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta, Struct
 
 from finetune.core.config import Recipe
-
-# Spellings accepted for a value as well as the canonical one (FineTune's original specification).
-VALUE_ALIASES: dict[tuple[str, ...], dict[str, str]] = {("data", "format"): {"mlx": "text"}}
 
 
 class Flag(Struct, frozen=True):
@@ -44,12 +41,9 @@ def _meta(hint: Any) -> tuple[Any, Meta | None]:
     return hint, meta
 
 
-def _cli_type(hint: Any, path: tuple[str, ...]) -> Any:
+def _cli_type(hint: Any) -> Any:
     if typing.get_origin(hint) is tuple:
         return str  # comma-separated on the command line
-    aliases = VALUE_ALIASES.get(path)
-    if aliases and typing.get_origin(hint) is Literal:
-        return Literal[(*typing.get_args(hint), *aliases)]
     return hint
 
 
@@ -67,7 +61,7 @@ def _walk(struct: type, prefix: tuple[str, ...]) -> list[Flag]:
         name = extra.get("flag", default).replace("-", "_")
         aliases = tuple(a.replace("-", "_") for a in extra.get("aliases", ()))
         help_text = (meta.description if meta else None) or ""
-        out.append(Flag(name, path, _cli_type(hint, path), help_text, aliases))
+        out.append(Flag(name, path, _cli_type(hint), help_text, aliases))
     return out
 
 

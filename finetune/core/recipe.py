@@ -11,7 +11,6 @@ import msgspec
 from returns.result import Failure, Result, Success
 
 from finetune.core.config import Recipe
-from finetune.core.flags import VALUE_ALIASES
 
 Raw = Mapping[str, Any]
 Layer = tuple[str, Raw]  # (source label, raw table), e.g. ("recipes/sql.toml", {...})
@@ -70,10 +69,6 @@ def _derive(raw: dict[str, Any]) -> dict[str, Any]:
     train = out.get("train")
     if isinstance(train, Mapping) and train.get("epochs") and "iters" not in train:
         out["train"] = {**train, "iters": 0}
-    for (section, field), aliases in VALUE_ALIASES.items():  # e.g. format = "mlx" means "text"
-        table = out.get(section)
-        if isinstance(table, Mapping) and isinstance(table.get(field), str) and table[field] in aliases:
-            out[section] = {**table, field: aliases[table[field]]}
     return out
 
 

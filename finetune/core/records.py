@@ -51,7 +51,19 @@ def detect(row: Mapping[str, Any]) -> Format | None:
     return None
 
 
+def detect_mlx(row: Mapping[str, Any]) -> Format | None:
+    """The row's format among mlx-lm's, in mlx_lm.lora's order: prompt/completion > messages > text."""
+    if "prompt" in row and "completion" in row:
+        return "completions"
+    if "messages" in row:
+        return "chat"
+    if "text" in row:
+        return "text"
+    return None
+
+
 _SHAPES = "messages | text | prompt+completion | instruction+output(+input)"
+_MLX_SHAPES = "messages | prompt+completion | text"
 
 
 def normalise(row: Any, line: int, forced: str = "auto") -> Result[Sample, RowError]:
@@ -60,9 +72,12 @@ def normalise(row: Any, line: int, forced: str = "auto") -> Result[Sample, RowEr
         return _fail(line, "shape", f"expected a JSON object, got {_kind(row)}")
     if _has_lone_surrogate(row):
         return _fail(line, "encoding", "a string holds a lone UTF-16 surrogate (an escaped \\ud800-\\udfff): not valid Unicode")
-    fmt = detect(row) if forced == "auto" else forced
+    fmt = detect(row) if forced == "auto" else detect_mlx(row) if forced == "mlx" else forced
     if fmt is None:
         keys = ", ".join(sorted(map(str, row))) or "none"
+        if forced == "mlx":
+            hint = "; instruction rows need --format auto or instruction" if detect(row) == "instruction" else ""
+            return _fail(line, "shape", f"not one of mlx-lm's row shapes (keys: {keys}); expected {_MLX_SHAPES}{hint}")
         return _fail(line, "shape", f"unknown row shape (keys: {keys}); expected {_SHAPES}")
     match fmt:
         case "chat":
