@@ -250,8 +250,10 @@ def _load_peft(d: Path) -> Result[Adapter, str]:
     match _read_tensors(weights_path).bind(lambda t: core_peft.from_peft(t, str(weights_path))).bind(
         lambda p: core_peft.check_dora(p, spec, str(config_path)).map(lambda _: p)
     ):
-        case Success(params):
-            pass
+        case Success(transposed):
+            # PEFT stores the transposes: copy them into row-major arrays so the adapter loads with
+            # the very bytes (and BLAS path, so bit-equal logits) of its mlx-lm import.
+            params = {k: np.ascontiguousarray(v) for k, v in transposed.items()}
         case failure:
             return failure
     names = {n: core_peft.peft_name(n) for n in params}
