@@ -82,6 +82,9 @@ def read(c: Mapping[str, Any], p: Mapping[str, Any], head_dim: int, partial: flo
                     truncate=bool(p.get("truncate", True)))
     if attention is None:  # longrope
         attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    if p.get("short_factor") is None or p.get("long_factor") is None:  # transformers refuses it too
+        raise ValueError("rope type 'longrope' needs short_factor and long_factor (Phi-3 reads "
+                         "'su' and 'yarn' as longrope); add both to rope_scaling")
     short, long = tuple(map(float, p["short_factor"])), tuple(map(float, p["long_factor"]))
     if len(short) != dims // 2 or len(long) != dims // 2:
         raise ValueError(f"longrope factors must have {dims // 2} entries (rotary dims / 2)")
