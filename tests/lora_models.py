@@ -80,6 +80,15 @@ def random_adapter(
     return out
 
 
+def bases_with_adapters(root: Path, tok: tuple[Path, int], variants: tuple[str, ...]) -> dict[str, tuple[Path, Path]]:
+    """Each variant's float32 base under `root` and an all-linear `random_adapter` on it (rank 4, scale 2)."""
+    out = {}
+    for variant in variants:
+        d = write_model(build_hf(variant, tok[1]), root / variant, tok[0])
+        out[variant] = (d, random_adapter(d, root / f"{variant}-adapter"))
+    return out
+
+
 def ours(model_dir: Path, adapter: Path | None = None):
     import finetune
 

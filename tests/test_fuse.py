@@ -11,6 +11,7 @@ import mlx.nn as nn
 import pytest
 import torch
 from lora_models import (
+    bases_with_adapters,
     build_hf,
     make_tokenizer,
     max_diff,
@@ -40,12 +41,7 @@ def tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory, tok):
     """Each variant's base dir (float32) and an all-linear adapter with random lora_b."""
-    root = tmp_path_factory.mktemp("fuse")
-    out = {}
-    for variant in VARIANTS:
-        d = write_model(build_hf(variant, tok[1]), root / variant, tok[0])
-        out[variant] = (d, random_adapter(d, root / f"{variant}-adapter"))
-    return out
+    return bases_with_adapters(tmp_path_factory.mktemp("fuse"), tok, VARIANTS)
 
 
 def header(path: Path) -> tuple[dict, dict]:

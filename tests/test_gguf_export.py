@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from lora_models import (
     ROWS,
+    bases_with_adapters,
     build_hf,
     make_tokenizer,
     mlx_logits,
@@ -39,12 +40,7 @@ def tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory, tok):
     """Each variant's float32 base and an all-linear adapter with random lora_b (rank 4, scale 2)."""
-    root = tmp_path_factory.mktemp("gguf")
-    out = {}
-    for variant in VARIANTS:
-        d = write_model(build_hf(variant, tok[1]), root / variant, tok[0])
-        out[variant] = (d, random_adapter(d, root / f"{variant}-adapter"))
-    return out
+    return bases_with_adapters(tmp_path_factory.mktemp("gguf"), tok, VARIANTS)
 
 
 @pytest.fixture(scope="module")
