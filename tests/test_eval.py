@@ -240,3 +240,11 @@ def test_a_qlora_adapter_gets_its_quantized_base(small, data, runs, tmp_path):
     result = finetune.evaluate(small, data, [q8, runs["mlx"]], log=lines.append)
     assert result.engine == "mlx" and [s.exact for s in result.results] == [0.0, 1.0, 1.0]
     assert any("quantized base" in line for line in lines)
+
+
+def test_extend_answers_ends_rows_at_a_stop_token_or_when_done():
+    out, active = [[], [7], []], [True, True, False]
+    assert evaluation.extend_answers(out, active, [5, 2, 9], frozenset({2}), lambda i, ids: False)
+    assert (out, active) == ([[5], [7], []], [True, False, False])  # the stop token is not kept
+    assert not evaluation.extend_answers(out, active, [6, 4, 4], frozenset({2}), lambda i, ids: len(ids) == 2)
+    assert (out, active) == ([[5, 6], [7], []], [False, False, False])

@@ -19,6 +19,7 @@ from finetune.core.templates import Supervise, Template, render
 from finetune.core.tokenize import Encode, Segment, Specials, Tokens, tokenize, truncate
 
 Decode = Callable[[Sequence[int]], str]
+Done = Callable[[int, list[int]], bool]  # (row, its tokens so far) -> its answer has ended
 METRICS = ("exact", "contains", "loss")
 
 
@@ -74,6 +75,22 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> str:
     """`text` up to the first occurrence of any stop string (exclusive)."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return text[: min(hits)] if hits else text
+
+
+def extend_answers(out: list[list[int]], active: list[bool], tokens: Sequence[int], stops: frozenset[int],
+                   done: Done) -> bool:
+    """One greedy step's `tokens` (one per row) onto the active rows' answers, in place: a stop token
+    (not kept) or `done` ends a row. Whether any row is still active."""
+    for i, t in enumerate(tokens):
+        if not active[i]:
+            continue
+        if t in stops:
+            active[i] = False
+            continue
+        out[i].append(t)
+        if done(i, out[i]):
+            active[i] = False
+    return any(active)
 
 
 def single_line(reference: str) -> bool:

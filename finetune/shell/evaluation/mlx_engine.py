@@ -3,7 +3,7 @@ KV cache (left-padded rows at their own positions), the trainer's teacher-forced
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -12,9 +12,8 @@ from mlx.utils import tree_unflatten
 from returns.result import Result, Success
 
 from finetune.core.config import Recipe
+from finetune.core.evaluation import Done, extend_answers
 from finetune.core.tokenize import Tokens
-
-Done = Callable[[int, list[int]], bool]  # (row, its tokens so far) -> its answer has ended
 
 
 def load(spec: str, device: str | None, why: str = "") -> tuple[Any, Any, str]:
@@ -73,16 +72,7 @@ def greedy(model: Any, prompts: Sequence[Sequence[int]], max_tokens: int, stop_i
     step_positions = positions[:, -1:]
     for _ in range(max_tokens):
         tokens = mx.argmax(logits, axis=-1).tolist()  # (B,)
-        for i, t in enumerate(tokens):
-            if not active[i]:
-                continue
-            if t in stops:
-                active[i] = False
-                continue
-            out[i].append(t)
-            if done(i, out[i]):
-                active[i] = False
-        if not any(active):
+        if not extend_answers(out, active, tokens, stops, done):
             break
         mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int32)], axis=1)
         step_positions = step_positions + 1

@@ -5,7 +5,7 @@ their own positions), the torch trainer's teacher-forced loss."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -14,9 +14,8 @@ from returns.result import Result, Success
 from torch import nn
 
 from finetune.core.config import Recipe
+from finetune.core.evaluation import Done, extend_answers
 from finetune.core.tokenize import Tokens
-
-Done = Callable[[int, list[int]], bool]
 
 
 def load(spec: str, device: str | None, why: str = "") -> tuple[Any, Any, str]:
@@ -76,16 +75,7 @@ def greedy(lm: nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int, sto
     stops = frozenset(stop_ids)
     for _ in range(max_tokens):
         tokens = torch.argmax(logits, dim=-1)  # (B,)
-        for i, t in enumerate(tokens.tolist()):
-            if not active[i]:
-                continue
-            if t in stops:
-                active[i] = False
-                continue
-            out[i].append(t)
-            if done(i, out[i]):
-                active[i] = False
-        if not any(active):
+        if not extend_answers(out, active, tokens.tolist(), stops, done):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         step_positions = step_positions + 1
