@@ -4,7 +4,6 @@ exact match and containment, loss and perplexity on the same rows, predictions r
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -231,19 +230,8 @@ class _Bars:
 
 @contextmanager
 def _progress() -> Iterator[_Bars]:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from finetune.shell.progress import bars
 
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=Console(file=sys.stderr), transient=True, disable=not sys.stderr.isatty(),
-    )
+    progress = bars()
     with progress:
         yield _Bars(progress)

@@ -199,22 +199,9 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
 @contextmanager
 def _progress(total: int, done: int) -> Iterator[Callable[[trainer.StepReport | None], None]]:
     """A rich progress bar on stderr (terminals only): step, loss, tokens/s, ETA."""
-    import sys
+    from finetune.shell.progress import bars
 
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    progress = Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=Console(file=sys.stderr), transient=True, disable=not sys.stderr.isatty(),
-    )
+    progress = bars()
     task = progress.add_task("train", total=total, completed=done, status="")
 
     def advance(report: trainer.StepReport | None) -> None:
