@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from returns.result import Failure, Result, Success
+from returns.result import Result, Success
 
 from finetune.shell.models import sources
 
@@ -71,6 +71,15 @@ class Engine(ABC):
             if swap:
                 self._bare()
 
+    def _keep(self, spec: str, loaded: Result[tuple[Any, Any], str]) -> Result[None, str]:
+        """Hold a loaded (model, tokenizer) and MODEL's context length; a refusal passes through."""
+
+        def keep(pair: tuple[Any, Any]) -> None:
+            self.net, self.tokenizer = pair
+            self.context = context_of(spec)
+
+        return loaded.map(keep)
+
     def _collect(self, attached: Result[Any, str]) -> Result[Swap, str]:
         try:
             return attached.map(lambda _: self._lora_layers())
@@ -94,13 +103,7 @@ class MlxEngine(Engine):
 
         info = backend.select(device)  # before loading: dtype="auto" depends on the device
         print(backend.describe(info, why), file=sys.stderr)
-        match load_model(spec):
-            case Success((net, tokenizer)):
-                self.net, self.tokenizer, self.context = net, tokenizer, context_of(spec)
-                return Success(None)
-            case Failure(message):
-                return Failure(message)
-        raise AssertionError("unreachable")
+        return self._keep(spec, load_model(spec))
 
     def tokens(self, ids: list[int], **sampling: Any) -> Iterator[int]:
         from finetune.shell.models.generate import generate
@@ -149,14 +152,10 @@ class TorchEngine(Engine):
         from finetune.engines.torch import generate as torch_generate
 
         where = torch_device.pick(device)
-        match torch_generate.load(spec, None, where):
-            case Success((net, tokenizer)):
-                self.net, self.tokenizer, self.context = net, tokenizer, context_of(spec)
-                print(torch_device.describe(where, next(net.parameters()).dtype, why), file=sys.stderr)
-                return Success(None)
-            case Failure(message):
-                return Failure(message)
-        raise AssertionError("unreachable")
+        kept = self._keep(spec, torch_generate.load(spec, None, where))
+        if isinstance(kept, Success):
+            print(torch_device.describe(where, next(self.net.parameters()).dtype, why), file=sys.stderr)
+        return kept
 
     def tokens(self, ids: list[int], **sampling: Any) -> Iterator[int]:
         from finetune.engines.torch.generate import generate
