@@ -116,3 +116,13 @@ def fake_hub_cache(cache: Path, repo: str, source: Path, commit: str = "a" * 40)
     (root / "refs").mkdir(exist_ok=True)
     (root / "refs" / "main").write_text(commit)
     return snapshot
+
+
+def plus_data(directory: Path, rows: int, valid: int = 2) -> Path:
+    """A data folder of `rows` "Q: i plus i?" prompt/completion rows: the last `valid` in valid.jsonl,
+    the rest in train.jsonl."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"prompt": f"Q: {i} plus {i}?\nA: ", "completion": str(2 * i)}) + "\n" for i in range(rows)]
+    (directory / "train.jsonl").write_text("".join(lines[:rows - valid]))
+    (directory / "valid.jsonl").write_text("".join(lines[rows - valid:]))
+    return directory

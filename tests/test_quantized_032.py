@@ -21,6 +21,7 @@ from lora_models import (
     write_model,
 )
 from mlx_lm import convert
+from model_factory import plus_data
 from returns.result import Failure
 
 from finetune.core import quantization
@@ -54,11 +55,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("q032-data")
-    rows = [{"prompt": f"Q: {i} plus {i}?\nA: ", "completion": str(2 * i)} for i in range(10)]
-    for split, part in (("train", rows[:8]), ("valid", rows[8:])):
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    return out
+    return plus_data(tmp_path_factory.mktemp("q032-data"), 10)
 
 
 def test_mixed_3_6_stores_null_group_sizes(checkpoints):

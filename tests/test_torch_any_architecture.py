@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 from cli_run import one_line_error, run_cli
+from model_factory import plus_data
 from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import (
@@ -65,11 +66,7 @@ def test_auto_routes_an_architecture_mlx_lacks_to_torch(opt, monkeypatch):
 
 
 def test_gpt_neox_trains_generates_and_is_described_with_torch(neox, tmp_path, capsys):
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [{"prompt": f"Q: {i} plus {i}?\nA: ", "completion": str(2 * i)} for i in range(12)]
-    for split, part in (("train", rows[:10]), ("valid", rows[10:])):
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    data = plus_data(tmp_path / "data", 12)
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", "start", str(neox), str(data), "--backend", "torch", "--iters", "3",
                              "--batch-size", "2", "--eval-every", "0", "--output", str(run))

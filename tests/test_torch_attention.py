@@ -3,13 +3,12 @@ supports it, eager elsewhere (gemma2, whose soft-capping sdpa lacks), so gemma2 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from cli_run import run_cli
-from model_factory import copy_files
+from model_factory import copy_files, plus_data
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 
 from finetune.engines.torch.model import load_base
@@ -44,11 +43,7 @@ def test_gemma2_loads_with_eager_attention_and_transformers_logits(gemma2):
 
 
 def test_gemma2_trains_and_generates_on_torch(gemma2, tmp_path, capsys):
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [{"prompt": f"Q: {i} plus {i}?\nA: ", "completion": str(2 * i)} for i in range(10)]
-    for split, part in (("train", rows[:8]), ("valid", rows[8:])):
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    data = plus_data(tmp_path / "data", 10)
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", "start", gemma2, data, "--backend", "torch", "--iters", "2",
                            "--batch-size", "2", "--eval-every", "0", "--output", run)
