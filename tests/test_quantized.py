@@ -39,6 +39,18 @@ def float_source(variant: str, vocab: int, tokenizer_dir: Path, directory: Path)
     return directory
 
 
+REVERSE_ROWS = [{"prompt": f"Q: reverse {w}\nA: ", "completion": w[::-1]} for w in
+                ("abc", "hello", "select", "world", "quant", "mlx", "lora", "fuse")]
+
+
+def llama_and_rows(root: Path) -> tuple[Path, Path]:
+    """(`float_source`'s llama in root/float with its own tokenizer, REVERSE_ROWS as root/data.jsonl)."""
+    tok, vocab = make_tokenizer(root / "tok")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in REVERSE_ROWS))
+    return float_source("llama", vocab, tok, root / "float"), data
+
+
 def mlx_convert(source: Path, out: Path, **options) -> Path:
     convert(str(source), str(out), quantize=True, dtype="float32", **options)
     return out

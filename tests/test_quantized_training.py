@@ -13,24 +13,19 @@ import pytest
 from cli_run import error_line, run_cli
 from lora_models import make_tokenizer, max_diff, mlx_logits, ours, random_adapter
 from mlx.utils import tree_flatten
-from test_quantized import float_source, mlx_convert
+from test_quantized import float_source, llama_and_rows, mlx_convert
 
 import finetune
 from finetune.errors import UserError
 from finetune.models.lora import LoRALinear
 
-ROWS = [{"prompt": f"Q: reverse {w}\nA: ", "completion": w[::-1]} for w in
-        ("abc", "hello", "select", "world", "quant", "mlx", "lora", "fuse")]
 TRAIN = ("--iters", "3", "--batch-size", "2", "--learning-rate", "1e-2", "--lora-rank", "4")
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("qlora")
-    tok, vocab = make_tokenizer(root / "tok")
-    source = float_source("llama", vocab, tok, root / "float")
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    source, data = llama_and_rows(root)
     return {
         "float": source, "data": data,
         "q4": mlx_convert(source, root / "q4", q_bits=4, q_group_size=32),

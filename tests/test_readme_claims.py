@@ -17,11 +17,10 @@ import msgspec
 import numpy as np
 import pytest
 from cli_run import error_line, run_cli
-from lora_models import make_tokenizer
 from memory_runs import model_with_lora, rows
 from model_factory import llama_config
 from safetensors.numpy import load_file, save_file
-from test_quantized import float_source, mlx_convert
+from test_quantized import llama_and_rows, mlx_convert
 
 import finetune
 from finetune.core import memory, modelinfo
@@ -29,8 +28,6 @@ from finetune.core.config import Recipe
 from finetune.errors import UserError
 from finetune.shell.training import trainer
 
-ROWS = [{"prompt": f"Q: reverse {w}\nA: ", "completion": w[::-1]} for w in
-        ("abc", "hello", "select", "world", "quant", "mlx", "lora", "fuse")]
 TRAIN = ("--iters", "2", "--batch-size", "2", "--learning-rate", "1e-2", "--lora-rank", "4", "--val-batches", "1")
 Q4 = ("--quantize-bits", "4", "--quantize-group-size", "32")
 
@@ -39,16 +36,13 @@ Q4 = ("--quantize-bits", "4", "--quantize-group-size", "32")
 def bases(tmp_path_factory) -> dict[str, Path]:
     """A float llama, another of the same shape (other weights), and both converted to 4 bits by mlx-lm."""
     root = tmp_path_factory.mktemp("claims")
-    tok, vocab = make_tokenizer(root / "tok")
-    source = float_source("llama", vocab, tok, root / "float")
+    source, data = llama_and_rows(root)
     other = root / "other"
     shutil.copytree(source, other)
     rng = np.random.default_rng(1)
     tensors = load_file(str(other / "model.safetensors"))
     save_file({k: (v + rng.normal(0, 0.02, v.shape)).astype(v.dtype) if v.ndim == 2 else v for k, v in tensors.items()},
               str(other / "model.safetensors"), metadata={"format": "pt"})
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return {"float": source, "other": other, "data": data,
             "q4": mlx_convert(source, root / "q4", q_bits=4, q_group_size=32),
             "other-q4": mlx_convert(other, root / "other-q4", q_bits=4, q_group_size=32)}
