@@ -58,7 +58,8 @@ def test_qlora_on_a_quantized_checkpoint_records_its_base_and_mlx_lm_agrees(base
     assert all(m.lora_a.dtype == m.lora_b.dtype == mx.float32 for m in wrapped)
     assert any(mx.abs(m.lora_b).max().item() > 0 for m in wrapped)  # it trained
     reference, _ = mlx_lm.load(str(bases["q4"]), adapter_path=str(q4_run))
-    assert max_diff(mlx_logits(ours_model), mlx_logits(reference)) <= 1e-5
+    # two implementations (our dequantize-then-BLAS path vs mlx-lm's quantized kernel): fp32 round-off
+    assert max_diff(mlx_logits(ours_model), mlx_logits(reference)) <= 5e-5
 
 
 def test_a_qlora_adapter_is_refused_on_another_base(bases, q4_run):
@@ -76,7 +77,7 @@ def test_quantize_on_load_trains_and_every_consumer_rebuilds_that_base(tmp_path,
     assert isinstance(rebuilt.model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
     # quantizing on load is what `mlx_lm convert -q` computes from the same float32 weights
     reference, _ = mlx_lm.load(str(bases["q4"]), adapter_path=str(run))
-    assert max_diff(mlx_logits(rebuilt), mlx_logits(reference)) <= 1e-5
+    assert max_diff(mlx_logits(rebuilt), mlx_logits(reference)) <= 5e-5  # fp32 round-off, as above
     code, stdout, err = run_cli(capsys, "generate", bases["float"], "--adapter", run, "--prompt", "Q: reverse abc",
                                 "--max-tokens", "3", "--temp", "0")
     assert code == 0, err

@@ -38,7 +38,7 @@ def eval_(
     Parameters
     ----------
     model
-        Base model: local HF dir, cached hub id, or tiny.
+        Base model: local HF dir, a .gguf file, cached hub id, or tiny.
     data
         Bundled dataset name, .jsonl/.json file, or directory with train/valid/test.jsonl.
     adapter

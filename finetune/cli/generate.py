@@ -35,7 +35,7 @@ def generate(
     Parameters
     ----------
     model
-        Local HF-format directory, cached hub id (org/name), or tiny.
+        Local HF-format directory, a .gguf file, cached hub id (org/name), or tiny.
     prompt
         Prompt text, tokenized as-is (BOS per the tokenizer); with --template, a user message.
     messages

@@ -39,7 +39,7 @@ def serve(
     Parameters
     ----------
     model
-        The base model: local HF-format directory, cached hub id (org/name), or tiny. Requests name it as given.
+        The base model: local HF-format directory, a .gguf file, cached hub id (org/name), or tiny. Requests name it as given.
     adapter
         NAME=RUN: serve the adapter in RUN (a run, checkpoint, mlx-lm or PEFT adapter directory) as model NAME; repeatable.
     host

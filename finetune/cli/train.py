@@ -38,7 +38,7 @@ def validate(
     target
         A recipe (.toml, .yaml) or a dataset: a bundled name, a .jsonl/.json file, or a directory with train/valid/test.jsonl.
     model
-        Model whose tokenizer and config to check against: local dir, cached hub id, or tiny.
+        Model whose tokenizer and config to check against: local dir, a .gguf file, cached hub id, or tiny.
     template
         auto, plain, alpaca, chatml, llama2, llama3, tokenizer, a Jinja string or a file.
     format
