@@ -108,6 +108,15 @@ def finetune_home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("finetune-home")
 
 
+@pytest.fixture(scope="module")
+def module_home(finetune_home):
+    """FINETUNE_HOME (and no hub) for module-scoped fixtures too: `_private_cache` is per test."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINETUNE_HOME", str(finetune_home))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield finetune_home
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(monkeypatch, finetune_home):
     """Every test writes its cache (the `tiny` model) under a session temp dir, never in ~."""

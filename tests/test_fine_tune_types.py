@@ -38,11 +38,8 @@ def _rows(n: int, offset: int = 0) -> list[dict]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _module_home(finetune_home):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FINETUNE_HOME", str(finetune_home))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield
+def _module_home(module_home):
+    """conftest's module_home for every fixture of this module."""
 
 
 @pytest.fixture(scope="module")

@@ -147,12 +147,8 @@ def assert_same_tensors(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> N
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _module_home(finetune_home):
-    """FINETUNE_HOME for the module-scoped runs too (conftest's autouse one is per test)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FINETUNE_HOME", str(finetune_home))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield
+def _module_home(module_home):
+    """conftest's module_home for every fixture of this module."""
 
 
 @pytest.fixture(scope="module")
