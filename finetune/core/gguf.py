@@ -17,6 +17,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from returns.result import Failure, Result, Success
 
+from finetune.core import gguf_rope
+from finetune.core.gguf_rope import llama3_from_factors, llama3_rope_factors  # noqa: F401 (this module's API)
+
 # GGUF `general.architecture` -> HF `model_type`. llama.cpp writes Mistral as `llama`.
 ARCHITECTURES: dict[str, str] = {
     "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
@@ -318,83 +321,11 @@ def _rope_scaling(arch, key, head_dim, theta, rope_factors) -> dict | str | None
             return None  # no tensor, or one that scales nothing
         # llama.cpp keeps no original context; only ratios to it shape the frequencies
         context = key("rope.scaling.original_context_length") or min(8192, key("context_length", 16384) // 2)
-        return llama3_from_factors(np.asarray(rope_factors), head_dim, theta, context).value_or(
+        return gguf_rope.llama3_from_factors(np.asarray(rope_factors), head_dim, theta, context).value_or(
             f"tensor 'rope_freqs.weight' is not a Llama 3 rope scaling for head_dim {head_dim}")
     if kind == "linear" and _number(key("rope.scaling.factor")):
         return {"rope_type": "linear", "factor": _f32(key("rope.scaling.factor"))}
     return f"metadata {arch}.rope.scaling.type={kind!r} is not supported (supported: none, linear, llama3)"
-
-
-def _inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-
-
-def llama3_rope_factors(config: Mapping[str, Any]) -> np.ndarray | None:
-    """llama.cpp's `rope_freqs.weight` (frequency divisors) for a Llama 3 rope, else None."""
-    theta, scaling = _rope(config)
-    if scaling.get("rope_type", scaling.get("type")) != "llama3":
-        return None
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    return _llama3(_inv_freq(head_dim, theta), scaling["factor"], scaling["low_freq_factor"],
-                   scaling["high_freq_factor"], scaling["original_max_position_embeddings"])
-
-
-def _llama3(freqs: np.ndarray, factor: float, low: float, high: float, old: float) -> np.ndarray:
-    wavelen = 2 * math.pi / freqs
-    smooth = (old / wavelen - low) / (high - low)
-    medium = 1.0 / ((1 - smooth) / factor + smooth)
-    out = np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, medium))
-    return out.astype(np.float32)
-
-
-def llama3_from_factors(factors: np.ndarray, head_dim: int, theta: float, old: int) -> Result[dict, str]:
-    """The Llama 3 rope parameters that give these `rope_freqs` divisors (checked by regenerating them).
-
-    Only `old / low_freq_factor` and `old / high_freq_factor` shape the frequencies, so `old` (the
-    original context) is taken as given and the two factors are solved from the smoothed band.
-    """
-    freqs = _inv_freq(head_dim, theta)
-    f = np.asarray(factors, np.float64)
-    if f.shape != freqs.shape or not np.all(np.isfinite(f)) or f.min() < 1 - 1e-6:
-        return Failure("rope factors of the wrong length or below one")
-    factor = float(f.max())
-    if factor <= 1 + 1e-6:
-        return Failure("rope factors are all one")
-    x = old / (2 * math.pi / freqs)  # old / wavelen
-    medium = (f > 1 + 1e-5) & (f < factor - 1e-5 * factor)
-    for edges in _llama3_edges(x, f, factor, medium):
-        for low, high in ((round(edges[0], 6), round(edges[1], 6)), edges):  # 1.0, not 0.9999999986
-            if high > low and np.allclose(_llama3(freqs, factor, low, high, old), f, rtol=1e-4, atol=1e-5):
-                return Success({"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                                "high_freq_factor": high, "original_max_position_embeddings": int(old)})
-    return Failure("rope factors do not follow Llama 3's rope scaling")
-
-
-def _llama3_edges(x: np.ndarray, f: np.ndarray, factor: float, medium: np.ndarray) -> list[tuple[float, float]]:
-    """Candidate (low_freq_factor, high_freq_factor) for divisors `f` at `x = old / wavelength`."""
-    smooth = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)  # = (x - low) / (high - low)
-    if medium.sum() >= 2:
-        slope, intercept = np.polyfit(x[medium], smooth, 1)
-        return [(float(-intercept / slope), float((1 - intercept) / slope))]
-    lows, highs = x[f >= factor * (1 - 1e-5)], x[f <= 1 + 1e-5]  # bands scaled fully / not at all
-    floor = float(lows.max()) if lows.size else float(x.min()) / 2
-    ceiling = float(highs.min()) if highs.size else float(x.max()) * 2
-    if medium.sum() == 1:  # one point of the smoothed band: any edges through it will do
-        xm, sm = float(x[medium][0]), float(smooth[0])
-        if not 0 < sm < 1:
-            return []
-        steps = np.linspace(0.05, 0.95, 19)
-        by_low = [(lo, lo + (xm - lo) / sm) for lo in (floor + t * (xm - floor) for t in steps)]
-        by_high = [((xm - sm * hi) / (1 - sm), hi) for hi in (xm + t * (ceiling - xm) for t in steps)]
-        return [(lo, hi) for lo, hi in by_low + by_high if floor < lo <= xm <= hi < ceiling]
-    return [(floor + (ceiling - floor) / 3, floor + 2 * (ceiling - floor) / 3)]
-
-
-def _rope(config: Mapping[str, Any]) -> tuple[float, dict]:
-    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-    return theta, params
 
 
 def metadata_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -410,7 +341,7 @@ def metadata_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     arch = GGUF_ARCHITECTURES[model_type]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    theta, scaling = _rope(config)
+    theta, scaling = gguf_rope.theta_and_scaling(config)
     meta: dict[str, Any] = {
         "general.architecture": arch,
         **{f"{arch}.{g}": config[hf] for g, hf in _REQUIRED.items()},
