@@ -1,0 +1,72 @@
+"""MLX's Adam/AdamW and gradient clipping in torch ops, for the torch engine.
+
+No bias correction, decoupled decay `p·(1 − lr·λ)`: torch's own Adam always corrects bias, so it
+would train differently. The state uses MLX's names (`<tensor>.m`, `.v`, `step`,
+`learning_rate`) in our layout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from finetune.core import schedule
+from finetune.core.config import TrainingConfig
+
+BETAS, EPS = (0.9, 0.999), 1e-8
+
+
+class Optimizer:
+    """MLX's Adam / AdamW over named float32 parameters (peft's layout; elementwise, so any)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], cfg: TrainingConfig, total_steps: int):
+        self.params = params
+        self.decay = cfg.weight_decay if cfg.optimizer == "adamw" else 0.0
+        self.schedule = schedule.build(cfg, total_steps)
+        self.step = 0
+        self.m = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.v = {k: torch.zeros_like(p) for k, p in params.items()}
+
+    def learning_rate(self, step: int) -> float:
+        """The rate of update `step + 1` (the schedule is float32, as in the MLX engine)."""
+        return float(self.schedule(np.uint64(step)))
+
+    @torch.no_grad()
+    def update(self, grads: dict[str, torch.Tensor]) -> None:
+        lr = self.learning_rate(self.step)
+        b1, b2 = BETAS
+        for k, p in self.params.items():
+            g = grads[k]
+            if self.decay:
+                p.mul_(1 - lr * self.decay)
+            self.m[k].mul_(b1).add_(g, alpha=1 - b1)
+            self.v[k].mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.sub_(lr * self.m[k] / (self.v[k].sqrt() + EPS))
+        self.step += 1
+
+    def state(self) -> dict[str, np.ndarray]:
+        """MLX's flattened names, our (transposed) layout."""
+        out = {"step": np.array(self.step, np.uint64), "learning_rate": np.array(self.learning_rate(max(self.step - 1, 0)), np.float32)}
+        for k in self.params:
+            out[f"{k}.m"] = _flip(self.m[k].detach().cpu()).numpy().copy()
+            out[f"{k}.v"] = _flip(self.v[k].detach().cpu()).numpy().copy()
+        return out
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        self.step = int(np.asarray(state["step"]).reshape(-1)[0])
+        for k, p in self.params.items():
+            self.m[k] = torch.from_numpy(np.ascontiguousarray(state[f"{k}.m"].T)).to(p.device)
+            self.v[k] = torch.from_numpy(np.ascontiguousarray(state[f"{k}.v"].T)).to(p.device)
+
+
+def _flip(x: torch.Tensor) -> torch.Tensor:
+    """A factor's moment in our (transposed) layout; a DoRA magnitude's (1-D) as it is."""
+    return x.T if x.ndim == 2 else x
+
+
+def clip_(grads: dict[str, torch.Tensor], max_norm: float) -> None:
+    """MLX's clip_grad_norm: scale by min(1, max_norm / (‖g‖ + 1e-6)), in place."""
+    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values()))
+    factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads.values():
+        g.mul_(factor)
