@@ -33,15 +33,21 @@ class Optimizer:
 
     @torch.no_grad()
     def update(self, grads: dict[str, torch.Tensor]) -> None:
+        """One step over every tensor at once (`torch._foreach_*`: one call per operation, not per
+        tensor); the same operations in the same order as a per-tensor loop, so the same floats."""
         lr = self.learning_rate(self.step)
         b1, b2 = BETAS
-        for k, p in self.params.items():
-            g = grads[k]
-            if self.decay:
-                p.mul_(1 - lr * self.decay)
-            self.m[k].mul_(b1).add_(g, alpha=1 - b1)
-            self.v[k].mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.sub_(lr * self.m[k] / (self.v[k].sqrt() + EPS))
+        ps, ms, vs = list(self.params.values()), list(self.m.values()), list(self.v.values())
+        gs = [grads[k] for k in self.params]
+        if self.decay:
+            torch._foreach_mul_(ps, 1 - lr * self.decay)
+        torch._foreach_mul_(ms, b1)
+        torch._foreach_add_(ms, gs, alpha=1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, EPS)
+        torch._foreach_addcdiv_(ps, ms, denom, value=-lr)  # p + (−lr·m) / d: the loop's p − (lr·m) / d
         self.step += 1
 
     def state(self) -> dict[str, np.ndarray]:
@@ -65,8 +71,7 @@ def _flip(x: torch.Tensor) -> torch.Tensor:
 
 
 def clip_(grads: dict[str, torch.Tensor], max_norm: float) -> None:
-    """MLX's clip_grad_norm: scale by min(1, max_norm / (‖g‖ + 1e-6)), in place."""
-    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values()))
-    factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for g in grads.values():
-        g.mul_(factor)
+    """MLX's clip_grad_norm: scale by min(1, max_norm / (‖g‖ + 1e-6)), in place, every tensor at once."""
+    gs = list(grads.values())
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, dtype=torch.float32)))
+    torch._foreach_mul_(gs, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
