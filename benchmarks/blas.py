@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from finetune.shell.runtime import blas
+from finetune.engines.mlx import blas
 
 ROOT = Path(__file__).resolve().parent.parent
 MATMUL = (
-    "import finetune\nfrom finetune.shell.runtime import blas\n"
+    "import finetune\nfrom finetune.engines.mlx import blas\n"
     "print(max(blas.matmul_gflops(1024, repeats=10) for _ in range(3)))\n"
 )
 

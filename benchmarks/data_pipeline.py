@@ -9,9 +9,9 @@ import time
 
 from finetune.core import prepare
 from finetune.core.config import DataConfig, Recipe
+from finetune.files import tokenizer
 from finetune.shell.data import datasets
 from finetune.shell.data.check import template_for
-from finetune.shell.models import tokenizer
 from finetune.shell.models.tiny import ensure_tiny
 
 

@@ -48,7 +48,7 @@ def _load_child(model: str, bits: int) -> None:
     import mlx.core as mx
 
     from finetune.core import quantization
-    from finetune.shell.models.load import load_model
+    from finetune.engines.mlx.load import load_model
 
     load_model(model, cache=False, quantize=quantization.on_load(bits, 64)).unwrap()
     print(mx.get_peak_memory() / 1e9)

@@ -91,7 +91,7 @@ def profile(directory: Path, steps: int = 4, batch: int = 4, dtype: str = "") ->
     from finetune.core.config import Recipe
     from finetune.engines import rundir
     from finetune.engines.torch import run as torch_run
-    from finetune.engines.torch import train as ttrain
+    from finetune.engines.torch import step as ttrain
 
     r = msgspec.convert({"model": {"path": str(directory), **({"dtype": dtype} if dtype else {})},
                          "data": {"path": "sql"},

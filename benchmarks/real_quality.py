@@ -274,7 +274,7 @@ def _together(s: dict, seen: list[float], first_done: float) -> None:
 
 def _blas() -> str:
     """The library serving MLX's float32 matmuls in this process (and so in both tools' runs)."""
-    from finetune.shell.runtime import blas
+    from finetune.engines.mlx import blas
 
     path = blas.active()
     return f"{blas.label(path)} ({blas.source(path)}, loaded by finetune)" if path else "MLX's bundled BLAS"

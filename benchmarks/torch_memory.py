@@ -43,8 +43,8 @@ def point(layers: int, batch: int, seq: int, checkpoint: bool, supervised: float
     from finetune.core.tokenize import Tokens
     from finetune.engines import rundir
     from finetune.engines.torch import budget
-    from finetune.engines.torch import model as tmodel
-    from finetune.engines.torch import train as ttrain
+    from finetune.engines.torch import lora as tmodel
+    from finetune.engines.torch import step as ttrain
 
     torch.manual_seed(0)
     config = {**SMOLLM, "num_hidden_layers": layers}

@@ -51,7 +51,7 @@ def write_model(name: str, out: Path) -> Path | None:
     from mlx.utils import tree_flatten
 
     from finetune.core.convert import mlx_to_hf
-    from finetune.models import build
+    from finetune.engines.mlx.model import build
     from finetune.shell.models.tiny import ensure_tiny
 
     config = {
@@ -144,9 +144,10 @@ def evaluate(model: Path, data: Path, adapter: Path, env: dict) -> float:
 
 def _eval_main(model: str, data: str, adapter: str) -> None:
     from finetune.core.config import DataConfig, ModelConfig, Recipe
+    from finetune.engines.mlx import run
+    from finetune.engines.mlx import step as trainer
+    from finetune.engines.mlx.load import load
     from finetune.shell.data import check
-    from finetune.shell.models.load import load
-    from finetune.shell.training import run, trainer
 
     m, _ = load(model, adapter=adapter)
     recipe = Recipe(model=ModelConfig(path=model), data=DataConfig(path=data, template="tokenizer"))
@@ -177,7 +178,7 @@ def environments(blas: str) -> tuple[dict, dict]:
     """(mlx-lm env, FineTune env) for the BLAS condition."""
     base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "FT_BLAS")}
     if blas == "same":  # identical conditions: both on the system's optimized BLAS
-        from finetune.shell.runtime.blas import find
+        from finetune.engines.mlx.blas import find
 
         found = find()
         if not found:

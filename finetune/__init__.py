@@ -2,7 +2,7 @@
 
 # --- BLAS boot (keep first): an optimized BLAS must be in the global symbol scope before
 # `mlx.core` is first imported, or MLX binds its bundled reference BLAS (~30x slower on the CPU).
-from finetune.shell.runtime.blas import boot as _boot_blas
+from finetune.engines.mlx.blas import boot as _boot_blas
 
 _boot_blas()
 # --- end of BLAS boot
@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 from finetune.errors import UserError  # noqa: E402  (bad input: the CLI's one-line message)
 
 _API = {
-    "load": "finetune.shell.models.load",
+    "load": "finetune.engines.mlx.load",
     "train": "finetune.api", "validate": "finetune.api", "evaluate": "finetune.api",
     "generate": "finetune.api", "recipe_of": "finetune.api", "Run": "finetune.api",
     "Recipe": "finetune.core.config", "ModelConfig": "finetune.core.config",

@@ -106,8 +106,8 @@ def prepare(recipe: Recipe, device: str | None, log: Log, engine: str | None = N
         available = torch_device.memory_gb(where)  # GB, as every estimate
         return unwrap(torch_run.prepare_run(recipe, log, available_gb=available, device=device,
                                             memory_limit_gb=memory_limit))
-    from finetune.shell.runtime import backend
-    from finetune.shell.training import run as shell_run
+    from finetune.engines.mlx import device as backend
+    from finetune.engines.mlx import run as shell_run
 
     info = backend.select(device)
     log(backend.describe(info, why))
@@ -169,10 +169,10 @@ def run_loss(run: Run | str | Path, split: str = "test", model: Any = None) -> f
 
     `model` reuses an already loaded `finetune.load(..., adapter=run)` instead of loading again.
     """
+    from finetune.engines.mlx import run as shell_run
+    from finetune.engines.mlx import step as trainer
+    from finetune.engines.mlx.load import load
     from finetune.shell.data import check
-    from finetune.shell.models.load import load
-    from finetune.shell.training import run as shell_run
-    from finetune.shell.training import trainer
 
     run_dir = run.run_dir if isinstance(run, Run) else Path(run)
     resolved = recipe_of(run_dir / "recipe.toml")
@@ -190,8 +190,8 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_tokens: int = 64, t
              top_p: float = 1.0, seed: int = 0, template: str | None = None) -> str:
     """The model's continuation of `prompt` (raw text, or a user turn rendered with `template`)."""
     from finetune.core import templates
-    from finetune.shell.models.generate import build_prompt, decoder
-    from finetune.shell.models.generate import generate as tokens_after
+    from finetune.engines.mlx.generate import build_prompt, decoder
+    from finetune.engines.mlx.generate import generate as tokens_after
 
     chosen = None
     if template is not None:
@@ -204,7 +204,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, *, max_tokens: int = 64, t
 
 def _available_gb() -> float:
     """Memory of the device training would use (system memory on the CPU and Apple silicon)."""
-    from finetune.shell.runtime import backend
+    from finetune.engines.mlx import device as backend
 
     return backend.select(None).memory_gb
 
@@ -230,7 +230,7 @@ def _engine_run(prepared: Any) -> Any:
         from finetune.engines.torch import run as torch_run
 
         return torch_run
-    from finetune.shell.training import run as shell_run
+    from finetune.engines.mlx import run as shell_run
 
     return shell_run
 

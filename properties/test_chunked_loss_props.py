@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from finetune.core import headloss
+from finetune.engines.mlx.loss import head_ce as mlx_head_ce
 from finetune.engines.torch.loss import head_ce as torch_head_ce
-from finetune.shell.training.loss import head_ce as mlx_head_ce
 
 PROPS = settings(max_examples=30, deadline=None)
 

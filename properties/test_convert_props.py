@@ -18,7 +18,7 @@ from finetune.core.convert import (
     merge_shards,
     mlx_to_hf,
 )
-from finetune.shell.models.weights import cast_weights
+from finetune.files.weights import cast_weights
 
 PROPS = settings(max_examples=50, deadline=None)
 # Spec, restated independently of the implementation: GPT-2 Conv1D weights are (in, out) in HF files.

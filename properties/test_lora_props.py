@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 
 from finetune.core import lora
-from finetune.models import build
-from finetune.models import lora as lora_modules
+from finetune.engines.mlx import lora as lora_modules
+from finetune.engines.mlx.model import build
 
 PROPS = settings(max_examples=40, deadline=None)
 SMALL = settings(max_examples=12, deadline=None)

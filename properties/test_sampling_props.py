@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from finetune.shell.models.sampling import nucleus, sample
+from finetune.engines.mlx.sampling import nucleus, sample
 
 LOGIT = st.floats(-12.0, 12.0, width=32, allow_nan=False)
 VOCAB = st.integers(2, 48)

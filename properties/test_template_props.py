@@ -19,13 +19,7 @@ from hypothesis import strategies as st
 from finetune.core.records import Message, Sample
 from finetune.core.templates import Jinja, render, render_prompt
 from finetune.core.tokenize import Tokens, tokenize
-from finetune.shell.models.tokenizer import (
-    CHATML_TEMPLATE,
-    encoder,
-    load_tokenizer,
-    specials,
-    train_bpe,
-)
+from finetune.files.tokenizer import CHATML_TEMPLATE, encoder, load_tokenizer, specials, train_bpe
 
 
 def _corpus() -> list[str]:

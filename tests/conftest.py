@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import finetune  # noqa: F401  first: loads the optimized BLAS before anything imports mlx
-from finetune.shell.models.tokenizer import load_tokenizer, train_bpe
+from finetune.files.tokenizer import load_tokenizer, train_bpe
 
 # Tests name the engine they test; the rest (and their `ft` subprocesses) exercise the MLX engine,
 # whatever `auto` would pick on this machine (tests of `auto` itself clear this).

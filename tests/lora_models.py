@@ -17,10 +17,10 @@ from transformers import PreTrainedModel
 
 from finetune.core import lora
 from finetune.core.adapters import AdapterSpec
-from finetune.models import build
-from finetune.models import lora as lora_modules
+from finetune.engines.mlx import lora as lora_modules
+from finetune.engines.mlx.model import build
+from finetune.files.tokenizer import load_tokenizer
 from finetune.shell.export import adapters
-from finetune.shell.models.tokenizer import load_tokenizer
 
 # Token rows of several lengths (ids below every test vocab).
 ROWS = ([3, 17, 5, 42, 9, 11, 250, 7], [1, 2, 3], [200, 100, 50, 25, 12, 6, 3, 1, 0, 99, 98, 97])

@@ -18,9 +18,9 @@ from mlx.utils import tree_flatten
 from finetune.core import batching, lora
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
-from finetune.models import build
-from finetune.models import lora as lora_modules
-from finetune.shell.training import trainer
+from finetune.engines.mlx import lora as lora_modules
+from finetune.engines.mlx import step as trainer
+from finetune.engines.mlx.model import build
 
 
 def rows(count: int, length: int, supervised: float, vocab: int) -> list[Tokens]:

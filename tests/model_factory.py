@@ -15,7 +15,7 @@ import torch
 from hf_models import build_hf, save_hf
 from transformers import PreTrainedModel
 
-from finetune.shell.models.tokenizer import train_bpe
+from finetune.files.tokenizer import train_bpe
 
 LAYOUTS = ("safetensors", "sharded", "bin", "bin-sharded")
 SHARD_BYTES = 60_000  # splits the tiny variants into several shards

@@ -37,9 +37,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import finetune
 from finetune.core import adapters as core_adapters
 from finetune.core import architectures, convert, modelinfo
-from finetune.models import build
-from finetune.models import lora as lora_modules
-from finetune.shell.models.generate import generate
+from finetune.engines.mlx import lora as lora_modules
+from finetune.engines.mlx.generate import generate
+from finetune.engines.mlx.model import build
 
 TOL = 1e-4
 TEXTS = [f"SELECT name FROM users WHERE id = {i}; hello world {i}" for i in range(10)]

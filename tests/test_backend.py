@@ -9,7 +9,8 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from finetune.shell.runtime import backend, blas
+from finetune.engines.mlx import blas
+from finetune.engines.mlx import device as backend
 
 MACHINE = "x86_64"
 DEBIAN = f"usr/lib/{MACHINE}-linux-gnu"

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from finetune.shell.runtime import blas
+from finetune.engines.mlx import blas
 
 REPORT = (
     "import json, finetune, mlx.core as mx\n"
-    "from finetune.shell.runtime import backend, blas\n"
+    "from finetune.engines.mlx import blas, device as backend\n"
     "mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64)))\n"
     "done = blas.loaded()\n"
     "print(json.dumps({'active': blas.active(), 'path': done.path, 'source': done.source,\n"
@@ -129,7 +129,7 @@ def test_a_vendored_library_loads_with_its_hashed_siblings(tmp_path):
     (tmp_path / "both").mkdir()
     for lib in (fortran, quadmath):
         (tmp_path / "both" / lib.name).write_bytes(lib.read_bytes())
-    code = "import sys\nfrom finetune.shell.runtime import blas\nprint(repr(blas._load(sys.argv[1])))"
+    code = "import sys\nfrom finetune.engines.mlx import blas\nprint(repr(blas._load(sys.argv[1])))"
     for where, expected in (("both", "''"), ("alone", quadmath.name)):
         done = subprocess.run([sys.executable, "-c", code, str(tmp_path / where / fortran.name)],
                               env=env(FT_BLAS="bundled"), capture_output=True, text=True, timeout=60)

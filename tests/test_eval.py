@@ -17,8 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import finetune
 from finetune.core import evaluation
-from finetune.shell.evaluation import mlx_engine
-from finetune.shell.models.tokenizer import load_tokenizer
+from finetune.engines.mlx import evaluate as mlx_engine
+from finetune.files.tokenizer import load_tokenizer
 
 ROWS = [{"prompt": "hello", "completion": " world"}, {"prompt": "how", "completion": " are you"},
         {"prompt": "fine", "completion": " thanks today"}]

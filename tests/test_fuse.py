@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from finetune.models import build
+from finetune.engines.mlx.model import build
 from finetune.shell.export import adapters
 
 VARIANTS = ("llama", "llama-tied", "gpt2")

@@ -16,13 +16,13 @@ from finetune.core.convert import hf_to_mlx
 from finetune.core.records import Message
 from finetune.core.templates import render
 from finetune.core.tokenize import tokenize
-from finetune.models import build
-from finetune.shell.models import generate as gen
-from finetune.shell.models.generate import TextStream, build_prompt, decoder, generate
-from finetune.shell.models.sampling import sample
-from finetune.shell.models.tokenizer import encoder, load_tokenizer, specials, train_bpe
-from finetune.shell.models.weights import read_checkpoint
-from finetune.shell.runtime import backend
+from finetune.engines.mlx import device as backend
+from finetune.engines.mlx import generate as gen
+from finetune.engines.mlx.generate import TextStream, build_prompt, decoder, generate
+from finetune.engines.mlx.model import build
+from finetune.engines.mlx.sampling import sample
+from finetune.files.tokenizer import encoder, load_tokenizer, specials, train_bpe
+from finetune.files.weights import read_checkpoint
 
 VARIANTS = ("llama", "qwen2", "gpt2")
 PROMPT = [5, 17, 33, 99, 120, 7]
@@ -213,7 +213,7 @@ def test_cli_streams_text_and_reports_speed(model_dir, tokenizer, capsys, monkey
     stats = err.strip().splitlines()[-1]
     assert stats.endswith("tokens/s)") and "tokens/s (prompt: " in stats
     # The streamed text is exactly the decoded greedy tokens of the library call.
-    from finetune.shell.models.load import load_model
+    from finetune.engines.mlx.load import load_model
 
     model, tok = load_model(str(model_dir)).unwrap()
     plan = build_prompt(tok, text="SELECT name").unwrap()
@@ -323,8 +323,8 @@ def test_torch_engine_greedy_equals_the_mlx_engine(parity, variant):
 def test_torch_nucleus_keeps_the_tokens_mlx_keeps():
     import numpy as np
 
+    from finetune.engines.mlx.sampling import nucleus
     from finetune.engines.torch.generate import nucleus as torch_nucleus
-    from finetune.shell.models.sampling import nucleus
 
     rng = np.random.default_rng(0)
     logits = np.round(rng.standard_normal(64) * 3, 1).astype(np.float32)  # rounded: ties happen

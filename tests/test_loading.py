@@ -20,10 +20,10 @@ from returns.result import Failure, Success
 
 import finetune
 from finetune.cli import main
+from finetune.engines.mlx.load import load_model
 from finetune.errors import UserError
-from finetune.shell.models.load import load_model
-from finetune.shell.models.torchbin import read_torch_bin
-from finetune.shell.models.weights import read_checkpoint
+from finetune.files.torchbin import read_torch_bin
+from finetune.files.weights import read_checkpoint
 
 TOL = 1e-4
 

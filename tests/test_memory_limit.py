@@ -17,9 +17,9 @@ from test_training import jsonl, reverse_rows, write_model
 
 from finetune.core import batching, memplan
 from finetune.core.config import Recipe
+from finetune.engines.mlx import step as trainer
+from finetune.files.tokenizer import load_tokenizer
 from finetune.shell.data import check
-from finetune.shell.models.tokenizer import load_tokenizer
-from finetune.shell.training import trainer
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def recipe(llama_dir, data, out) -> Recipe:
 
 def planned(r: Recipe, limit: float):
     inspection = check.inspect(r).unwrap()
-    from finetune.shell.training import budget
+    from finetune.engines.mlx import budget
 
     return budget.plan(inspection.report.recipe, inspection.report.facts, inspection.tokens["train"], limit)
 
@@ -78,7 +78,7 @@ def test_a_limit_splits_each_batch_into_micro_steps_with_the_same_result(tmp_pat
 def _est(r: Recipe, micro: int) -> float:
     """The estimate at a micro-batch of `micro` rows (through the planner's own shapes)."""
     inspection = check.inspect(r).unwrap()
-    from finetune.shell.training.run import plan as batch_plan
+    from finetune.engines.mlx.run import plan as batch_plan
 
     rr = inspection.report.recipe
     work = memplan.workload(batch_plan(inspection.tokens["train"], rr), inspection.tokens["train"], rr.train.max_seq_length)

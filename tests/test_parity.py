@@ -13,8 +13,8 @@ from hf_models import VARIANTS, build_hf, save_hf
 from returns.result import Failure, Success
 
 from finetune.core.convert import expected_shapes, hf_to_mlx, mlx_to_hf
-from finetune.models import build
-from finetune.shell.models.weights import read_checkpoint
+from finetune.engines.mlx.model import build
+from finetune.files.weights import read_checkpoint
 
 TOL = 1e-4
 VOCAB = 256

@@ -19,8 +19,9 @@ from cli_run import one_line_error, run_cli
 from PIL import Image
 
 from finetune.core.convert import mlx_to_hf
-from finetune.models import build
-from finetune.shell.training import plot, recipes, run
+from finetune.engines.mlx import run
+from finetune.engines.mlx.model import build
+from finetune.shell.training import plot, recipes
 
 ROOT = Path(__file__).parents[1]
 

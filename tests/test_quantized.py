@@ -18,7 +18,7 @@ from mlx_lm import convert
 
 from finetune.core import quantization
 from finetune.core.fusing import fused_config
-from finetune.shell.models.quantized import layers as quantized_layers
+from finetune.engines.mlx.quantized import layers as quantized_layers
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2")
 

@@ -8,7 +8,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from finetune.models import quantized_cpu
+from finetune.engines.mlx import quantized_cpu
 
 MODES = [("affine", 64, 4), ("affine", 32, 8), ("affine", 128, 2), ("mxfp4", None, None), ("nvfp4", None, None)]
 

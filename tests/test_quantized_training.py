@@ -16,8 +16,8 @@ from mlx.utils import tree_flatten
 from test_quantized import float_source, llama_and_rows, mlx_convert
 
 import finetune
+from finetune.engines.mlx.lora import LoRALinear
 from finetune.errors import UserError
-from finetune.models.lora import LoRALinear
 
 TRAIN = ("--iters", "3", "--batch-size", "2", "--learning-rate", "1e-2", "--lora-rank", "4")
 
@@ -94,7 +94,7 @@ def test_quantize_bits_on_a_quantized_checkpoint_and_a_group_that_does_not_divid
 
 
 def test_only_lora_trains_in_float32_on_a_quantized_base(bases, q4_run):
-    from finetune.shell.training.trainer import flat_trainable
+    from finetune.engines.mlx.step import flat_trainable
 
     model = ours(bases["q4"], q4_run)
     model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
@@ -163,8 +163,8 @@ def test_qlora_in_bfloat16_keeps_lora_the_optimizer_and_the_loss_in_float32(tmp_
 
 def test_quantizing_on_load_never_holds_the_whole_float_model(tmp_path, bases):
     from finetune.core import quantization
-    from finetune.models import build
-    from finetune.shell.models.load import load_model
+    from finetune.engines.mlx.load import load_model
+    from finetune.engines.mlx.model import build
 
     config = {**json.loads((bases["float"] / "config.json").read_text()), "hidden_size": 256,
               "intermediate_size": 704, "num_hidden_layers": 4, "head_dim": 64, "tie_word_embeddings": False}

@@ -25,8 +25,8 @@ from test_quantized import llama_and_rows, mlx_convert
 import finetune
 from finetune.core import memory, modelinfo
 from finetune.core.config import Recipe
+from finetune.engines.mlx import step as trainer
 from finetune.errors import UserError
-from finetune.shell.training import trainer
 
 TRAIN = ("--iters", "2", "--batch-size", "2", "--learning-rate", "1e-2", "--lora-rank", "4", "--val-batches", "1")
 Q4 = ("--quantize-bits", "4", "--quantize-group-size", "32")

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 from finetune.core.records import Message, Sample
 from finetune.core.templates import render, render_prompt
 from finetune.core.tokenize import tokenize
-from finetune.shell.models.tokenizer import encoder, load_tokenizer, specials
+from finetune.files.tokenizer import encoder, load_tokenizer, specials
 
 CORPUS = ["hello world, how are you?\nfine thanks", "SELECT name FROM t WHERE x = 1\n", "assistant user system\n"] * 40
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]

@@ -136,9 +136,9 @@ def test_greedy_text_equals_ft_generate_with_and_without_the_adapter(server, exp
 
 
 def test_usage_and_finish_reasons(server):
-    from finetune.shell.models.generate import build_prompt
+    from finetune.engines.mlx.generate import build_prompt
+    from finetune.files.tokenizer import load_tokenizer
     from finetune.shell.models.tiny import ensure_tiny
-    from finetune.shell.models.tokenizer import load_tokenizer
 
     client = server.client()
     out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0)

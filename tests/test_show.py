@@ -12,8 +12,8 @@ from cli_run import one_line_error, run_cli
 from rich.console import Console
 from test_sentencepiece import sp_tokenizer  # noqa: F401 (a fixture: a Metaspace tokenizer)
 
+from finetune.files.tokenizer import load_tokenizer
 from finetune.shell.data import show
-from finetune.shell.models.tokenizer import load_tokenizer
 from finetune.shell.training import recipes
 
 SQL = [{"prompt": f"table: users\nQ: What is the name of row {i}?\nA: ", "completion": f"SELECT name FROM users WHERE id = {i}"}

@@ -10,8 +10,8 @@ from finetune.core.prepare import encode_samples
 from finetune.core.records import Message, Sample
 from finetune.core.templates import Jinja, choose, end_of_turn, render, render_prompt
 from finetune.core.tokenize import Specials, Tokens, tokenize, truncate
+from finetune.files.tokenizer import CHATML_TEMPLATE, encoder, specials
 from finetune.shell.data.check import template_for
-from finetune.shell.models.tokenizer import CHATML_TEMPLATE, encoder, specials
 
 SYSTEM, USER1, BOT1, USER2, BOT2 = "Be brief.", "hello", "world", "how are you?", "fine"
 CHAT = Sample(

@@ -13,9 +13,9 @@ from transformers import LlamaForCausalLM
 
 from finetune.cli import main
 from finetune.core.convert import expected_shapes
+from finetune.engines.mlx.load import load_model
+from finetune.files.weights import read_checkpoint, safetensors_header
 from finetune.shell.models import tiny
-from finetune.shell.models.load import load_model
-from finetune.shell.models.weights import read_checkpoint, safetensors_header
 
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")
 

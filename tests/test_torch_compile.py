@@ -21,8 +21,8 @@ from finetune.core import batching
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
 from finetune.engines.torch import run as torch_run
-from finetune.engines.torch import train as ttrain
-from finetune.shell.models.tokenizer import load_tokenizer
+from finetune.engines.torch import step as ttrain
+from finetune.files.tokenizer import load_tokenizer
 
 torch.set_num_threads(1)  # the test machine's cores are shared
 

@@ -74,7 +74,7 @@ def metrics(run: Path) -> list[dict]:
 
 def test_twenty_float32_steps_match_the_mlx_engine(tmp_path, data):
     from finetune import load
-    from finetune.shell.training import run as mlx_run
+    from finetune.engines.mlx import run as mlx_run
 
     mlx_dir, torch_dir = tmp_path / "mlx", tmp_path / "torch"
     r_mlx = recipe(data, mlx_dir)
@@ -130,7 +130,7 @@ def test_a_torch_run_on_other_architectures_loads_in_the_mlx_engine_with_its_log
     from transformers import AutoModelForCausalLM
 
     from finetune import load
-    from finetune.shell.models.tokenizer import load_tokenizer
+    from finetune.files.tokenizer import load_tokenizer
 
     config = tiny_config(variant)
     config.vocab_size = len(load_tokenizer(tokenizer_dir))  # the data's tokenizer
@@ -154,7 +154,7 @@ def test_a_torch_run_on_other_architectures_loads_in_the_mlx_engine_with_its_log
 
 def test_packed_rows_train_like_the_mlx_engine(tmp_path, data):
     """Per-document attention: the first packed step's loss is the MLX engine's."""
-    from finetune.shell.training import run as mlx_run
+    from finetune.engines.mlx import run as mlx_run
 
     r = recipe(data, tmp_path / "torch", iters=2, report_every=1, eval_every=0, save_every=0, max_seq_length=64)
     r = msgspec.structs.replace(r, data=msgspec.structs.replace(r.data, packing=True))
@@ -215,12 +215,12 @@ def test_the_engines_do_not_import_each_other():
     """The torch engine runs without MLX; the MLX engine's training never loads torch."""
     block_mlx = (
         BLOCK_MLX +
-        "import finetune.engines.torch.run, finetune.engines.torch.train\n"
+        "import finetune.engines.torch.run, finetune.engines.torch.step\n"
     )
     subprocess.run([sys.executable, "-c", block_mlx], check=True)
     check_torch = (
         "import sys\n"
-        "import finetune.shell.training.run, finetune.shell.training.trainer, finetune.cli.train\n"
+        "import finetune.engines.mlx.run, finetune.engines.mlx.step, finetune.cli.train\n"
         "assert 'torch' not in sys.modules, 'the MLX engine imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", check_torch], check=True)

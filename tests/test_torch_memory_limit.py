@@ -18,10 +18,10 @@ from finetune.core import memory, memplan
 from finetune.core.config import Recipe
 from finetune.engines import rundir
 from finetune.engines.torch import budget
-from finetune.engines.torch import model as tmodel
-from finetune.engines.torch import train as ttrain
+from finetune.engines.torch import lora as tmodel
+from finetune.engines.torch import step as ttrain
+from finetune.files.tokenizer import load_tokenizer
 from finetune.shell.data import check
-from finetune.shell.models.tokenizer import load_tokenizer
 
 torch.set_num_threads(1)  # agents share two cores here
 CPU = torch.device("cpu")

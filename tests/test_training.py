@@ -33,12 +33,13 @@ from finetune.core import recipe as core_recipe
 from finetune.core.config import TrainingConfig
 from finetune.core.convert import mlx_to_hf
 from finetune.core.tokenize import Tokens
-from finetune.models import build
-from finetune.models import lora as lora_modules
+from finetune.engines.mlx import lora as lora_modules
+from finetune.engines.mlx import step as trainer
+from finetune.engines.mlx.model import build
+from finetune.engines.mlx.step import supervised_ce
+from finetune.files.tokenizer import load_tokenizer
 from finetune.shell.export import adapters
-from finetune.shell.models.tokenizer import load_tokenizer
-from finetune.shell.training import recipes, trainer
-from finetune.shell.training.trainer import supervised_ce
+from finetune.shell.training import recipes
 
 ROOT = Path(__file__).parents[1]
 METRIC_FIELDS = (

@@ -66,7 +66,7 @@ def generate(
     chat = None if messages is None else _messages(messages)
 
     from finetune.engines import choose
-    from finetune.shell.models.generate import TextStream, build_prompt, decoder
+    from finetune.engines.mlx.generate import TextStream, build_prompt, decoder
 
     engine, why = choose.for_model(backend, model, adapter_quantized=_trained_quantized(adapter))
     load = _load_torch if engine == "torch" else _load_mlx
@@ -104,9 +104,9 @@ def generate(
 
 def _load_mlx(model: str, adapter: str | None, device: str | None, why: str, verbose: bool):
     """(model, tokenizer, token generator) of the MLX engine; the backend line first."""
-    from finetune.shell.models.generate import generate as tokens
-    from finetune.shell.models.load import load_model
-    from finetune.shell.runtime import backend
+    from finetune.engines.mlx import device as backend
+    from finetune.engines.mlx.generate import generate as tokens
+    from finetune.engines.mlx.load import load_model
 
     info = backend.select(device)  # before loading: dtype="auto" depends on the device
     print(backend.describe(info, why), file=sys.stderr)

@@ -165,7 +165,7 @@ def _mlx_info(model: str, revision: str, load: bool):
 
     loaded = ""
     if load:
-        from finetune.shell.models.load import load_model
+        from finetune.engines.mlx.load import load_model
 
         start = time.perf_counter()
         match load_model(model, revision=revision):
@@ -208,7 +208,7 @@ def _torch_info(model: str, revision: str, load: bool, why: str):
     if load:
         from pathlib import Path
 
-        from finetune.engines.torch.model import load_base
+        from finetune.engines.torch.lora import load_base
 
         start = time.perf_counter()
         match load_base(Path(found.directory), dtype, model):

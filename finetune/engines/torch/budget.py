@@ -23,7 +23,7 @@ from finetune.core.config import Recipe
 from finetune.core.modelinfo import ModelFacts
 from finetune.core.tokenize import Tokens
 from finetune.engines import rundir
-from finetune.shell.paths import write_text
+from finetune.files.paths import write_text
 
 # Copies of each activation term (core.memory.activation_terms) the torch engine keeps at its peak
 # on the CPU: least squares over 12 measured runs (SmolLM-135M's width, 2 and 6 layers, 2-8 rows of

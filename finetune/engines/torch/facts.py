@@ -15,7 +15,7 @@ import torch
 from returns.result import Failure, Result, Success
 
 from finetune.core.modelinfo import ModelFacts
-from finetune.engines.torch import model as tmodel
+from finetune.engines.torch import lora as tmodel
 
 CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 

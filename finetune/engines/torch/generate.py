@@ -22,7 +22,7 @@ from torch import nn
 from finetune.core import adapters as core_adapters
 from finetune.core import dtypes, quantization
 from finetune.core.config import Recipe
-from finetune.engines.torch import model as tmodel
+from finetune.engines.torch import lora as tmodel
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass while filling the cache
 USE_MLX = "the torch engine loads float checkpoints only; use --backend mlx"
@@ -30,8 +30,8 @@ USE_MLX = "the torch engine loads float checkpoints only; use --backend mlx"
 
 def load(spec: str, adapter: str | None, device: torch.device, revision: str = "main") -> Result[tuple[nn.Module, Any], str]:
     """`(causal LM, tokenizer)` on `device` in eval mode, the adapter (if any) attached through peft."""
+    from finetune.files.tokenizer import load_tokenizer
     from finetune.shell.models import sources
-    from finetune.shell.models.tokenizer import load_tokenizer
 
     match sources.model_dir(spec, revision).bind(lambda d: sources.read_config(d).map(lambda c: (d, c))):
         case Success((directory, config)):
@@ -62,9 +62,9 @@ def load(spec: str, adapter: str | None, device: torch.device, revision: str = "
 def dtype_for(directory: Path, config: dict, device: torch.device) -> torch.dtype:
     """The MLX engine's rule for generation: float32 on the CPU, a half-precision checkpoint's own
     dtype on a GPU (so greedy output matches across engines where both compute in float32)."""
+    from finetune.engines.mlx.load import resolve_dtype
     from finetune.engines.torch.device import DTYPES
-    from finetune.shell.models.load import resolve_dtype
-    from finetune.shell.models.weights import checkpoint_dtype
+    from finetune.files.weights import checkpoint_dtype
 
     stored = checkpoint_dtype(directory) or config.get("torch_dtype") or config.get("dtype")
     return DTYPES[resolve_dtype("auto", stored, device.type != "cpu")]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from finetune.engines.torch.model import Lora
+from finetune.engines.torch.lora import Lora
 
 
 @torch.no_grad()

@@ -23,13 +23,13 @@ from finetune.engines import rundir
 from finetune.engines.rundir import World, plan  # noqa: F401  (the engine's surface, as shell.run's)
 from finetune.engines.torch import budget, distributed, packing
 from finetune.engines.torch import device as devices
-from finetune.engines.torch import model as tmodel
-from finetune.engines.torch import train as ttrain
+from finetune.engines.torch import lora as tmodel
+from finetune.engines.torch import step as ttrain
 from finetune.errors import UserError
+from finetune.files.paths import cache_root, write_safetensors, write_text
 from finetune.shell.data import check, report
 from finetune.shell.evaluation import training as exact_match
 from finetune.shell.models import sources
-from finetune.shell.paths import cache_root, write_safetensors, write_text
 from finetune.shell.training import checkpoints, recipes
 
 Log = Callable[[str], None]

@@ -20,7 +20,7 @@ from returns.result import Failure, Result, Success
 from torch import nn
 
 from finetune.core import dtypes
-from finetune.shell.models import weights
+from finetune.files import weights
 
 _LIST = 3  # tensor names a message shows
 

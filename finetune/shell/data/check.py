@@ -166,7 +166,7 @@ def _estimate(facts: modelinfo.ModelFacts, recipe: Recipe, train: list[Tokens] |
 
 
 def _model(recipe: Recipe, engine: str) -> Result[tuple[modelinfo.ModelFacts, Tokenizing], str]:
-    from finetune.shell.models.tokenizer import load_tokenizer
+    from finetune.files.tokenizer import load_tokenizer
 
     def read_facts(directory: Path, config: dict) -> Result[modelinfo.ModelFacts, str]:
         if engine == "torch" and config.get("model_type") not in architectures.REGISTRY:
@@ -211,7 +211,7 @@ def encode_split(recipe: Recipe, samples, tok: Tokenizing | None, chosen: dict[s
     """Render and tokenize one split's samples with the recipe's templates; records the choices."""
     if tok is None:
         return [], []
-    from finetune.shell.models.tokenizer import encoder, specials
+    from finetune.files.tokenizer import encoder, specials
 
     sp, enc = specials(tok.tokenizer), encoder(tok.tokenizer)
     picked: dict[str, templates.Template] = {}

@@ -10,8 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from finetune.files.paths import write_text
 from finetune.shell.data.check import ValidationReport
-from finetune.shell.paths import write_text
 
 METRICS = "metrics.jsonl"
 

@@ -47,8 +47,8 @@ def read(recipe: Recipe, path: Path, tokenizer: Any, limit: int | None = None,
     Templates, supervision and truncation are the recipe's (as training renders the rows); text
     rows split at `answer_after` (default: the recipe's). Bad rows fail with file and line.
     """
-    from finetune.shell.models.generate import build_prompt, decoder
-    from finetune.shell.models.tokenizer import encoder, specials
+    from finetune.engines.mlx.generate import build_prompt, decoder
+    from finetune.files.tokenizer import encoder, specials
 
     rows, read_errors = datasets.read_rows(path)
     samples, shape_errors = prepare.normalise_rows(rows, recipe.data.format)

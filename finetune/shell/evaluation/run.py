@@ -137,7 +137,7 @@ def _one(engine: Any, model: Any, tokenizer: Any, name: str, cases: rows.Cases, 
 def answers(greedy: Callable[..., list[list[int]]], model: Any, tokenizer: Any, cases: rows.Cases, options: Options,
             advance: Callable[[int], None] = lambda n: None) -> Iterator[Outcome]:
     """Greedy answers (an engine's `greedy`) batch by batch, each judged against its reference, in row order."""
-    from finetune.shell.models.generate import decoder
+    from finetune.engines.mlx.generate import decoder
 
     decode = decoder(tokenizer)
     budget = options.max_tokens or max_reference(cases.cases) + AUTO_MARGIN
@@ -181,10 +181,10 @@ def _record(o: Outcome) -> dict:
 
 def _engine(name: str) -> Any:
     if name == "torch":
-        from finetune.shell.evaluation import torch_engine
+        from finetune.engines.torch import evaluate as torch_engine
 
         return torch_engine
-    from finetune.shell.evaluation import mlx_engine
+    from finetune.engines.mlx import evaluate as mlx_engine
 
     return mlx_engine
 

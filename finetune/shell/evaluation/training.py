@@ -48,9 +48,9 @@ def _generator(model: Any, engine: str) -> tuple[Any, Callable[..., list[list[in
     """(what decodes, how): the MLX model itself, or the torch engine's transformers model under
     the training's autocast (a half-precision base keeps float32 LoRA factors)."""
     if engine == "torch":
-        from finetune.shell.evaluation import torch_engine
+        from finetune.engines.torch import evaluate as torch_engine
 
         return model.lm, partial(torch_engine.greedy, half=model.half_precision())
-    from finetune.shell.evaluation import mlx_engine
+    from finetune.engines.mlx import evaluate as mlx_engine
 
     return model, mlx_engine.greedy

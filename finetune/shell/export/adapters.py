@@ -20,8 +20,8 @@ from finetune.core import adapters as core_adapters
 from finetune.core import architectures, lora
 from finetune.core import peft as core_peft
 from finetune.core.dtypes import BF16
+from finetune.files.paths import write_dir, write_safetensors, write_text
 from finetune.shell.export import tensorfile
-from finetune.shell.paths import write_dir, write_safetensors, write_text
 
 if TYPE_CHECKING:  # MLX only where an adapter meets an MLX model
     import mlx.core as mx
@@ -41,7 +41,7 @@ FORMATS = {
 
 def model_kind(model: nn.Module) -> str:
     """`gpt2` when the blocks live under `transformer.h`, else the Llama family's naming."""
-    from finetune.models import lora as lora_modules
+    from finetune.engines.mlx import lora as lora_modules
 
     return architectures.family_of_blocks(lora_modules.layers_prefix(model)).family
 
@@ -54,7 +54,7 @@ def save(directory: Path, params: Mapping[str, mx.array], spec: core_adapters.Ad
 
 def expected_shapes(model: nn.Module, spec: core_adapters.AdapterSpec) -> dict[str, tuple[int, int]]:
     """`{module path: (in, out)}` of the linears an adapter with `spec` targets in `model`."""
-    from finetune.models import lora as lora_modules
+    from finetune.engines.mlx import lora as lora_modules
 
     block = lora_modules.block_linears(model)
     keys = lora.resolve_keys(spec.keys or ("all-linear",), block)
@@ -68,7 +68,7 @@ def expected_shapes(model: nn.Module, spec: core_adapters.AdapterSpec) -> dict[s
 
 def attach(model: nn.Module, directory: str | Path) -> Result[nn.Module, str]:
     """Load an adapter directory of any format onto `model` (frozen base, LoRA layers swapped in)."""
-    from finetune.models import lora as lora_modules
+    from finetune.engines.mlx import lora as lora_modules
 
     match load_any(directory):
         case Failure(message):
@@ -137,7 +137,7 @@ def base_quantization(directory: str | Path) -> Result[dict[str, Any] | None, st
 def _attached(model: nn.Module, adapter: Adapter) -> nn.Module:
     import mlx.core as mx
 
-    from finetune.models import lora as lora_modules
+    from finetune.engines.mlx import lora as lora_modules
 
     lora_modules.attach(model, mlx_arrays(adapter.params), adapter.scale)
     mx.eval(model.parameters())
@@ -180,7 +180,7 @@ def _read_json(path: Path) -> Result[Any, str]:
 
 def _read_tensors(path: Path) -> Result[dict[str, np.ndarray], str]:
     if path.suffix == ".bin":
-        from finetune.shell.models.torchbin import read_torch_bin_numpy
+        from finetune.files.torchbin import read_torch_bin_numpy
 
         return read_torch_bin_numpy(path)
     return tensorfile.read(path)

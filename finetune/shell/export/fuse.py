@@ -22,8 +22,9 @@ from returns.result import Failure, Result, Success
 
 from finetune.core import dtypes, fusing, quantization
 from finetune.core.quantization import Quant
+from finetune.files import weights
 from finetune.shell.export import adapters, fuse_base, fuse_check, tensorfile
-from finetune.shell.models import sources, weights
+from finetune.shell.models import sources
 
 Log = Callable[[str], None]
 PROMPT = ("The quick brown fox jumps over the lazy dog. SELECT name, age FROM users WHERE id = 42;\n"
@@ -158,7 +159,7 @@ def _float32(tensors: dict, plan: dict) -> dict:
 
 def _target(spec: str, revision: str, adapter: Path, output: Path, force: bool) -> Result[tuple[Path, dict], str]:
     """The base's directory and config, after checking OUTPUT can be written."""
-    from finetune.shell.models.load import model_config
+    from finetune.engines.mlx.load import model_config
 
     if output.exists() and not output.is_dir():
         return Failure(f"{output}: exists and is not a directory")
@@ -200,7 +201,7 @@ def _engine(backend: str | None, needs_mlx: str) -> Result[str, str]:
 def _write(output: Path, directory: Path, tensors: dict[str, np.ndarray], config: dict, metadata: str,
            max_shard_bytes: int, force: bool, log: Log) -> list[str]:
     """Config, weight shards (+ index) and the base's tokenizer files, as one rename."""
-    from finetune.shell.paths import write_dir
+    from finetune.files.paths import write_dir
 
     sizes = {k: v.nbytes for k, v in tensors.items()}
     plan = fusing.shard_plan(sizes, max_shard_bytes)
@@ -238,7 +239,7 @@ def _default_dtype(directory: Path, config: dict) -> str:
 
 def _check_rows(directory: Path, data: str | None, rows: int, vocab: int) -> Result[list[list[int]], str]:
     """Token ids of the check rows: the first `rows` of `data`'s train split, else a fixed prompt."""
-    from finetune.shell.models.tokenizer import load_tokenizer
+    from finetune.files.tokenizer import load_tokenizer
 
     texts = [PROMPT]
     if data is not None:

@@ -15,8 +15,8 @@ from returns.result import Failure, Result, Success
 from finetune.core import affine, dtypes, fusing, quantization
 from finetune.core.dtypes import BF16
 from finetune.core.quantization import Params, Quant
+from finetune.files import weights
 from finetune.shell.export import adapters, tensorfile
-from finetune.shell.models import weights
 
 
 class Base(Struct, frozen=True, kw_only=True):
@@ -31,7 +31,7 @@ class Base(Struct, frozen=True, kw_only=True):
 def read_checkpoint(directory: Path) -> Result[dict[str, np.ndarray], str]:
     """Every tensor of a HF model directory as NumPy arrays, shards merged."""
     from finetune.core.convert import merge_shards
-    from finetune.shell.models.torchbin import read_torch_bin_numpy
+    from finetune.files.torchbin import read_torch_bin_numpy
 
     match weights.checkpoint_files(directory):
         case Success(files):

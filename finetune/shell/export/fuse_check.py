@@ -1,6 +1,6 @@
 """The logits `ft fuse` checks before writing, run by one engine's own libraries.
 
-MLX: our modules (`finetune.models`), quantized layers as mlx-lm runs them. torch: the
+MLX: our modules (`finetune.engines.mlx.model`), quantized layers as mlx-lm runs them. torch: the
 transformers model for the same config. Either way the adapter model is the base plus the unfused
 LoRA path (`y = W x + scale · (x A) B`), so the check compares the NumPy-fused weights against an
 independent computation. Each engine is imported only when chosen.
@@ -38,10 +38,10 @@ def logits(
 def _mlx(config, rows, base, plan, pairs, scale, variants, variant_plan):
     import mlx.core as mx
 
-    from finetune.models import build
-    from finetune.models import lora as lora_modules
+    from finetune.engines.mlx import lora as lora_modules
+    from finetune.engines.mlx import quantized
+    from finetune.engines.mlx.model import build
     from finetune.shell.export.adapters import mlx_arrays
-    from finetune.shell.models import quantized
 
     def model_of(tensors: Tensors, plan: Mapping[str, Params]):
         model = build(config)

@@ -37,8 +37,8 @@ def fuse_to_gguf(model_spec: str, adapter: Path, output: Path, *, gguf_type: str
                  data: str | None = None, rows: int = 4, force: bool = False, revision: str = "main",
                  backend: str | None = None, log: Log = lambda _: None) -> Result[FusedGGUF, str]:
     """Fuse `adapter` into `model_spec` and write the GGUF file `output`, or a one-line reason."""
+    from finetune.engines.mlx.load import model_config
     from finetune.shell.export.fuse import fuse
-    from finetune.shell.models.load import model_config
 
     match gguf_export.check_target(output, force, gguf_type or "f32").bind(lambda _: model_config(model_spec, revision)):
         case Success((directory, config)):
@@ -70,8 +70,8 @@ def choose_type(requested: str | None, directory: Path, config: Mapping[str, Any
     default, a base converted from a GGUF file back to its own type where gguf can write it (else F16),
     a float base at its own dtype."""
     from finetune.core import quantization
+    from finetune.files import weights
     from finetune.shell.export import adapters
-    from finetune.shell.models import weights
 
     quant = quantization.from_config(config).value_or(None)
     if quant is None and adapter is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from msgspec import Struct
 
-from finetune.shell.paths import write_text
+from finetune.files.paths import write_text
 
 TEMPLATES = ("chatml", "llama3")  # what `translate` understands
 

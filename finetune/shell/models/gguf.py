@@ -21,7 +21,7 @@ import numpy as np
 from returns.result import Failure, Result, Success
 
 from finetune.core import gguf as mapping
-from finetune.shell.paths import build_dir, cache_root
+from finetune.files.paths import build_dir, cache_root
 
 FORMAT = 1  # bump when the converted layout changes: old caches are then rebuilt
 DEQUANTIZED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
@@ -176,7 +176,7 @@ def _provenance(source: Source) -> dict[str, Any]:
 
 def write_tokenizer(metadata: Mapping[str, Any], out: Path) -> None:
     """Tokenizer files from `tokenizer.ggml.*` and `tokenizer.chat_template`, as transformers builds them."""
-    from finetune.shell.models.tokenizer import _quiet_transformers
+    from finetune.files.tokenizer import _quiet_transformers
 
     _quiet_transformers()
     from transformers import PreTrainedTokenizerFast

@@ -10,7 +10,9 @@ from returns.result import Failure, Result, Success
 
 from finetune.core import memory, modelinfo
 from finetune.core.config import Recipe
-from finetune.shell.models import manager, sources, tiny, weights
+from finetune.engines.mlx import manager
+from finetune.files import weights
+from finetune.shell.models import sources, tiny
 
 DEMO_NOTE = "pipeline demo: random weights from a fixed seed, not a useful language model"
 
@@ -160,7 +162,7 @@ def info(spec: str, revision: str = "main", gpu: bool | None = None, engine: str
     `gpu`: whether the engine computes on a GPU (None: ask MLX where it computes now).
     `engine="torch"`: architectures outside the MLX engine's are read through transformers.
     """
-    from finetune.shell.models.load import model_config, on_gpu, resolve_dtype
+    from finetune.engines.mlx.load import model_config, on_gpu, resolve_dtype
 
     match model_config(spec, revision, any_architecture=engine == "torch"):
         case Success((directory, config)):

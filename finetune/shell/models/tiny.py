@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.files.paths import build_dir, cache_root
 from finetune.shell.data.datasets import bundled_names, bundled_root
-from finetune.shell.paths import build_dir, cache_root
 
 VERSION = 3  # 3: weights drawn with NumPy (2: MLX's RNG), so a machine without MLX builds it
 SEED = 1234
@@ -97,7 +97,7 @@ def _build(out: Path) -> None:
     from safetensors.numpy import save_file
 
     from finetune.core.convert import mlx_to_hf
-    from finetune.shell.models.tokenizer import train_bpe
+    from finetune.files.tokenizer import train_bpe
 
     train_bpe(
         corpus(),

@@ -98,22 +98,22 @@ class MlxEngine(Engine):
     name = "mlx"
 
     def load(self, spec: str, device: str | None, why: str) -> Result[None, str]:
-        from finetune.shell.models.load import load_model
-        from finetune.shell.runtime import backend
+        from finetune.engines.mlx import device as backend
+        from finetune.engines.mlx.load import load_model
 
         info = backend.select(device)  # before loading: dtype="auto" depends on the device
         print(backend.describe(info, why), file=sys.stderr)
         return self._keep(spec, load_model(spec))
 
     def tokens(self, ids: list[int], **sampling: Any) -> Iterator[int]:
-        from finetune.shell.models.generate import generate
+        from finetune.engines.mlx.generate import generate
 
         return generate(self.net, ids, **sampling)
 
     def prepare(self, directory: str) -> Result[Swap, str]:
         from finetune.core import quantization
+        from finetune.engines.mlx.quantized import check_record
         from finetune.shell.export.adapters import attach, base_quantization
-        from finetune.shell.models.quantized import check_record
 
         def checked(record: dict | None) -> Result[Any, str]:
             want = quantization.parse_block(record, directory).value_or(None) if record else None
@@ -130,7 +130,7 @@ class MlxEngine(Engine):
         mx.clear_streams()
 
     def _lora_layers(self) -> dict[str, Any]:
-        from finetune.models.lora import LoRALinear
+        from finetune.engines.mlx.lora import LoRALinear
 
         return {p: m for p, m in self.net.named_modules() if isinstance(m, LoRALinear)}
 

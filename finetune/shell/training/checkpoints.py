@@ -10,7 +10,7 @@ from typing import Any
 
 from returns.result import Failure, Result, Success
 
-from finetune.shell.paths import build_dir, write_safetensors
+from finetune.files.paths import build_dir, write_safetensors
 
 FORMAT = 1
 PREFIX = "step-"

@@ -12,7 +12,7 @@ from typing import Any
 from returns.result import Failure, Result, Success
 
 from finetune.errors import UserError
-from finetune.shell.paths import write_bytes
+from finetune.files.paths import write_bytes
 
 # matplotlib's tab10: one colour per run, in the order the runs are given.
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",

@@ -13,7 +13,7 @@ from finetune.core import flags as core_flags
 from finetune.core import recipe as core_recipe
 from finetune.core import tomlout
 from finetune.core.config import Recipe
-from finetune.shell.paths import write_text
+from finetune.files.paths import write_text
 
 SUFFIXES = (".toml", ".yaml", ".yml")
 

@@ -8,8 +8,8 @@ from typing import Any
 from returns.result import Success
 
 from finetune.core import prepare
+from finetune.engines.mlx.generate import build_prompt, decoder
 from finetune.shell.data import check, datasets
-from finetune.shell.models.generate import build_prompt, decoder
 
 MAX_TOKENS = 48
 
@@ -60,6 +60,6 @@ def _engine(prepared) -> tuple[Any, Any, Any]:
         half = prepared.model.half_precision()
         precision = torch.autocast(prepared.device.type, dtype=half, enabled=half is not None)
         return prepared.model.lm, generate, precision  # transformers' model with the peft layers in place
-    from finetune.shell.models.generate import generate
+    from finetune.engines.mlx.generate import generate
 
     return prepared.model, generate, nullcontext()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from finetune.models.attention import KVCache
+from finetune.engines.mlx.attention import KVCache
 
 
 class CausalLM(nn.Module):

@@ -15,6 +15,9 @@ from mlx.utils import tree_flatten, tree_map
 from finetune.core import batching, memory
 from finetune.core.config import TrainingConfig
 from finetune.engines import rundir
+from finetune.engines.mlx import distributed
+from finetune.engines.mlx.distributed import World
+from finetune.engines.mlx.loss import head_ce
 from finetune.engines.rundir import (  # engine-free, shared with the torch engine
     Cursor,
     Data,
@@ -23,9 +26,6 @@ from finetune.engines.rundir import (  # engine-free, shared with the torch engi
     StopFlag,
     Window,
 )
-from finetune.shell.training import distributed
-from finetune.shell.training.distributed import World
-from finetune.shell.training.loss import head_ce
 
 
 def supervised_ce(

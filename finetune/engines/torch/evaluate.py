@@ -101,7 +101,7 @@ class Scorer(nn.Module):
 def loss(lm: nn.Module, tokens: list[Tokens], recipe: Recipe) -> float:
     """The torch trainer's token-weighted loss on these rows (teacher-forced, supervised only)."""
     from finetune.engines import rundir
-    from finetune.engines.torch import train as ttrain
+    from finetune.engines.torch import step as ttrain
 
     device = next(lm.parameters()).device
     value = ttrain.evaluate(Scorer(lm), rundir.data(tokens, recipe), recipe.train.max_seq_length, -1, device)

@@ -8,8 +8,8 @@ import sys
 import mlx.core as mx
 from msgspec import Struct
 
+from finetune.engines.mlx import blas
 from finetune.errors import UserError
-from finetune.shell.runtime import blas
 
 
 class BackendInfo(Struct, frozen=True, kw_only=True):
@@ -87,7 +87,7 @@ def _system_memory() -> int:
 
 def describe(info: BackendInfo, why: str = "") -> str:
     """One line for stderr: device, memory, BLAS (and its file), compute dtype, why MLX; a hint when slow."""
-    from finetune.shell.training import distributed
+    from finetune.engines.mlx import distributed
 
     world = distributed.setup()  # joins mlx.launch's ranks; ranks above 0 print nothing from here
     ranks = f", {distributed.describe(world)}" if world.size > 1 else ""

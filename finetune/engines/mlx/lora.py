@@ -47,7 +47,7 @@ def attach(model: nn.Module, params: Mapping[str, mx.array], scale: float, dropo
     """Wrap every linear named in `params` (`<path>.lora_a/b`) in a LoRALinear, or a DoRALinear
     where `params` holds its magnitude `<path>.m` (or `dora`: `m` starts at the base's row norms);
     freeze the rest."""
-    from finetune.models.dora import DoRALinear, row_norms
+    from finetune.engines.mlx.dora import DoRALinear, row_norms
 
     model.freeze()
     modules = dict(model.named_modules())

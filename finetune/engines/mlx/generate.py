@@ -14,7 +14,7 @@ from returns.result import Result, Success
 from finetune.core import templates
 from finetune.core.records import Message
 from finetune.core.tokenize import Segment, tokenize
-from finetune.shell.models.tokenizer import encoder, specials
+from finetune.files.tokenizer import encoder, specials
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass while filling the cache
 # End-of-turn markers of common chat templates (ChatML/Qwen, Llama 3, Phi, Gemma).
@@ -40,7 +40,7 @@ def generate(
     """
     import mlx.core as mx
 
-    from finetune.shell.models.sampling import sample
+    from finetune.engines.mlx.sampling import sample
 
     if not prompt_ids:
         raise ValueError("generation needs at least one prompt token")

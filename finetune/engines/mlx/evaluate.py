@@ -18,9 +18,9 @@ from finetune.core.tokenize import Tokens
 
 def load(spec: str, device: str | None, why: str = "") -> tuple[Any, Any, str]:
     """(model, tokenizer, backend line) of the base model, on `device`."""
+    from finetune.engines.mlx import device as backend
+    from finetune.engines.mlx.load import load_model
     from finetune.errors import unwrap
-    from finetune.shell.models.load import load_model
-    from finetune.shell.runtime import backend
 
     info = backend.select(device)
     model, tokenizer = unwrap(load_model(spec))
@@ -36,14 +36,14 @@ def needs_own_base(adapter: str) -> bool:
 
 def load_with(spec: str, adapter: str) -> Result[Any, str]:
     """The base rebuilt as the adapter records it (quantized), with the adapter attached."""
-    from finetune.shell.models.load import load_model
+    from finetune.engines.mlx.load import load_model
 
     return load_model(spec, adapter=adapter).map(lambda pair: pair[0])
 
 
 def swap(model: Any, adapter: str | None) -> Result[Any, str]:
     """`model` with its LoRA layers removed, then `adapter` (if any) attached: the base stays loaded."""
-    from finetune.models.lora import LoRALinear
+    from finetune.engines.mlx.lora import LoRALinear
     from finetune.shell.export.adapters import attach
 
     plain = [(name, m.linear) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
@@ -91,7 +91,7 @@ def _last_logits(model: Any, ids: mx.array, mask: mx.array, cache: list, positio
 def loss(model: Any, tokens: list[Tokens], recipe: Recipe) -> float:
     """The trainer's token-weighted loss on these rows (teacher-forced, supervised tokens only)."""
     from finetune.engines import rundir
-    from finetune.shell.training import trainer
+    from finetune.engines.mlx import step as trainer
 
     value = trainer.evaluate(model, rundir.data(tokens, recipe), recipe.train.max_seq_length, -1)
     model.eval()  # evaluate leaves the model in training mode (dropout on)

@@ -16,7 +16,8 @@ from finetune.core import quantization
 from finetune.core.convert import SUPPORTED
 from finetune.core.quantization import Quant
 from finetune.errors import UserError
-from finetune.shell.models import sources, weights
+from finetune.files import weights
+from finetune.shell.models import sources
 
 if TYPE_CHECKING:  # MLX is imported where it is used: these modules also serve the torch engine
     import mlx.nn as nn
@@ -102,8 +103,8 @@ def load_model(
         return loaded
 
     def attach_adapter(pair: tuple[nn.Module, Any]) -> Result[tuple[nn.Module, Any], str]:
+        from finetune.engines.mlx.quantized import check_record
         from finetune.shell.export.adapters import attach
-        from finetune.shell.models.quantized import check_record
 
         want = quantization.parse_block(record, adapter).value_or(None) if record else None
         checked = check_record(pair[0], want, adapter, str(record.get(quantization.DIGEST, ""))) if record else Success(pair[0])
@@ -132,9 +133,9 @@ def _load_dir(
 ) -> Result[tuple[nn.Module, Any], str]:
     import mlx.core as mx
 
-    from finetune.models import build
-    from finetune.shell.models import manager
-    from finetune.shell.models.tokenizer import load_tokenizer
+    from finetune.engines.mlx import manager
+    from finetune.engines.mlx.model import build
+    from finetune.files.tokenizer import load_tokenizer
 
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         return Failure(
@@ -174,7 +175,7 @@ def _load_dir(
         model.load_weights(list(tensors.items()), strict=True)
         del tensors, converted  # quantizing on load: the lazy float weights are read once, layer by layer, then freed
         if quantize is not None:
-            from finetune.shell.models.quantized import quantize_on_load
+            from finetune.engines.mlx.quantized import quantize_on_load
 
             match quantize_on_load(model, quantize, "--quantize-group-size"):
                 case Failure(message):
@@ -190,7 +191,7 @@ def _load_quantized(
     spec: str, model: nn.Module, directory: Path, config: Mapping[str, Any], stored: Quant,
     dtype: str, quantize: Quant | None,
 ) -> Result[nn.Module, str]:
-    from finetune.shell.models.quantized import load_stored
+    from finetune.engines.mlx.quantized import load_stored
 
     if quantize is not None:
         return Failure(f"{spec} is already quantized ({stored.summary()}); drop --quantize-bits "

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from finetune.core import lora
-from finetune.models.lora import LoRALinear
+from finetune.engines.mlx.lora import LoRALinear
 
 
 def dense_weight(linear: nn.Module) -> mx.array:

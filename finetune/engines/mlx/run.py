@@ -20,6 +20,9 @@ from finetune.core.adapters import AdapterSpec
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
 from finetune.engines import rundir
+from finetune.engines.mlx import budget, distributed
+from finetune.engines.mlx import lora as lora_modules
+from finetune.engines.mlx import step as trainer
 from finetune.engines.rundir import (  # engine-free, shared with the torch engine
     Outcome,
     fingerprint,
@@ -27,11 +30,10 @@ from finetune.engines.rundir import (  # engine-free, shared with the torch engi
     plan,  # noqa: F401  (callers use run.plan)
     total_steps,
 )
-from finetune.models import lora as lora_modules
 from finetune.shell.data import check, report
 from finetune.shell.evaluation import training as exact_match
 from finetune.shell.export import adapters
-from finetune.shell.training import budget, checkpoints, distributed, recipes, trainer
+from finetune.shell.training import checkpoints, recipes
 
 Log = Callable[[str], None]
 
@@ -55,8 +57,8 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, memory_limi
     resolved one (model-dependent defaults filled in), which is what recipe.toml records.
     """
     from finetune.core import quantization
-    from finetune.shell.models.load import load_model
-    from finetune.shell.models.quantized import describe as describe_quantization
+    from finetune.engines.mlx.load import load_model
+    from finetune.engines.mlx.quantized import describe as describe_quantization
 
     match check.before_training(recipe, available_gb, log):
         case Success(inspection):
@@ -107,7 +109,7 @@ def prepare_run(recipe: Recipe, log: Log, available_gb: float = 0.0, memory_limi
 def _digest(model) -> str:
     """The quantized base's identity, recorded in the adapter (`quantization.codes_digest`)."""
     from finetune.core.quantization import codes_digest
-    from finetune.shell.models.quantized import codes
+    from finetune.engines.mlx.quantized import codes
 
     return codes_digest(codes(model))
 
@@ -145,7 +147,7 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
     if lead:
         recipes.save(recipe, run_dir / "recipe.toml")
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    from finetune.shell.models.quantized import unpacked_parameters
+    from finetune.engines.mlx.quantized import unpacked_parameters
 
     total = unpacked_parameters(model)  # a QLoRA base counts its weights, not its packed words
     rundir.log_start(log, trainable, total, steps, train_data, world)

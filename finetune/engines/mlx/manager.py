@@ -24,9 +24,9 @@ import msgspec
 from returns.result import Result, Success
 
 from finetune.core.convert import hf_to_mlx
-from finetune.shell.models import weights
-from finetune.shell.models.weights import cast_weights
-from finetune.shell.paths import cache_root, write_bytes, write_safetensors
+from finetune.files import weights
+from finetune.files.paths import cache_root, write_bytes, write_safetensors
+from finetune.files.weights import cast_weights
 
 if TYPE_CHECKING:  # MLX is imported where it is used: these modules also serve the torch engine
     import mlx.core as mx

@@ -14,9 +14,9 @@ from returns.result import Failure, Result, Success
 
 from finetune.core import quantization
 from finetune.core.quantization import Params, Quant
-from finetune.models import quantized_cpu
-from finetune.shell.models import weights
-from finetune.shell.models.weights import cast_weights
+from finetune.engines.mlx import quantized_cpu
+from finetune.files import weights
+from finetune.files.weights import cast_weights
 
 _FLOAT = (nn.Linear, nn.Embedding)
 _QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)

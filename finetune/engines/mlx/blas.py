@@ -20,7 +20,7 @@ from platform import machine as host_machine
 
 from msgspec import Struct
 
-# `python -m finetune.shell.runtime.blas` runs this file as __main__ after `import finetune` imported it
+# `python -m finetune.engines.mlx.blas` runs this file as __main__ after `import finetune` imported it
 # (to boot); runpy's warning about that is expected, and `_main` reads the booted module.
 warnings.filterwarnings("ignore", r"'finetune\.shell\.blas' found in sys\.modules", RuntimeWarning)
 
@@ -249,10 +249,8 @@ def matmul_gflops(n: int = 1024, dtype: str = "float32", repeats: int = 5) -> fl
 
 
 def _main() -> None:
-    """`python -m finetune.shell.runtime.blas`: the search order, what was loaded, and how fast it is."""
-    from finetune.shell.runtime import (
-        blas as booted,  # the module `import finetune` booted, not __main__
-    )
+    """`python -m finetune.engines.mlx.blas`: the search order, what was loaded, and how fast it is."""
+    from finetune.engines.mlx import blas as booted
 
     for name, path in find(os.environ.get("FT_BLAS_SEARCH_ROOT", "/")):
         print(f"found   {name}: {path}")

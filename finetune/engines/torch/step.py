@@ -25,8 +25,8 @@ from finetune.engines.rundir import (
     World,
 )
 from finetune.engines.torch import budget, distributed
+from finetune.engines.torch.lora import Lora
 from finetune.engines.torch.loss import head_ce
-from finetune.engines.torch.model import Lora
 from finetune.engines.torch.optim import Optimizer, clip_
 
 

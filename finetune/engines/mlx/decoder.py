@@ -14,15 +14,15 @@ import mlx.nn as nn
 
 from finetune.core import architectures
 from finetune.core.arch_rows import Decoder
-from finetune.models.attention import (
+from finetune.engines.mlx.attention import (
     KVCache,
     attention_mask,
     cache_offset,
     packed_mask,
     softcapped_attention,
 )
-from finetune.models.base import CausalLM
-from finetune.models.rope import RoPE
+from finetune.engines.mlx.base import CausalLM
+from finetune.engines.mlx.rope import RoPE
 
 # gelu_new / gelu_pytorch_tanh / gelu_fast are 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))) = gelu_approx.
 ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {

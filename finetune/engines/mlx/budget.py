@@ -14,7 +14,7 @@ from finetune.core import memory, memplan
 from finetune.core.config import Recipe
 from finetune.core.modelinfo import ModelFacts
 from finetune.core.tokenize import Tokens
-from finetune.shell.paths import write_text
+from finetune.files.paths import write_text
 
 
 def device_budget_gb() -> float:
@@ -41,7 +41,7 @@ def _mem_available() -> int:
 
 def plan(recipe: Recipe, facts: ModelFacts, train: list[Tokens], limit_gb: float) -> Result[memplan.MemoryPlan, str]:
     """Plan the run's micro-steps against `limit_gb` from the training data's actual batches."""
-    from finetune.shell.training.run import plan as batch_plan
+    from finetune.engines.mlx.run import plan as batch_plan
 
     batches = memplan.workload(batch_plan(train, recipe), train, recipe.train.max_seq_length)
     dtype = recipe.model.dtype if recipe.model.dtype in memory.BYTES else "float32"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from returns.result import Failure, Result, Success
 
-from finetune.shell.models.torchbin import read_torch_bin, read_torch_bin_numpy
+from finetune.files.torchbin import read_torch_bin, read_torch_bin_numpy
 
 if TYPE_CHECKING:  # MLX is imported where it is used: these modules also serve the torch engine
     import mlx.core as mx

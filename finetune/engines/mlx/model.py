@@ -19,5 +19,5 @@ def build(config: Mapping) -> nn.Module:
     model_type = config.get("model_type")
     if model_type not in architectures.REGISTRY:
         raise ValueError(architectures.unsupported(model_type))
-    module = importlib.import_module(f"finetune.models.{architectures.REGISTRY[model_type].module}")
+    module = importlib.import_module(f"finetune.engines.mlx.{architectures.REGISTRY[model_type].module}")
     return module.Model(module.args_from_config(config))
