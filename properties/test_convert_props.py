@@ -45,6 +45,9 @@ def llama_configs(draw, model_type: str) -> dict:
         config["head_dim"] = head_dim
     if model_type == "llama":
         config |= {"attention_bias": draw(st.booleans()), "mlp_bias": draw(st.booleans())}
+    if model_type == "gemma3":  # image-text: the sizes nest in text_config, the tie stays on top
+        tied = config.pop("tie_word_embeddings")
+        return {"model_type": "gemma3", "tie_word_embeddings": tied, "text_config": config | {"model_type": "gemma3_text"}}
     return config
 
 

@@ -183,6 +183,23 @@ def gemma3_hub_rope(c: Mapping[str, Any]) -> Mapping[str, Any]:
     }}
 
 
+# Gemma3TextConfig's defaults: hub image-text configs nest only what differs (4B: sizes, window, rope_scaling).
+GEMMA3_TEXT_DEFAULTS: Mapping[str, Any] = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+}
+
+
+def gemma3_text_part(c: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Gemma 3 image-text (`gemma3`): the nested `text_config` over Gemma3TextConfig's defaults; the
+    top-level `tie_word_embeddings` (default true) ties the head, as Gemma3ForConditionalGeneration reads it."""
+    text = c.get("text_config") or {}
+    if not isinstance(text, Mapping):
+        raise ValueError(f"text_config must be an object, got {type(text).__name__}")
+    return dict(GEMMA3_TEXT_DEFAULTS) | dict(text) | {"tie_word_embeddings": c.get("tie_word_embeddings", True)}
+
+
 def phi3_longrope(c: Mapping[str, Any]) -> Mapping[str, Any]:
     """Phi3Config reads old checkpoints' "su"/"yarn" scaling as longrope."""
     raw = c.get("rope_parameters") or c.get("rope_scaling") or {}

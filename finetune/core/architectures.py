@@ -54,7 +54,7 @@ class Dims(NamedTuple):
 class Architecture(NamedTuple):
     """One family of model types that share a module file and a checkpoint layout."""
 
-    family: str  # the naming family adapters are written in: "llama" or "gpt2"
+    family: str  # the naming family adapters are written in: "llama", "gpt2" or "gemma3"
     module: str  # the MLX module file: `finetune.models.<module>` (Model, args_from_config)
     read: Callable[[str, Mapping[str, Any]], Dims]  # config.json -> Dims (KeyError: missing field)
     top: tuple[Entry, ...]  # tensors outside the blocks
@@ -67,6 +67,10 @@ class Architecture(NamedTuple):
     prefix: str  # HF base-model prefix that bare checkpoints lack
     buffers: tuple[str, ...]  # key suffixes of non-parameter buffers to drop
     row: Row = Row()  # how the family computes (the decoder's reading of config.json)
+    # Image-text checkpoints: (stored prefix, ours) of the text model's older spellings, and the
+    # prefixes of the parts the text model does not hold (vision tower, projector), kept by `ft fuse`.
+    renames: tuple[tuple[str, str], ...] = ()
+    others: tuple[str, ...] = ()
 
 
 
@@ -139,7 +143,8 @@ def _tables(row: Row) -> tuple[tuple[Entry, ...], tuple[Entry, ...]]:
 
 def architecture(row: Row, family: str = "llama", read: Callable[[str, Mapping[str, Any]], Dims] | None = None,
                  conv1d: frozenset[str] = frozenset(), adapter_blocks: str = "",
-                 buffers: tuple[str, ...] = (".rotary_emb.inv_freq",)) -> Architecture:
+                 buffers: tuple[str, ...] = (".rotary_emb.inv_freq",), renames: tuple[tuple[str, str], ...] = (),
+                 others: tuple[str, ...] = ()) -> Architecture:
     """An `Architecture` whose tables come from `row.layout`."""
     n = row.layout
     top, layer = _tables(row)
@@ -148,6 +153,7 @@ def architecture(row: Row, family: str = "llama", read: Callable[[str, Mapping[s
         family=family, module="decoder", read=read or reader(row), top=top, layer=layer,
         linears=linears_of(n), conv1d=conv1d, blocks=blocks, adapter_blocks=adapter_blocks or blocks,
         embed=f"{n.backbone}.{n.embed}.weight", prefix=f"{n.backbone}.", buffers=buffers, row=row,
+        renames=renames, others=others,
     )
 
 
@@ -169,11 +175,21 @@ GEMMA2 = architecture(Row(**_GEMMA2, bias=("attention_bias", "attention_bias", "
                           final_softcap=("final_logit_softcapping", 30.0),
                           windows=arch_rows.by_types(arch_rows.pattern_types(2))))
 _GEMMA3_TYPES = arch_rows.pattern_types(6)
-GEMMA3_TEXT = architecture(Row(**_GEMMA2, bias=("attention_bias", "attention_bias", "no"), qk_norm="head",
-                               attn_softcap=("attn_logit_softcapping", 0.0),
-                               final_softcap=("final_logit_softcapping", 0.0),
-                               windows=arch_rows.by_types(_GEMMA3_TYPES), fixups=(arch_rows.gemma3_hub_rope,),
-                               rope_types=lambda c, n: tuple(c.get("layer_types") or _GEMMA3_TYPES(c, n))))
+_GEMMA3_TEXT_ROW = Row(**_GEMMA2, bias=("attention_bias", "attention_bias", "no"), qk_norm="head",
+                       attn_softcap=("attn_logit_softcapping", 0.0), final_softcap=("final_logit_softcapping", 0.0),
+                       windows=arch_rows.by_types(_GEMMA3_TYPES), fixups=(arch_rows.gemma3_hub_rope,),
+                       rope_types=lambda c, n: tuple(c.get("layer_types") or _GEMMA3_TYPES(c, n)))
+GEMMA3_TEXT = architecture(_GEMMA3_TEXT_ROW)
+# Gemma 3 image-text: its text model under HF's module path `model.language_model` (what peft and the
+# torch engine see); checkpoints store it as `language_model.model.`, mlx-lm's adapters as its blocks.
+_GEMMA3_ROW = _GEMMA3_TEXT_ROW._replace(layout=GEMMA2_LAYOUT._replace(backbone="model.language_model"),
+                                        fixups=(arch_rows.gemma3_text_part, arch_rows.gemma3_hub_rope))
+GEMMA3 = architecture(
+    _GEMMA3_ROW, family="gemma3", read=lambda kind, c: reader(_GEMMA3_ROW)(kind, arch_rows.gemma3_text_part(c)),
+    adapter_blocks="language_model.model.layers",
+    renames=(("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head.")),
+    others=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."),
+)
 PHI3 = architecture(Row(layout=Layout(qkv="qkv_proj", gate="", up="", gate_up="gate_up_proj"),
                         eps=("rms_norm_eps", 1e-5), bias=("no", "no", "no"), windows=arch_rows.every_layer(),
                         fixups=(arch_rows.phi3_longrope,)))
@@ -213,12 +229,12 @@ GPT2 = architecture(
 
 REGISTRY: dict[str, Architecture] = {
     "llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "gemma": GEMMA, "gemma2": GEMMA2,
-    "gemma3_text": GEMMA3_TEXT, "phi3": PHI3, "olmo2": OLMO2, "smollm3": SMOLLM3, "granite": GRANITE,
+    "gemma3_text": GEMMA3_TEXT, "gemma3": GEMMA3, "phi3": PHI3, "olmo2": OLMO2, "smollm3": SMOLLM3, "granite": GRANITE,
     "starcoder2": STARCODER2, "gpt_neox": GPT_NEOX, "gpt2": GPT2,
 }
 SUPPORTED = tuple(REGISTRY)
-# The naming families of adapter files: where blocks live in mlx-lm's files (only GPT-2 differs).
-FAMILIES: dict[str, Architecture] = {"llama": LLAMA, "gpt2": GPT2}
+# The naming families of adapter files: where blocks live in mlx-lm's files (GPT-2 and Gemma 3 differ).
+FAMILIES: dict[str, Architecture] = {"llama": LLAMA, "gpt2": GPT2, "gemma3": GEMMA3}
 
 
 def unsupported(model_type: Any) -> str:
@@ -254,5 +270,6 @@ def linear_shapes(arch: Architecture, d: Dims) -> dict[str, tuple[int, int]]:
 
 
 def family_of_blocks(prefix: str) -> Architecture:
-    """The family whose blocks live at `prefix` (`transformer.h` -> gpt2, else llama)."""
+    """The family whose blocks live at `prefix` (`transformer.h` -> gpt2, `model.language_model.layers`
+    -> gemma3, else llama)."""
     return next((a for a in FAMILIES.values() if prefix.startswith(a.blocks)), LLAMA)

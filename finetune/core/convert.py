@@ -3,7 +3,9 @@
 Our modules keep HuggingFace names, so a converted checkpoint has the keys of the HF
 `*ForCausalLM` state dict: `model.layers.{i}.self_attn.q_proj.weight` for the Llama family and
 `transformer.h.{i}.attn.c_attn.weight` for GPT-2 (the `transformer.` prefix is kept; bare GPT-2
-checkpoints such as `gpt2` itself get it added). Differences from the HF files: buffers are
+checkpoints such as `gpt2` itself get it added), and Gemma 3 image-text's text model under
+`model.language_model.` (its checkpoints' `language_model.model.`; the vision tower and projector are
+not ours: skipped on load, written back by `ft fuse`). Differences from the HF files: buffers are
 dropped, GPT-2's Conv1D weights are transposed to nn.Linear's (out, in), and a tied model has no
 `lm_head.weight`. Nothing here reads files or mutates its arguments.
 """
@@ -63,8 +65,32 @@ def _buffer(arch: Architecture, key: str) -> bool:
 
 
 def _canonical(arch: Architecture, key: str, roots: frozenset[str]) -> str:
-    """Add the base-model prefix to bare keys (`h.0.ln_1.weight` -> `transformer.h.0...`)."""
+    """Older spellings renamed (Gemma 3's `language_model.model.` -> `model.language_model.`), and the
+    base-model prefix added to bare keys (`h.0.ln_1.weight` -> `transformer.h.0...`)."""
+    stored = next((s for s, _ in arch.renames if key.startswith(s)), None)
+    if stored is not None:
+        return dict(arch.renames)[stored] + key[len(stored):]
     return arch.prefix + key if key.split(".")[0] in roots else key
+
+
+def is_other(model_type: str, key: str) -> bool:
+    """A tensor of a part the text model does not hold (Gemma 3's vision tower and projector)."""
+    return key.startswith(_arch(model_type).others) if _arch(model_type).others else False
+
+
+def other_parts(model_type: str, weights: Mapping[str, Array]) -> dict[str, Array]:
+    """The tensors outside the text model, under their stored names (what `ft fuse` writes back)."""
+    return {k: v for k, v in weights.items() if is_other(model_type, k)}
+
+
+def stored_names(model_type: str, weights: Mapping[str, Array], like: Sequence[str]) -> dict[str, Array]:
+    """Our tensors under the spelling of a checkpoint whose keys are `like`: the older one (Gemma 3's
+    `language_model.model.`, as transformers 5 still saves it) where `like` uses it, else ours."""
+    renames = _arch(model_type).renames
+    if not any(k.startswith(s) for k in like for s, _ in renames):
+        return dict(weights)
+    back = [(ours, stored) for stored, ours in renames]
+    return {next((s + k[len(o):] for o, s in back if k.startswith(o)), k): v for k, v in weights.items()}
 
 
 def _listing(label: str, keys: set[str], limit: int = 10) -> str:
@@ -85,11 +111,11 @@ def hf_to_mlx(
     except KeyError as e:
         return Failure(f"config for {model_type!r} lacks field {e.args[0]!r}")
     shapes = _shapes(arch, dims)
-    roots = frozenset(k.split(".")[1] for k in shapes if k.startswith(arch.prefix))
+    roots = frozenset(k[len(arch.prefix):].split(".")[0] for k in shapes if k.startswith(arch.prefix))
 
     renamed: dict[str, Array] = {}
     for key, value in weights.items():
-        if _buffer(arch, key):
+        if _buffer(arch, key) or is_other(model_type, key):
             continue
         name = _canonical(arch, key, roots)
         if name in renamed:
@@ -104,6 +130,8 @@ def hf_to_mlx(
             )
 
     unknown, missing = renamed.keys() - shapes.keys(), shapes.keys() - renamed.keys()
+    if arch.renames:  # named as this checkpoint spells them
+        unknown, missing = (set(stored_names(model_type, dict.fromkeys(x), list(weights))) for x in (unknown, missing))
     if unknown or missing:
         parts = [
             _listing("unknown keys", unknown) if unknown else "",

@@ -19,7 +19,7 @@ from msgspec import Struct
 from returns.result import Failure, Result, Success
 
 from finetune.core import affine, dtypes, lora
-from finetune.core.convert import mlx_to_hf
+from finetune.core.convert import mlx_to_hf, stored_names
 from finetune.core.quantization import Params, Quant, without_quantization
 from finetune.core.records import Sample
 
@@ -61,13 +61,15 @@ def fuse_all(
     return out
 
 
-def hf_tensors(model_type: str, config: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Our weights -> the tensors of a HF checkpoint (Conv1D transposed back for GPT-2).
+def hf_tensors(model_type: str, config: Mapping[str, Any], weights: Mapping[str, np.ndarray],
+               like: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Our weights -> the tensors of a HF checkpoint (Conv1D transposed back for GPT-2), spelled as
+    the base checkpoint whose keys are `like` spells them (Gemma 3's `language_model.model.`).
 
     A tied GPT-2 gets bare names (`h.0.attn.c_attn.weight`, as in the hub's `gpt2`): transformers
     reads both, mlx-lm only those.
     """
-    hf = mlx_to_hf(model_type, config, weights)
+    hf = stored_names(model_type, mlx_to_hf(model_type, config, weights), like)
     if model_type == "gpt2" and "lm_head.weight" not in hf:
         return {k.removeprefix("transformer."): v for k, v in hf.items()}
     return hf

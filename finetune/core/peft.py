@@ -154,6 +154,16 @@ def target_modules(keys: Sequence[str], kind: str) -> list[str]:
     return sorted(out)
 
 
+def scoped_targets(paths: Sequence[str], every: bool) -> str:
+    """A regex PEFT full-matches module names with: exactly the adapted blocks' linears (an image-text
+    model's vision tower has `q_proj` too, which leaf names would also catch). `every`: any layer."""
+    parts = [p for p in (split_path(x) for x in paths) if p is not None]
+    prefix = parts[0][0] if parts else ""
+    layers, keys = layers_and_keys(paths)
+    index = r"\d+" if every else f"(?:{'|'.join(map(str, layers))})"
+    return rf"{re.escape(prefix)}\.{index}\.(?:{'|'.join(map(re.escape, keys))})"
+
+
 def alpha_for(scale: float, rank: int) -> float:
     """A `lora_alpha` with `alpha / rank == scale` exactly (so import gives `scale` back)."""
     guess = scale * rank
@@ -207,6 +217,8 @@ def config_json(
     chosen = None if spec.num_layers < 0 else list(layers)
     if same and isinstance(kept.get("layers_to_transform"), list) and sorted(kept["layers_to_transform"]) == list(layers):
         chosen = kept["layers_to_transform"]
+    if architectures.FAMILIES[kind].others and not isinstance(targets, str):  # a regex carries the layers
+        targets, chosen = scoped_targets(paths, spec.num_layers < 0), None
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -212,13 +212,21 @@ class Model(CausalLM):
     def __init__(self, args: Decoder):
         super().__init__()
         self.args = args
-        setattr(self, args.names.backbone, Backbone(args))
+        *outer, name = args.names.backbone.split(".")  # Gemma 3 image-text: `model.language_model`
+        parent = self
+        for part in outer:
+            setattr(parent, part, nn.Module())
+            parent = getattr(parent, part)
+        setattr(parent, name, Backbone(args))
         if not args.tied:  # lm_head (GPT-NeoX: embed_out)
             setattr(self, args.names.head, nn.Linear(args.hidden, args.vocab, bias=False))
 
     @property
     def backbone(self) -> nn.Module:
-        return getattr(self, self.args.names.backbone)
+        found = self
+        for part in self.args.names.backbone.split("."):
+            found = getattr(found, part)
+        return found
 
     @property
     def embedding(self) -> nn.Embedding:

@@ -108,7 +108,8 @@ def fuse(
     if quant is not None:  # mlx-lm's layout, as its own fuse writes a quantized model
         tensors, metadata = quantization.ours_to_mlx(kind, dtypes.cast_floats(stored, target)), "mlx"
     else:
-        tensors, metadata = fusing.hf_tensors(kind, config, stored), "pt"
+        tensors = fusing.hf_tensors(kind, config, stored, base.stored) | dtypes.cast_floats(base.others, target)
+        metadata = "pt"
     names = _write(output, directory, tensors, fusing.fused_config(config, target, quant), metadata,
                    max_shard_bytes, force, log)
     return Success(Fused(

@@ -26,6 +26,8 @@ class Base(Struct, frozen=True, kw_only=True):
     plan: dict[str, Params]  # quantized module path -> how
     layers: dict[str, Params | None]  # every quantizable module (None = float)
     needs_mlx: str = ""  # why this base needs MLX ("" = it does not)
+    others: dict[str, np.ndarray] = {}  # tensors outside the text model (Gemma 3's vision tower), as stored
+    stored: tuple[str, ...] = ()  # the checkpoint's tensor names (how the fused model spells its own)
 
 
 def read_checkpoint(directory: Path) -> Result[dict[str, np.ndarray], str]:
@@ -51,7 +53,7 @@ def read_checkpoint(directory: Path) -> Result[dict[str, np.ndarray], str]:
 def read(directory: Path, config: dict, adapter: adapters.Adapter, spec: str) -> Result[Base, str]:
     """The base's tensors in our names and how its layers are quantized (as stored, or as the
     adapter records they were quantized on load)."""
-    from finetune.core.convert import expected_shapes, hf_to_mlx
+    from finetune.core.convert import expected_shapes, hf_to_mlx, other_parts
 
     kind, plain = config["model_type"], quantization.without_quantization(config)
     shapes = expected_shapes(kind, plain)
@@ -81,7 +83,8 @@ def read(directory: Path, config: dict, adapter: adapters.Adapter, spec: str) ->
         return Failure(refusal)
     on_load = bool(record and record.get(quantization.ON_LOAD))  # then quantizing is needed, else dequantizing
     needs = mlx_quantizes(plan if on_load else {p: q for p, q in plan.items() if q.mode != "affine"})
-    return Success(Base(tensors=tensors, plan=plan, layers=layers, needs_mlx=needs))
+    return Success(Base(tensors=tensors, plan=plan, layers=layers, needs_mlx=needs, others=other_parts(kind, raw),
+                        stored=tuple(raw)))
 
 
 def _digest(tensors: Mapping[str, np.ndarray], plan: Mapping[str, Params]) -> str:

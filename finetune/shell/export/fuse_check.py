@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from finetune.core import dtypes, lora
-from finetune.core.convert import mlx_to_hf
+from finetune.core.convert import is_other, mlx_to_hf
 from finetune.core.quantization import Params, without_quantization
 
 Tensors = Mapping[str, np.ndarray]
@@ -82,7 +82,8 @@ def _torch(config, rows, base, plan, pairs, scale, variants, variant_plan):
         hf = mlx_to_hf(kind, config, tensors)
         with torch.no_grad():
             for name, p in model.named_parameters():  # tied weights appear once
-                p.copy_(torch.from_numpy(_writable(hf[name])))
+                if not is_other(kind, name):  # a vision tower and projector: text rows never run them
+                    p.copy_(torch.from_numpy(_writable(hf[name])))
 
     def run() -> list[np.ndarray]:
         with torch.no_grad():
