@@ -214,3 +214,29 @@ def test_peft_export_adapts_the_language_model_of_the_image_text_class(adapted, 
     code, _, err = run_cli(capsys, "adapters", "import", peft_dir, "--output", back)
     assert code == 0, err
     assert max_diff(mlx_logits(ours(base, back)), expected) == 0.0
+
+
+def test_mlx_lm_reads_our_adapter_and_we_read_its_quantized_gemma3(adapted, tmp_path, capsys):
+    """mlx-lm's gemma3 (the text model at `language_model.model`) loads our adapter with our logits,
+    and its own quantized conversion loads here with its logits, and fuses back in its layout."""
+    import mlx_lm
+
+    base, adapter, expected = adapted
+    theirs = tmp_path / "theirs"
+    copy_files(base, theirs)
+    config = json.loads((base / "config.json").read_text())
+    # mlx-lm reads the vocabulary at the top (default 262208) and the window pattern, not layer_types.
+    config["vocab_size"] = config["text_config"]["vocab_size"]
+    config["text_config"]["sliding_window_pattern"] = 2
+    (theirs / "config.json").write_text(json.dumps(config))
+    model, _ = mlx_lm.load(str(theirs), adapter_path=str(adapter))
+    assert max_diff(mlx_logits(model), expected) <= 1e-5
+
+    quantized = tmp_path / "q4"
+    mlx_lm.convert(str(theirs), mlx_path=str(quantized), quantize=True, q_group_size=32, q_bits=4)
+    assert max_diff(mlx_logits(ours(quantized)), mlx_logits(mlx_lm.load(str(quantized))[0])) <= 1e-5
+    fused = tmp_path / "fused"
+    code, _, err = run_cli(capsys, "fuse", quantized, "--adapter", adapter, "--output", fused)
+    assert code == 0, err
+    assert load_file(fused / "model.safetensors").keys() == load_file(quantized / "model.safetensors").keys()
+    assert max_diff(mlx_logits(ours(fused)), mlx_logits(mlx_lm.load(str(fused))[0])) <= 1e-5

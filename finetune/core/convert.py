@@ -83,14 +83,25 @@ def other_parts(model_type: str, weights: Mapping[str, Array]) -> dict[str, Arra
     return {k: v for k, v in weights.items() if is_other(model_type, k)}
 
 
-def stored_names(model_type: str, weights: Mapping[str, Array], like: Sequence[str]) -> dict[str, Array]:
-    """Our tensors under the spelling of a checkpoint whose keys are `like`: the older one (Gemma 3's
-    `language_model.model.`, as transformers 5 still saves it) where `like` uses it, else ours."""
-    renames = _arch(model_type).renames
-    if not any(k.startswith(s) for k in like for s, _ in renames):
-        return dict(weights)
-    back = [(ours, stored) for stored, ours in renames]
+def older_names(model_type: str, weights: Mapping[str, Array]) -> dict[str, Array]:
+    """Our tensors under the older spelling (Gemma 3's `language_model.model.`, as transformers 5 still
+    saves it and mlx-lm names it); unchanged for architectures with one spelling."""
+    back = [(ours, stored) for stored, ours in _arch(model_type).renames]
     return {next((s + k[len(o):] for o, s in back if k.startswith(o)), k): v for k, v in weights.items()}
+
+
+def text_names(model_type: str, weights: Mapping[str, Array]) -> dict[str, Array]:
+    """The text model's tensors in our spelling (older spellings renamed, other parts dropped)."""
+    arch = _arch(model_type)
+    return {_canonical(arch, k, frozenset()): v for k, v in weights.items() if not is_other(model_type, k)}
+
+
+def stored_names(model_type: str, weights: Mapping[str, Array], like: Sequence[str]) -> dict[str, Array]:
+    """Our tensors under the spelling of a checkpoint whose keys are `like`: the older one where `like`
+    uses it, else ours."""
+    if not any(k.startswith(s) for k in like for s, _ in _arch(model_type).renames):
+        return dict(weights)
+    return older_names(model_type, weights)
 
 
 def _listing(label: str, keys: set[str], limit: int = 10) -> str:

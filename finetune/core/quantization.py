@@ -231,7 +231,12 @@ def codes_digest(codes: Mapping[str, bytes]) -> str:
 
 
 def mlx_names(model_type: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """mlx-lm's tensor names -> ours: its GPT-2 module is `model.` where ours is `transformer.`."""
+    """mlx-lm's tensor names -> ours: its GPT-2 module is `model.` where ours is `transformer.`; its
+    Gemma 3 image-text model keeps the text model at `language_model.model.` (a vision tower is dropped)."""
+    from finetune.core import convert
+
+    if model_type in convert.SUPPORTED and model_type != "gpt2":
+        return convert.text_names(model_type, tensors)
     if model_type != "gpt2":
         return dict(tensors)
     out = {}
@@ -244,6 +249,10 @@ def mlx_names(model_type: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
 
 def ours_to_mlx(model_type: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
     """Our names -> mlx-lm's (inverse of `mlx_names` on our own keys)."""
+    from finetune.core import convert
+
+    if model_type in convert.SUPPORTED and model_type != "gpt2":
+        return convert.older_names(model_type, tensors)
     if model_type != "gpt2":
         return dict(tensors)
     return {("model." + k.removeprefix("transformer.") if k.startswith("transformer.") else k): v for k, v in tensors.items()}
