@@ -38,7 +38,7 @@ class MemoryEstimate(Struct, frozen=True, kw_only=True):
     """GB of each part and their total for micro-batches of `batch_size` × `seq_len` tokens."""
 
     weights_gb: float
-    lora_gb: float  # adapters + gradients + accumulated gradients + Adam moments
+    lora_gb: float  # adapters (or, full: trained weights' gradients) + accumulated gradients + Adam moments
     activations_gb: float
     total_gb: float
     trainable: int
@@ -55,6 +55,29 @@ def target_keys(facts: ModelFacts, keys: tuple[str, ...]) -> tuple[str, ...]:
 def adapted_layers(facts: ModelFacts, recipe: Recipe) -> int:
     n = recipe.lora.num_layers
     return facts.num_layers if n < 0 else min(n, facts.num_layers)
+
+
+def block_parameters(facts: ModelFacts) -> int:
+    """The parameters of one block: all but the embeddings (and an untied head), shared alike.
+
+    Every block of a registry model has the same shapes; what is not a block is the token
+    embedding, an untied head and a final norm, whose few weights are counted in the blocks' share.
+    """
+    outside = facts.vocab_size * facts.hidden_size * (1 if facts.tied_embeddings else 2)
+    linears = sum(i * o for i, o in facts.linear_shapes().values())
+    return max((facts.parameters - outside) // max(facts.num_layers, 1), linears)
+
+
+def full_parameters(facts: ModelFacts, recipe: Recipe) -> int:
+    """The weights a full fine-tune trains: every parameter of the last `num_layers` blocks."""
+    return adapted_layers(facts, recipe) * block_parameters(facts)
+
+
+def trainable_parameters(facts: ModelFacts, recipe: Recipe) -> int:
+    """What the recipe trains: the blocks' weights (`full`) or the LoRA/DoRA parameters."""
+    if recipe.lora.fine_tune_type == "full":
+        return full_parameters(facts, recipe)
+    return lora_parameters(facts, recipe)
 
 
 def lora_parameters(facts: ModelFacts, recipe: Recipe) -> int:
@@ -87,7 +110,8 @@ def activation_terms(
     scores = batch * facts.num_heads * seq_len * seq_len
     checkpoint = recipe.train.grad_checkpoint
     saved = 1 if checkpoint else facts.num_layers  # with checkpointing, the block recomputed
-    inner = len(target_keys(facts, recipe.lora.keys)) * recipe.lora.rank * tokens
+    full = recipe.lora.fine_tune_type == "full"
+    inner = 0 if full else len(target_keys(facts, recipe.lora.keys)) * recipe.lora.rank * tokens
     return {
         "saved_mlp": saved * mlp,
         "saved_scores": saved * scores,
@@ -123,10 +147,13 @@ def estimate(
     logits = copies["logits"] * terms.pop("logits") * 4  # the loss is always float32
     activations = sum(copies[k] * v for k, v in terms.items()) * size + logits
     activations += packed_bytes(facts, recipe, batch, seq, size)
-    trainable = lora_parameters(facts, recipe)
+    trainable = trainable_parameters(facts, recipe)
     weights = weight_bytes(facts, recipe.model.quantize_bits, group_size(recipe), dtype)
     accumulating = recipe.train.grad_accumulation > 1 or batch < recipe.train.batch_size  # micro-steps
-    lora = trainable * 4 * (ADAPTER_COPIES + accumulating)
+    if recipe.lora.fine_tune_type == "full":  # the weights are counted already: + gradient, m, v
+        lora = trainable * size * (ADAPTER_COPIES - 1 + accumulating)  # in the weights' dtype
+    else:
+        lora = trainable * 4 * (ADAPTER_COPIES + accumulating)
     return MemoryEstimate(
         weights_gb=weights / GB, lora_gb=lora / GB, activations_gb=activations / GB,
         total_gb=(weights + lora + activations) / GB, trainable=trainable,
