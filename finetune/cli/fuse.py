@@ -8,7 +8,7 @@ from typing import Literal
 
 from returns.result import Failure, Success
 
-from finetune.errors import UserError
+from finetune.errors import UserError, unwrap
 
 
 def fuse(
@@ -67,6 +67,7 @@ def fuse(
         With --format gguf: also write an Ollama Modelfile beside OUTPUT and print the ollama create line.
     """
     from finetune.core.fusing import parse_size
+    from finetune.shell.export import outputs
     from finetune.shell.export.fuse import fuse as run
 
     if rows < 1:
@@ -82,6 +83,7 @@ def fuse(
                           revision=revision, backend=backend, ollama=ollama)
     if gguf_type or ollama:
         raise UserError(f"--{'gguf-type' if gguf_type else 'ollama'} applies to --format gguf")
+    unwrap(outputs.check_folder(output))  # a missing folder is made when writing
     match parse_size(max_shard_size):
         case Success(shard_bytes):
             pass

@@ -57,6 +57,7 @@ class Scores(Struct, frozen=True, kw_only=True):
     generated_tokens: int = 0
     loss_rows: int = 0  # rows with supervised tokens the loss covers
     complete: bool = True  # False when interrupted before every row was answered
+    rendering: str = ""  # how the rows were rendered for this model (whose convention, which template)
 
 
 def collapse(text: str) -> str:
@@ -131,6 +132,12 @@ def case(
         return Failure(RowError(line, "empty", "the prompt renders to no tokens"))
     reference = sample.messages[last].content
     return Success(Case(line=line, prompt=prompt, reference=reference, tokens=truncate(full, max_length)))
+
+
+def supervise_from(tokens: Tokens, start: int) -> Tokens:
+    """`tokens` with every target from index `start` on trained and none before (mlx-lm's loss
+    mask: its prompt offset with --mask-prompt, else 0); the first token is never a target."""
+    return Tokens(tokens.ids, tuple(int(k >= max(start, 1)) for k in range(len(tokens.ids))))
 
 
 def _last_run_start(segments: Sequence[Segment]) -> int:
