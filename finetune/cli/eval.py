@@ -30,7 +30,10 @@ def eval_(
 
     Each row's prompt is what training sees before the answer (chat: the conversation up to the
     last assistant turn with the run's template; completions and instruction rows: the prompt;
-    text rows: up to --answer-after); the rest is the reference. Answers are decoded greedily in
+    text rows: up to --answer-after); the rest is the reference. Rows are rendered as each
+    adapter's training rendered them: a FineTune run's recipe.toml, or mlx-lm's way (the
+    tokenizer's chat template) for an adapter directory `mlx_lm lora` wrote; the base as its
+    adapters, with one row per rendering when they differ. The table says which. Answers are decoded greedily in
     batches and end at EOS, an end-of-turn marker, a --stop string, or the first newline when the
     reference is one line. Exact match compares after collapsing whitespace. Prints one table row
     for the base and one per adapter. Ctrl-C keeps what is done, prints it and exits 130.
@@ -42,7 +45,7 @@ def eval_(
     data
         Bundled dataset name, .jsonl/.json file, or directory with train/valid/test.jsonl.
     adapter
-        Run or adapter directory to score beside the base; repeat or list several.
+        Run or adapter directory (FineTune's, or one mlx_lm lora wrote) to score beside the base; repeat or list several.
     split
         Split of a dataset directory to evaluate (a single file is evaluated whole).
     limit
@@ -58,7 +61,7 @@ def eval_(
     batch_size
         Rows decoded together (and per loss batch).
     out
-        Write every prediction to this JSON-lines file as it is made (model, line, prediction, reference, exact, contains, tokens).
+        Write every prediction to this JSON-lines file as it is made (model, line, prediction, reference, exact, contains, tokens); a missing folder is created.
     json
         Print the result as JSON instead of a table.
     device
