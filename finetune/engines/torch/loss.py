@@ -4,7 +4,8 @@
 (within float32 summation order) without holding the `(N, vocab)` logits: each chunk's logits live
 only while its loss and its gradient with respect to `h` are computed, in the forward pass; the
 backward pass scales the stored `(N, D)` gradient. The head's matmul runs twice per step, as in
-the plain path. A head whose weight trains (not LoRA's case) gets its gradient too.
+the plain path. A head whose weight trains (not LoRA's case) gets its gradient too. On the CPU the
+zero-weight padding that ends the positions (`select` is padded to multiples of 64) skips the head.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def head_ce(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, weights: to
     """Σ weights · cross-entropy of `head(h)` at `targets`; `h` (N, D), `chunk` positions at a time
     (0: `core.headloss.chunk_rows` of the vocabulary). `head` is the model's output layer: a
     Linear is fused; any other module runs whole, as the plain path."""
+    if h.device.type == "cpu":  # the padding (weight 0) that ends `select` is skipped where counting costs no sync
+        last = weights.nonzero()
+        n = int(last[-1, 0]) + 1 if last.numel() else 0
+        h, targets, weights = h[:n], targets[:n], weights[:n]
     if not isinstance(head, nn.Linear):
         return (F.cross_entropy(head(h).float(), targets, reduction="none") * weights).sum()
     rows = chunk if chunk > 0 else headloss.chunk_rows(head.out_features)
