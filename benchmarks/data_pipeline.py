@@ -9,10 +9,9 @@ import time
 
 from finetune.core import prepare
 from finetune.core.config import DataConfig, Recipe
-from finetune.files import tokenizer
-from finetune.shell.data import datasets
+from finetune.files import datasets, tokenizer
+from finetune.files.tiny import ensure_tiny
 from finetune.shell.data.check import template_for
-from finetune.shell.models.tiny import ensure_tiny
 
 
 def main() -> None:

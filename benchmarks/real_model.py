@@ -88,24 +88,25 @@ def profile(directory: Path, steps: int = 4, batch: int = 4, dtype: str = "") ->
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    from finetune import engines
     from finetune.core.config import Recipe
-    from finetune.engines import rundir
-    from finetune.engines.torch import run as torch_run
-    from finetune.engines.torch import step as ttrain
+    from finetune.engines.protocol import Data, plan
+    from finetune.shell.training import loop, rundir
+    from finetune.shell.training import run as training
 
     r = msgspec.convert({"model": {"path": str(directory), **({"dtype": dtype} if dtype else {})},
                          "data": {"path": "sql"},
                          "train": {"batch_size": batch, "iters": steps + 1, "eval_every": 0, "save_every": 0,
                                    "report_every": 1}}, Recipe)
-    prepared = torch_run.prepare_run(r, print).unwrap()
+    prepared = training.prepare_run(r, print, engine="torch").unwrap()
     r = prepared.recipe
-    data = rundir.Data(prepared.splits["train"], rundir.plan(prepared.splits["train"], r))
-    opt = ttrain.Optimizer(prepared.model.trainable(), r.train, steps + 1)
+    data = Data(prepared.splits["train"], plan(prepared.splits["train"], r))
+    trainer = engines.get("torch").trainer(prepared, steps + 1)
 
     def run(n: int, cursor: rundir.Cursor) -> rundir.Cursor:
-        return ttrain.run_steps(prepared.model, opt, data, None, r.train, cursor.step + n, cursor, prepared.device,
-                                on_report=lambda x: print(f"step {x.step}: {x.tokens_per_second:.1f} sup tok/s"),
-                                on_save=lambda c: None, on_log=print)
+        return loop.run_steps(trainer, data, None, r.train, cursor.step + n, cursor,
+                              on_report=lambda x: print(f"step {x.step}: {x.tokens_per_second:.1f} sup tok/s"),
+                              on_save=lambda c: None, on_log=print)
 
     cursor = run(1, rundir.Cursor())
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -62,7 +62,7 @@ def fetch(cache: Path) -> tuple[Path | None, str]:
 
 def converted(gguf: Path) -> Path:
     """FineTune's cached HF conversion of the GGUF file (float32 safetensors, tokenizer, template)."""
-    from finetune.shell.models.gguf import converted_dir
+    from finetune.files.gguf import converted_dir
 
     return converted_dir(gguf).unwrap()
 

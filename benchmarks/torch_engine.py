@@ -50,7 +50,7 @@ def write_model(name: str, out: Path) -> Path | None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finetune.shell.models.tiny import ensure_tiny
+    from finetune.files.tiny import ensure_tiny
 
     if name == "real":
         from real_model import ensure

@@ -41,10 +41,11 @@ def point(layers: int, batch: int, seq: int, checkpoint: bool, supervised: float
     from finetune.core import batching, memory, modelinfo
     from finetune.core.config import Recipe
     from finetune.core.tokenize import Tokens
-    from finetune.engines import rundir
+    from finetune.engines.protocol import Data
     from finetune.engines.torch import budget
     from finetune.engines.torch import lora as tmodel
     from finetune.engines.torch import step as ttrain
+    from finetune.shell.training import loop, rundir
 
     torch.manual_seed(0)
     config = {**SMOLLM, "num_hidden_layers": layers}
@@ -59,13 +60,13 @@ def point(layers: int, batch: int, seq: int, checkpoint: bool, supervised: float
     start = n - max(1, int(seq * supervised))
     rows = [Tokens(tuple((7 * i + 13 * t) % vocab for t in range(n)), tuple(int(t >= start) for t in range(n)))
             for i in range(batch * 2)]
-    data = rundir.Data(rows, batching.length_sorted([len(r.ids) for r in rows], batch))
+    data = Data(rows, batching.length_sorted([len(r.ids) for r in rows], batch))
     device = torch.device("cpu")
     optimizer = ttrain.Optimizer(model.trainable(), recipe.train, 2)
     budget.reset_peak(device)
     resident = budget.process_gb(device)
-    ttrain.run_steps(model, optimizer, data, None, recipe.train, 2, rundir.Cursor(), device,
-                     on_report=lambda r: None, on_save=lambda c: None, on_log=lambda line: None)
+    loop.run_steps(ttrain.Trainer(model, optimizer, recipe.train, device), data, None, recipe.train, 2, rundir.Cursor(),
+                   on_report=lambda r: None, on_save=lambda c: None, on_log=lambda line: None)
     added = budget.peak_gb(device) - resident
     facts = modelinfo.facts(config).unwrap()
     chosen = 64 * -(-batch * max(1, int(seq * supervised)) // 64)

@@ -52,7 +52,7 @@ def write_model(name: str, out: Path) -> Path | None:
 
     from finetune.core.convert import mlx_to_hf
     from finetune.engines.mlx.model import build
-    from finetune.shell.models.tiny import ensure_tiny
+    from finetune.files.tiny import ensure_tiny
 
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 2048,
@@ -143,16 +143,18 @@ def evaluate(model: Path, data: Path, adapter: Path, env: dict) -> float:
 
 
 def _eval_main(model: str, data: str, adapter: str) -> None:
+    import msgspec
+
+    from finetune import engines
     from finetune.core.config import DataConfig, ModelConfig, Recipe
-    from finetune.engines.mlx import run
-    from finetune.engines.mlx import step as trainer
-    from finetune.engines.mlx.load import load
+    from finetune.errors import unwrap
     from finetune.shell.data import check
 
-    m, _ = load(model, adapter=adapter)
+    mlx = engines.get("mlx")
+    m, _ = unwrap(mlx.load(model, adapter=adapter))
     recipe = Recipe(model=ModelConfig(path=model), data=DataConfig(path=data, template="tokenizer"))
     valid = check.inspect(recipe).unwrap().tokens["valid"][:EVAL_ROWS]
-    print(trainer.evaluate(m, trainer.Data(valid, run.plan(valid, recipe)), 512, -1))
+    print(mlx.loss(m, valid, msgspec.structs.replace(recipe, train=msgspec.structs.replace(recipe.train, max_seq_length=512))))
 
 
 def _summary(rows: list[dict], its: list[float], a: argparse.Namespace) -> dict:

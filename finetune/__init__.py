@@ -2,9 +2,9 @@
 
 # --- BLAS boot (keep first): an optimized BLAS must be in the global symbol scope before
 # `mlx.core` is first imported, or MLX binds its bundled reference BLAS (~30x slower on the CPU).
-from finetune.engines.mlx.blas import boot as _boot_blas
+from finetune.engines import boot as _boot
 
-_boot_blas()
+_boot()
 # --- end of BLAS boot
 
 __version__ = "0.1.0"

@@ -97,35 +97,27 @@ def prepare(recipe: Recipe, device: str | None, log: Log, engine: str | None = N
     name, why = choose.for_model(engine, recipe.model.path, recipe.model.revision,
                                  quantize_bits=recipe.model.quantize_bits)
     _check_launcher(name, why)
-    if name == "torch":
-        from finetune.engines.torch import device as torch_device
-        from finetune.engines.torch import run as torch_run
+    from finetune import engines
+    from finetune.shell.training import run as training
 
-        where = torch_device.pick(device)
-        log(torch_run.backend_line(where, torch_device.resolve_dtype(recipe.model.dtype, where), why))
-        available = torch_device.memory_gb(where)  # GB, as every estimate
-        return unwrap(torch_run.prepare_run(recipe, log, available_gb=available, device=device,
-                                            memory_limit_gb=memory_limit))
-    from finetune.engines.mlx import device as backend
-    from finetune.engines.mlx import run as shell_run
-
-    info = backend.select(device)
-    log(backend.describe(info, why))
-    return unwrap(shell_run.prepare_run(recipe, log, available_gb=info.memory_gb,
-                                        memory_limit_gb=memory_limit))
+    line, available = engines.get(name).device_line(device, recipe.model.dtype, why)  # GB, as every estimate
+    log(line)
+    return unwrap(training.prepare_run(recipe, log, engine=name, available_gb=available, device=device,
+                                       memory_limit_gb=memory_limit))
 
 
 def run(prepared, run_dir: Path, *, resume: bool, test: bool, log: Log) -> Run:
     """Train a prepared model into `run_dir` (refusing to overwrite a run unless resuming)."""
-    shell_run = _engine_run(prepared)
-    unwrap(shell_run.check_output(run_dir, resume))
-    outcome = unwrap(shell_run.fit(prepared, run_dir, resume, log, evaluate_test=test))
+    from finetune.shell.training import run as training
+
+    unwrap(training.check_output(run_dir, resume, prepared.engine))
+    outcome = unwrap(training.fit(prepared, run_dir, resume, log, evaluate_test=test))
     metrics_file = run_dir / "metrics.jsonl"
     metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] if metrics_file.is_file() else []
     train_rows = len(prepared.splits["train"])
     plan = {
         "rows": train_rows,
-        "batches": len(shell_run.plan(prepared.splits["train"], prepared.recipe)),
+        "batches": len(training.plan(prepared.splits["train"], prepared.recipe)),
         "steps": outcome.steps,
         "batch_size": prepared.recipe.train.batch_size,
         "grad_accumulation": prepared.recipe.train.grad_accumulation,
@@ -169,9 +161,7 @@ def run_loss(run: Run | str | Path, split: str = "test", model: Any = None) -> f
 
     `model` reuses an already loaded `finetune.load(..., adapter=run)` instead of loading again.
     """
-    from finetune.engines.mlx import run as shell_run
-    from finetune.engines.mlx import step as trainer
-    from finetune.engines.mlx.load import load
+    from finetune import engines
     from finetune.shell.data import check
 
     run_dir = run.run_dir if isinstance(run, Run) else Path(run)
@@ -180,33 +170,33 @@ def run_loss(run: Run | str | Path, split: str = "test", model: Any = None) -> f
     rows = inspection.tokens.get(split)
     if not rows:
         raise UserError(f"{resolved.data.path}: no {split} split with supervised rows to evaluate")
+    mlx = engines.get("mlx")  # `finetune.load`'s engine
     if model is None:
-        model, _ = load(resolved.model.path, adapter=str(run_dir), revision=resolved.model.revision)
-    data = trainer.Data(rows, shell_run.plan(rows, inspection.report.recipe))
-    return trainer.evaluate(model, data, inspection.report.recipe.train.max_seq_length, -1)
+        model, _ = unwrap(mlx.load(resolved.model.path, adapter=str(run_dir), revision=resolved.model.revision))
+    return mlx.loss(model, rows, inspection.report.recipe)
 
 
 def generate(model: Any, tokenizer: Any, prompt: str, *, max_tokens: int = 64, temp: float = 0.0,
              top_p: float = 1.0, seed: int = 0, template: str | None = None) -> str:
     """The model's continuation of `prompt` (raw text, or a user turn rendered with `template`)."""
+    from finetune import engines
     from finetune.core import templates
-    from finetune.engines.mlx.generate import build_prompt, decoder
-    from finetune.engines.mlx.generate import generate as tokens_after
+    from finetune.shell.generation import build_prompt, decoder
 
     chosen = None
     if template is not None:
         chosen = unwrap(templates.choose(template, "chat", tokenizer.chat_template or ""))
     built = unwrap(build_prompt(tokenizer, text=prompt, template=chosen))
-    ids = list(tokens_after(model, built.ids, max_tokens=max_tokens, temp=temp, top_p=top_p,
-                            seed=seed, stop_ids=built.stop_ids))
+    ids = list(engines.get("mlx").generate(model, built.ids, max_tokens=max_tokens, temp=temp, top_p=top_p,
+                                           seed=seed, stop_ids=built.stop_ids))
     return decoder(tokenizer)(ids)
 
 
 def _available_gb() -> float:
     """Memory of the device training would use (system memory on the CPU and Apple silicon)."""
-    from finetune.engines.mlx import device as backend
+    from finetune import engines
 
-    return backend.select(None).memory_gb
+    return engines.get("mlx").device_line(None, "auto", "")[1]
 
 
 def _check_launcher(engine: str, why: str) -> None:
@@ -222,17 +212,6 @@ def _check_launcher(engine: str, why: str) -> None:
     if engine == "mlx" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise UserError(f"the MLX engine ({why}) under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): torchrun starts "
                         "the torch engine's ranks (add --backend torch); start the MLX engine's with mlx.launch")
-
-
-def _engine_run(prepared: Any) -> Any:
-    """The run module of the engine that prepared `prepared` (imports only that engine)."""
-    if type(prepared).__module__ == "finetune.engines.torch.run":
-        from finetune.engines.torch import run as torch_run
-
-        return torch_run
-    from finetune.engines.mlx import run as shell_run
-
-    return shell_run
 
 
 def _quiet(line: str) -> None:

@@ -12,8 +12,8 @@ from finetune.core import evaluation
 from finetune.core.records import Message, Sample
 from finetune.core.templates import render_prompt
 from finetune.core.tokenize import tokenize
-from finetune.engines.mlx.generate import decoder
 from finetune.files.tokenizer import encoder, specials
+from finetune.shell.generation import decoder
 
 CASES = [(t, k) for t in TEMPLATES for k in TOKENIZERS]
 PROPS = settings(deadline=None, max_examples=20)

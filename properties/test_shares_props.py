@@ -1,4 +1,4 @@
-"""Rank shares of a planned batch (`engines.rundir.batch_share`, what both engines' ranks train):
+"""Rank shares of a planned batch (`engines.protocol.batch_share`, what both engines' ranks train):
 together they are the whole batch once, in order, and their counts add up to the batch's."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from finetune.core import batching
 from finetune.core.tokenize import Tokens
-from finetune.engines.rundir import Data, batch_share
+from finetune.engines.protocol import Data, batch_share
 
 PROPS = settings(max_examples=60, deadline=None)
 

@@ -21,6 +21,9 @@ from finetune.core.tokenize import Tokens
 from finetune.engines.mlx import lora as lora_modules
 from finetune.engines.mlx import step as trainer
 from finetune.engines.mlx.model import build
+from finetune.engines.protocol import Data
+from finetune.shell.training import loop
+from finetune.shell.training.rundir import Cursor
 
 
 def rows(count: int, length: int, supervised: float, vocab: int) -> list[Tokens]:
@@ -67,12 +70,12 @@ def train_steps(config: dict, recipe: Recipe, seq: int, supervised: float = 0.5,
     model = model_with_lora(config, recipe)
     mx.reset_peak_memory()  # the peak from here on still counts the weights, which stay allocated
     examples = rows(t.batch_size * t.grad_accumulation * steps, seq, supervised, config["vocab_size"])
-    data = trainer.Data(examples, batching.length_sorted([len(e.ids) for e in examples], t.batch_size))
+    data = Data(examples, batching.length_sorted([len(e.ids) for e in examples], t.batch_size))
     optimizer = optim.AdamW(learning_rate=t.learning_rate)
     optimizer.init(model.trainable_parameters())
     losses: list[float] = []
     with trainer.checkpointed(model, t.grad_checkpoint):
-        trainer.run_steps(model, optimizer, data, None, msgspec.structs.replace(t, report_every=1), steps, trainer.Cursor(),
+        loop.run_steps(trainer.Trainer(model, optimizer, t), data, None, msgspec.structs.replace(t, report_every=1), steps, Cursor(),
                       on_report=lambda r: losses.append(r.train_loss), on_save=lambda c: None, on_log=lambda line: None)
     peak = mx.get_peak_memory()
     del model, optimizer

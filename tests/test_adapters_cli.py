@@ -238,7 +238,7 @@ def test_a_trained_run_and_its_last_checkpoint_fuse_to_the_same_model(tmp_path, 
 def test_peft_export_of_a_tiny_adapter_names_tinys_directory(tmp_path, capsys):
     from peft import AutoPeftModelForCausalLM
 
-    from finetune.shell.models.tiny import ensure_tiny
+    from finetune.files.tiny import ensure_tiny
 
     adapter = random_adapter(ensure_tiny(), tmp_path / "a", keys=("self_attn.q_proj",), num_layers=1)
     config = json.loads((adapter / "adapter_config.json").read_text())

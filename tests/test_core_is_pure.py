@@ -43,7 +43,7 @@ FORBIDDEN = (
 FORBIDDEN_CALLS = ("open", "print", "input", "breakpoint")
 # The one effect of importing the package: an optimized BLAS must enter the process's global symbol
 # scope before anything imports MLX, so `finetune/__init__.py` loads it (core code never calls it).
-BLAS_BOOT = ("finetune", "finetune.engines.mlx.blas")
+BLAS_BOOT = ("finetune", "finetune.engines")  # `finetune.engines.boot()`
 FORBIDDEN_METHODS = ("read_text", "write_text", "read_bytes", "write_bytes")
 
 

@@ -76,7 +76,7 @@ def run(ranks: int, args: list, home: Path, log: Path, shell: str | None = None)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, finetune_home):
     """(data dir, FINETUNE_HOME with `tiny` built, the 1-process reference run)."""
-    from finetune.shell.models import tiny
+    from finetune.files import tiny
 
     os.environ["FINETUNE_HOME"] = str(finetune_home)  # build tiny once, before ranks race for it
     tiny.ensure_tiny()

@@ -138,7 +138,7 @@ def test_torch_engine_trains_dora_that_mlx_lm_and_ft_load_alike(torch_dora_run, 
     torch engine (`ft generate --backend torch` loads this way) give the same logits."""
     import mlx_lm
 
-    from finetune.engines.torch.generate import load
+    from finetune.engines.torch.load import load
 
     config = json.loads((torch_dora_run / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "dora"

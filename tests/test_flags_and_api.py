@@ -122,7 +122,7 @@ def test_a_plain_start_resolves_the_sequence_length_against_the_model(tmp_path, 
 
 
 def _tiny_config() -> Path:
-    from finetune.shell.models.tiny import ensure_tiny
+    from finetune.files.tiny import ensure_tiny
 
     return ensure_tiny() / "config.json"
 

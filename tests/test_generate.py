@@ -18,11 +18,12 @@ from finetune.core.templates import render
 from finetune.core.tokenize import tokenize
 from finetune.engines.mlx import device as backend
 from finetune.engines.mlx import generate as gen
-from finetune.engines.mlx.generate import TextStream, build_prompt, decoder, generate
+from finetune.engines.mlx.generate import generate
 from finetune.engines.mlx.model import build
 from finetune.engines.mlx.sampling import sample
 from finetune.files.tokenizer import encoder, load_tokenizer, specials, train_bpe
 from finetune.files.weights import read_checkpoint
+from finetune.shell.generation import TextStream, build_prompt, decoder
 
 VARIANTS = ("llama", "qwen2", "gpt2")
 PROMPT = [5, 17, 33, 99, 120, 7]
@@ -338,7 +339,7 @@ def test_torch_engine_on_tiny_with_an_adapter_matches_mlx(capsys, tmp_path):
     """`ft generate tiny --adapter` prints the same text with either engine (greedy, float32)."""
     from lora_models import random_adapter
 
-    from finetune.shell.models.tiny import ensure_tiny
+    from finetune.files.tiny import ensure_tiny
 
     adapter = random_adapter(ensure_tiny(), tmp_path / "adapter", b_std=4.0, num_layers=2,
                              keys=("self_attn.v_proj", "mlp.down_proj"))
@@ -362,7 +363,7 @@ def test_torch_engine_on_tiny_with_an_adapter_matches_mlx(capsys, tmp_path):
 def test_torch_engine_reads_bfloat16_adapters_like_mlx(capsys, tmp_path):
     from lora_models import random_adapter
 
-    from finetune.shell.models.tiny import ensure_tiny
+    from finetune.files.tiny import ensure_tiny
 
     adapter = random_adapter(ensure_tiny(), tmp_path / "adapter", b_std=4.0, num_layers=2,
                              keys=("self_attn.v_proj", "mlp.down_proj"))
@@ -378,7 +379,7 @@ def test_torch_engine_reads_bfloat16_adapters_like_mlx(capsys, tmp_path):
 
 
 def test_torch_engine_refuses_quantized_bases_in_one_line(capsys, tmp_path):
-    from finetune.shell.models.tiny import ensure_tiny
+    from finetune.files.tiny import ensure_tiny
 
     quantized = tmp_path / "q4"
     quantized.mkdir()
@@ -408,13 +409,14 @@ def test_torch_engine_attaches_adapters_as_the_mlx_engine_does(variant, tmp_path
     from lora_models import build_hf, make_tokenizer, ours, random_adapter, write_model
 
     from finetune.engines.torch import generate as torch_gen
+    from finetune.engines.torch import load as torch_load
 
     tok_dir, vocab = make_tokenizer(tmp_path / "tok")
     directory = write_model(build_hf(variant, vocab), tmp_path / variant, tok_dir)
     adapter = random_adapter(directory, tmp_path / "adapter", num_layers=1, b_std=0.3)
     expected = list(generate(ours(directory, adapter), PROMPT, max_tokens=16))
     assert expected != list(generate(ours(directory), PROMPT, max_tokens=16))  # the adapter counts
-    model, _ = torch_gen.load(str(directory), str(adapter), torch.device("cpu")).unwrap()
+    model, _ = torch_load.load(str(directory), str(adapter), torch.device("cpu")).unwrap()
     assert list(torch_gen.generate(model, PROMPT, max_tokens=16)) == expected
 
 
@@ -424,6 +426,7 @@ def test_torch_engine_reads_a_peft_adapter_on_a_first_layer(capsys, tmp_path):
     from safetensors.numpy import load_file, save_file
 
     from finetune.engines.torch import generate as torch_gen
+    from finetune.engines.torch import load as torch_load
 
     tok_dir, vocab = make_tokenizer(tmp_path / "tok")
     directory = write_model(build_hf("qwen2", vocab), tmp_path / "qwen2", tok_dir)
@@ -434,5 +437,5 @@ def test_torch_engine_reads_a_peft_adapter_on_a_first_layer(capsys, tmp_path):
     save_file({k.replace(".layers.1.", ".layers.0."): v for k, v in load_file(str(weights)).items()}, str(weights))
     expected = list(generate(ours(directory, tmp_path / "peft"), PROMPT, max_tokens=16))
     assert expected != list(generate(ours(directory, last), PROMPT, max_tokens=16))
-    model, _ = torch_gen.load(str(directory), str(tmp_path / "peft"), torch.device("cpu")).unwrap()
+    model, _ = torch_load.load(str(directory), str(tmp_path / "peft"), torch.device("cpu")).unwrap()
     assert list(torch_gen.generate(model, PROMPT, max_tokens=16)) == expected

@@ -23,8 +23,8 @@ from lora_models import (
     write_model,
 )
 
+from finetune.files.datasets import bundled_root
 from finetune.files.tokenizer import load_tokenizer
-from finetune.shell.data.datasets import bundled_root
 from finetune.shell.export import ollama
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'finetune-lora[test]')")
@@ -236,7 +236,7 @@ def test_a_quantized_mlx_base_exports_requantized_or_dequantized_and_says_which(
 def test_a_base_read_from_gguf_exports_back_with_that_files_metadata(tmp_path, capsys, tok):
     from gguf_files import build_model, write_gguf
 
-    from finetune.engines.mlx.load import model_config
+    from finetune.files.models import model_config
 
     source = write_gguf(build_model("llama-tied", tok[1]), tok[0], tmp_path / "src.gguf", qtype="Q8_0", name="tiny-src")
     directory, _ = model_config(str(source)).unwrap()
@@ -346,7 +346,7 @@ def test_export_peft_delegates_to_the_adapter_export(tmp_path, capsys, bases):
 def test_real_gguf_exports_to_llama_cpp(tmp_path, capsys):
     """A real llama.cpp file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf) with a small random adapter:
     the F32 export gives FineTune's logits in llama.cpp, base + LoRA GGUF the fused greedy text."""
-    from finetune.engines.mlx.load import model_config
+    from finetune.files.models import model_config
 
     source = os.environ["FT_REAL_MODEL"]
     directory, _ = model_config(source).unwrap()

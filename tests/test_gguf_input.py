@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import finetune
 from finetune.errors import UserError
+from finetune.files.gguf import cache_dir
+from finetune.files.sources import model_dir
 from finetune.files.tokenizer import load_tokenizer
-from finetune.shell.models.gguf import cache_dir
-from finetune.shell.models.sources import model_dir
 
 IDS = np.array([[0, 5, 17, 99, 3, 250, 7, 8, 9, 10, 11, 12, 301, 44]], np.int64)
 WIDE = dict(hidden_size=256, intermediate_size=256, head_dim=64)  # K-quant blocks hold 256 values
@@ -62,7 +62,7 @@ def mlx_logits(spec: str) -> np.ndarray:
 
 
 def torch_engine_logits(spec: str, ids: np.ndarray = IDS) -> np.ndarray:
-    from finetune.engines.torch.lora import load_base
+    from finetune.engines.torch.load import load_base
 
     lm = load_base(model_dir(spec).unwrap(), torch.float32, spec).unwrap()
     with torch.no_grad():

@@ -36,7 +36,7 @@ def launch(argv: list[str], cwd: Path, timeout: float = 240) -> subprocess.Compl
 
 
 def test_readme_line_with_double_dash_trains_two_ranks_on_the_mlx_engine(tmp_path):
-    from finetune.shell.models import tiny
+    from finetune.files import tiny
 
     tiny.ensure_tiny()  # built once before the ranks would race for it
     port = ["--starting-port", str(free_port())]  # the only addition: tests run side by side

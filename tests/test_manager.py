@@ -15,8 +15,8 @@ from mlx.utils import tree_flatten
 from model_factory import fake_hub_cache, model_dir, write_layout
 
 from finetune.cli import main
-from finetune.engines.mlx import manager
 from finetune.engines.mlx.load import load_model
+from finetune.files import manager
 
 
 @pytest.fixture(autouse=True)

@@ -18,8 +18,11 @@ from test_training import jsonl, reverse_rows, write_model
 from finetune.core import batching, memplan
 from finetune.core.config import Recipe
 from finetune.engines.mlx import step as trainer
+from finetune.engines.protocol import Data
 from finetune.files.tokenizer import load_tokenizer
 from finetune.shell.data import check
+from finetune.shell.training import loop
+from finetune.shell.training.rundir import Cursor
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,7 @@ def test_a_limit_splits_each_batch_into_micro_steps_with_the_same_result(tmp_pat
 def _est(r: Recipe, micro: int) -> float:
     """The estimate at a micro-batch of `micro` rows (through the planner's own shapes)."""
     inspection = check.inspect(r).unwrap()
-    from finetune.engines.mlx.run import plan as batch_plan
+    from finetune.shell.training.run import plan as batch_plan
 
     rr = inspection.report.recipe
     work = memplan.workload(batch_plan(inspection.tokens["train"], rr), inspection.tokens["train"], rr.train.max_seq_length)
@@ -114,14 +117,14 @@ def test_the_loop_lowers_the_micro_batch_when_the_peak_passes_the_limit():
     config = llama_config(400)
     r = msgspec.convert({"train": {"batch_size": 8, "iters": 3, "learning_rate": 1e-2, "report_every": 1, "max_seq_length": 256}}, Recipe)
     examples = rows(24, 63, 0.5, 400)
-    data = trainer.Data(examples, batching.length_sorted([len(e.ids) for e in examples], 8))
+    data = Data(examples, batching.length_sorted([len(e.ids) for e in examples], 8))
 
     def run(limit: float) -> tuple[list[float], list[str]]:
         mx.random.seed(0)
         model = model_with_lora(config, r)
         opt = optim.AdamW(learning_rate=1e-2)
         losses, lines = [], []
-        cursor = trainer.run_steps(model, opt, data, None, r.train, 3, trainer.Cursor(), on_report=lambda x: losses.append(x.train_loss),
+        cursor = loop.run_steps(trainer.Trainer(model, opt, r.train), data, None, r.train, 3, Cursor(), on_report=lambda x: losses.append(x.train_loss),
                                on_save=lambda c: None, on_log=lines.append, memory_limit_gb=limit)
         assert cursor.splits == (8 if limit else 1)  # checkpoints record the split, so a resume keeps it
         return losses, lines

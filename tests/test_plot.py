@@ -19,9 +19,8 @@ from cli_run import one_line_error, run_cli
 from PIL import Image
 
 from finetune.core.convert import mlx_to_hf
-from finetune.engines.mlx import run
 from finetune.engines.mlx.model import build
-from finetune.shell.training import plot, recipes
+from finetune.shell.training import plot, recipes, run
 
 ROOT = Path(__file__).parents[1]
 

@@ -26,7 +26,10 @@ import finetune
 from finetune.core import memory, modelinfo
 from finetune.core.config import Recipe
 from finetune.engines.mlx import step as trainer
+from finetune.engines.protocol import Data
 from finetune.errors import UserError
+from finetune.shell.training import loop
+from finetune.shell.training.rundir import Cursor
 
 TRAIN = ("--iters", "2", "--batch-size", "2", "--learning-rate", "1e-2", "--lora-rank", "4", "--val-batches", "1")
 Q4 = ("--quantize-bits", "4", "--quantize-group-size", "32")
@@ -141,8 +144,8 @@ def _packed_peak(config: dict, r: Recipe, seq: int, docs: int) -> int:
     optimizer = optim.AdamW(learning_rate=t.learning_rate)
     optimizer.init(model.trainable_parameters())
     with trainer.checkpointed(model, t.grad_checkpoint):
-        trainer.run_steps(model, optimizer, trainer.Data(examples, plan), None, msgspec.structs.replace(t, report_every=1), 1,
-                          trainer.Cursor(), on_report=lambda _: None, on_save=lambda _: None, on_log=lambda _: None)
+        loop.run_steps(trainer.Trainer(model, optimizer, t), Data(examples, plan), None, msgspec.structs.replace(t, report_every=1), 1,
+                          Cursor(), on_report=lambda _: None, on_save=lambda _: None, on_log=lambda _: None)
     peak = mx.get_peak_memory()
     del model, optimizer
     gc.collect()

@@ -9,7 +9,7 @@ import pytest
 
 from finetune.core.prepare import normalise_rows
 from finetune.core.records import Message, RowError, Sample
-from finetune.shell.data.datasets import read_rows
+from finetune.files.datasets import read_rows
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -136,9 +136,9 @@ def test_greedy_text_equals_ft_generate_with_and_without_the_adapter(server, exp
 
 
 def test_usage_and_finish_reasons(server):
-    from finetune.engines.mlx.generate import build_prompt
+    from finetune.files.tiny import ensure_tiny
     from finetune.files.tokenizer import load_tokenizer
-    from finetune.shell.models.tiny import ensure_tiny
+    from finetune.shell.generation import build_prompt
 
     client = server.client()
     out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0)
@@ -202,7 +202,7 @@ def test_models_lists_the_base_and_every_adapter(server, run):
 def test_adapters_are_added_and_removed_while_serving(server, run, tmp_path):
     from lora_models import random_adapter
 
-    from finetune.shell.models.tiny import ensure_tiny
+    from finetune.files.tiny import ensure_tiny
 
     client = server.client()
     before = client.completions.create(model="sql", prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text

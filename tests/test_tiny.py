@@ -14,8 +14,8 @@ from transformers import LlamaForCausalLM
 from finetune.cli import main
 from finetune.core.convert import expected_shapes
 from finetune.engines.mlx.load import load_model
+from finetune.files import tiny
 from finetune.files.weights import read_checkpoint, safetensors_header
-from finetune.shell.models import tiny
 
 FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")
 

@@ -22,8 +22,8 @@ from transformers import (
 )
 
 from finetune.engines import choose
-from finetune.engines.torch import generate as torch_generate
-from finetune.shell.models.tiny import ensure_tiny
+from finetune.engines.torch import load as torch_load
+from finetune.files.tiny import ensure_tiny
 
 torch.set_num_threads(1)
 
@@ -81,7 +81,7 @@ def test_gpt_neox_trains_generates_and_is_described_with_torch(neox, tmp_path, c
     assert code == 0 and "backend: torch" in err, err
     code, out, err = run_cli(capsys, "adapters", "export", str(run), "--format", "peft", "--output", str(tmp_path / "peft"))
     assert code == 0, err
-    ours = torch_generate.load(str(neox), str(run), torch.device("cpu")).unwrap()[0]
+    ours = torch_load.load(str(neox), str(run), torch.device("cpu")).unwrap()[0]
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(neox), tmp_path / "peft").eval()
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():

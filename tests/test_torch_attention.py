@@ -11,7 +11,7 @@ from cli_run import run_cli
 from model_factory import copy_files, plus_data
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 
-from finetune.engines.torch.lora import load_base
+from finetune.engines.torch.load import load_base
 from finetune.engines.torch.weights import attention
 
 

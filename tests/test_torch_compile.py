@@ -20,9 +20,9 @@ from safetensors.numpy import load_file
 from finetune.core import batching
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
-from finetune.engines.torch import run as torch_run
 from finetune.engines.torch import step as ttrain
 from finetune.files.tokenizer import load_tokenizer
+from finetune.shell.training import run as torch_run
 
 torch.set_num_threads(1)  # the test machine's cores are shared
 
@@ -59,7 +59,7 @@ def recipe(model: Path, data: Path, out: Path, compile: bool) -> Recipe:
 
 
 def train(r: Recipe) -> torch_run.Prepared:
-    prepared = torch_run.prepare_run(r, lambda line: None).unwrap()
+    prepared = torch_run.prepare_run(r, lambda line: None, engine="torch").unwrap()
     torch_run.fit(prepared, Path(r.output), False, lambda line: None).unwrap()
     return prepared
 
@@ -87,7 +87,8 @@ def test_one_graph_serves_every_padded_length_and_padding_adds_no_loss(tmp_path,
     """Two widths, the wider one the same rows with more padding: the same loss from one graph."""
     from torch._dynamo.utils import counters
 
-    prepared = torch_run.prepare_run(recipe(small_model, data, tmp_path / "run", compile=True), lambda line: None).unwrap()
+    prepared = torch_run.prepare_run(recipe(small_model, data, tmp_path / "run", compile=True), lambda line: None,
+                                     engine="torch").unwrap()
     model = prepared.model
     model.train()
     rows = [[prepared.splits["train"][i]] for i in range(4)]
@@ -140,7 +141,7 @@ def test_resuming_may_switch_compile_on_or_off():
     import msgspec
 
     from finetune.core.config import Recipe
-    from finetune.engines import rundir
+    from finetune.shell.training import rundir
 
     plain = Recipe()
     compiled = msgspec.structs.replace(plain, train=msgspec.structs.replace(plain.train, compile=True))

@@ -27,8 +27,8 @@ from launched import end, free_port, rank_pid, wait_for
 from safetensors.numpy import load_file
 
 from finetune.cli import main
-from finetune.engines import rundir
-from finetune.shell.training import checkpoints
+from finetune.engines.protocol import World
+from finetune.shell.training import checkpoints, rundir
 
 torch.set_num_threads(1)  # the reference run, like each rank below
 
@@ -80,7 +80,7 @@ def train_args(data: Path, out: Path, *extra, steps: int = STEPS) -> list:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, finetune_home):
     """(data dir, FINETUNE_HOME with `tiny` built, the 1-process reference run)."""
-    from finetune.shell.models import tiny
+    from finetune.files import tiny
 
     os.environ["FINETUNE_HOME"] = str(finetune_home)  # build tiny once, before ranks race for it
     tiny.ensure_tiny()
@@ -212,9 +212,9 @@ def test_ranks_that_disagree_stop_before_writing(tmp_path, setup):
 
 
 def test_more_ranks_than_rows_per_batch_is_refused():
-    message = rundir.check_world(rundir.World(1, 3, "gloo"), 2).failure()
+    message = rundir.check_world(World(1, 3, "gloo"), 2).failure()
     assert message.startswith("$.train.batch_size: 2 rows per batch cannot be shared by 3 ranks")
-    assert rundir.check_world(rundir.World(0, 2, "gloo"), 2).unwrap() is None
+    assert rundir.check_world(World(0, 2, "gloo"), 2).unwrap() is None
 
 
 def test_torch_under_mlx_launch_is_refused(tmp_path, monkeypatch, capsys, setup):

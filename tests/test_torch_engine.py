@@ -19,7 +19,7 @@ import torch
 from safetensors.numpy import load_file
 
 from finetune.core.config import Recipe
-from finetune.engines.torch import run as torch_run
+from finetune.shell.training import run as torch_run
 
 # Seven agents share two cores here; OpenMP's spinning threads slow each other down fourfold.
 torch.set_num_threads(1)
@@ -63,7 +63,7 @@ def recipe(data: Path, out: Path, **train) -> Recipe:
 
 
 def train_torch(r: Recipe, resume: bool = False) -> torch_run.Prepared:
-    prepared = torch_run.prepare_run(r, lambda line: None).unwrap()
+    prepared = torch_run.prepare_run(r, lambda line: None, engine="torch").unwrap()
     torch_run.fit(prepared, Path(r.output), resume, lambda line: None).unwrap()
     return prepared
 
@@ -74,7 +74,7 @@ def metrics(run: Path) -> list[dict]:
 
 def test_twenty_float32_steps_match_the_mlx_engine(tmp_path, data):
     from finetune import load
-    from finetune.engines.mlx import run as mlx_run
+    from finetune.shell.training import run as mlx_run
 
     mlx_dir, torch_dir = tmp_path / "mlx", tmp_path / "torch"
     r_mlx = recipe(data, mlx_dir)
@@ -154,7 +154,7 @@ def test_a_torch_run_on_other_architectures_loads_in_the_mlx_engine_with_its_log
 
 def test_packed_rows_train_like_the_mlx_engine(tmp_path, data):
     """Per-document attention: the first packed step's loss is the MLX engine's."""
-    from finetune.engines.mlx import run as mlx_run
+    from finetune.shell.training import run as mlx_run
 
     r = recipe(data, tmp_path / "torch", iters=2, report_every=1, eval_every=0, save_every=0, max_seq_length=64)
     r = msgspec.structs.replace(r, data=msgspec.structs.replace(r.data, packing=True))
@@ -215,12 +215,14 @@ def test_the_engines_do_not_import_each_other():
     """The torch engine runs without MLX; the MLX engine's training never loads torch."""
     block_mlx = (
         BLOCK_MLX +
-        "import finetune.engines.torch.run, finetune.engines.torch.step\n"
+        "import finetune.shell.training.run, finetune.engines.torch.engine, finetune.engines.torch.step\n"
+        "import finetune.engines.torch.load, finetune.engines.torch.generate, finetune.engines.torch.evaluate\n"
     )
     subprocess.run([sys.executable, "-c", block_mlx], check=True)
     check_torch = (
         "import sys\n"
-        "import finetune.engines.mlx.run, finetune.engines.mlx.step, finetune.cli.train\n"
+        "import finetune.shell.training.run, finetune.engines.mlx.engine, finetune.engines.mlx.step, finetune.cli.train\n"
+        "import finetune.engines.mlx.load, finetune.engines.mlx.generate, finetune.engines.mlx.evaluate\n"
         "assert 'torch' not in sys.modules, 'the MLX engine imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", check_torch], check=True)

@@ -16,12 +16,14 @@ from safetensors.numpy import load_file
 
 from finetune.core import memory, memplan
 from finetune.core.config import Recipe
-from finetune.engines import rundir
+from finetune.engines import protocol
 from finetune.engines.torch import budget
 from finetune.engines.torch import lora as tmodel
 from finetune.engines.torch import step as ttrain
+from finetune.engines.torch.load import load_base
 from finetune.files.tokenizer import load_tokenizer
 from finetune.shell.data import check
+from finetune.shell.training import loop, rundir
 
 torch.set_num_threads(1)  # agents share two cores here
 CPU = torch.device("cpu")
@@ -64,7 +66,7 @@ def estimate_gb(r: Recipe, splits: int) -> float:
     """The torch estimate (without the process) of the run's largest micro-step at `splits`."""
     inspection = check.inspect(r).unwrap()
     rr, train = inspection.report.recipe, inspection.tokens["train"]
-    work = memplan.workload(rundir.plan(train, rr), train, rr.train.max_seq_length)
+    work = memplan.workload(protocol.plan(train, rr), train, rr.train.max_seq_length)
     rows, width, chosen = memplan.micro_shape(work, splits)
     est = memory.estimate(inspection.report.facts, rr, width, "float32", chosen, rows, copies=budget.COPIES)
     return est.total_gb + budget.FIXED_GB
@@ -116,16 +118,16 @@ def test_limits_nothing_fits_are_refused_in_one_line(tmp_path, capsys, model_dir
 def test_the_loop_lowers_the_micro_batch_when_the_peak_passes_the_limit(model_dir, data):
     r = recipe(model_dir, data)
     inspection = check.inspect(r).unwrap()
-    train = rundir.Data(inspection.tokens["train"], rundir.plan(inspection.tokens["train"], inspection.report.recipe))
+    train = protocol.Data(inspection.tokens["train"], protocol.plan(inspection.tokens["train"], inspection.report.recipe))
 
     def run(limit: float) -> tuple[list[float], list[str], int]:
-        lm = tmodel.load_base(model_dir, torch.float32, "m").unwrap()
+        lm = load_base(model_dir, torch.float32, "m").unwrap()
         model = tmodel.attach(lm, r, "m").unwrap()
         opt = ttrain.Optimizer(model.trainable(), r.train, 2)
         losses, lines = [], []
-        cursor = ttrain.run_steps(model, opt, train, None, r.train, 2, rundir.Cursor(), CPU,
-                                  on_report=lambda x: losses.append(x.train_loss), on_save=lambda c: None,
-                                  on_log=lines.append, memory_limit_gb=limit)
+        cursor = loop.run_steps(ttrain.Trainer(model, opt, r.train, CPU), train, None, r.train, 2, rundir.Cursor(),
+                                on_report=lambda x: losses.append(x.train_loss), on_save=lambda c: None,
+                                on_log=lines.append, memory_limit_gb=limit)
         return losses, lines, cursor.splits
 
     free, quiet, one = run(0.0)

@@ -37,9 +37,11 @@ from finetune.engines.mlx import lora as lora_modules
 from finetune.engines.mlx import step as trainer
 from finetune.engines.mlx.model import build
 from finetune.engines.mlx.step import supervised_ce
+from finetune.engines.protocol import Data
 from finetune.files.tokenizer import load_tokenizer
 from finetune.shell.export import adapters
-from finetune.shell.training import recipes
+from finetune.shell.training import loop, recipes
+from finetune.shell.training.rundir import Cursor
 
 ROOT = Path(__file__).parents[1]
 METRIC_FIELDS = (
@@ -410,7 +412,7 @@ def test_packed_rows_give_the_loss_of_separate_rows(make):
 # gradient accumulation
 
 
-def train_once(data: trainer.Data, accum: int, optimizer: optim.Optimizer, clip: float, iters: int):
+def train_once(data: Data, accum: int, optimizer: optim.Optimizer, clip: float, iters: int):
     model = with_lora(tiny_llama(seed=21), seed=22)
     before = {k: np.array(v) for k, v in trainer.flat_trainable(model).items()}
     optimizer.init(model.trainable_parameters())
@@ -418,7 +420,7 @@ def train_once(data: trainer.Data, accum: int, optimizer: optim.Optimizer, clip:
                          schedule="constant", grad_clip=clip, report_every=1, eval_every=0,
                          save_every=0, seed=7)
     reports = []
-    cursor = trainer.run_steps(model, optimizer, data, None, cfg, iters, trainer.Cursor(),
+    cursor = loop.run_steps(trainer.Trainer(model, optimizer, cfg), data, None, cfg, iters, Cursor(),
                            reports.append, lambda c: None, on_log=lambda line: None)
     after = {k: np.array(v) for k, v in trainer.flat_trainable(model).items()}
     return before, after, cursor, reports
@@ -440,8 +442,8 @@ def test_accumulating_two_batches_of_4_equals_one_batch_of_8(make_optimizer, cli
     # rows of very different supervised counts: a mean of per-batch means would differ
     halves = [sum(d.supervised for d in docs[:4]), sum(d.supervised for d in docs[4:])]
     assert max(halves) > 1.3 * min(halves), halves
-    one = trainer.Data(docs, [[[i] for i in range(8)]])
-    two = trainer.Data(docs, [[[i] for i in range(4)], [[i] for i in range(4, 8)]])
+    one = Data(docs, [[[i] for i in range(8)]])
+    two = Data(docs, [[[i] for i in range(4)], [[i] for i in range(4, 8)]])
     before, big, cursor_big, rep_big = train_once(one, 1, make_optimizer(), clip, iters)
     _, acc, cursor_acc, rep_acc = train_once(two, 2, make_optimizer(), clip, iters)
     assert (cursor_big.step, cursor_big.batch_index) == (iters, iters)
@@ -677,7 +679,7 @@ def compare_with_mlx_lm(model_dir: Path, spec: str, run: Path) -> None:
 
 
 def test_mlx_lm_loads_our_adapters_for_tiny(tmp_path, capsys, reverse_data):
-    from finetune.shell.models.tiny import ensure_tiny
+    from finetune.files.tiny import ensure_tiny
 
     tiny_dir = ensure_tiny()
     run = tmp_path / "run"

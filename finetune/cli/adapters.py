@@ -47,7 +47,7 @@ def export(
     adapter = unwrap(adapters.load_any(directory))
     if format == "peft":
         if not base_model and adapter.model == "tiny":  # a name only FineTune knows: its directory
-            from finetune.shell.models.tiny import ensure_tiny
+            from finetune.files.tiny import ensure_tiny
 
             base_model = str(ensure_tiny())
         tensors, config = adapters.peft_files(adapter, base_model or "")
@@ -159,7 +159,7 @@ def _num_layers(adapter) -> str:
 
 
 def _config(spec: str) -> Result[dict, str]:
-    from finetune.shell.models import sources
+    from finetune.files import sources
 
     return sources.model_dir(spec).bind(sources.read_config)
 
@@ -174,7 +174,7 @@ def _fit(adapter, model: str) -> Result[None, str]:
 def _total_layers(model: str | None, named: str) -> int | None:
     """The base model's block count: from --model, else the named model when it is on this machine."""
     from finetune.core import modelinfo
-    from finetune.shell.models import sources
+    from finetune.files import sources
 
     if model is not None:
         return unwrap(_config(model).bind(modelinfo.facts)).num_layers

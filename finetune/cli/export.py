@@ -103,7 +103,7 @@ def base_gguf_file(model: str, output: Path, *, gguf_type: str | None, force: bo
 
 def _write_base(model: str, output: Path, gguf_type: str | None, force: bool, revision: str):
     from finetune.core import quantization
-    from finetune.engines.mlx.load import model_config
+    from finetune.files.models import model_config
     from finetune.shell.export import gguf as gguf_export
     from finetune.shell.export.gguf_fuse import choose_type
 

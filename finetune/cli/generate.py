@@ -65,12 +65,15 @@ def generate(
 
     chat = None if messages is None else _messages(messages)
 
+    from finetune import engines
     from finetune.engines import choose
-    from finetune.engines.mlx.generate import TextStream, build_prompt, decoder
+    from finetune.shell.generation import TextStream, build_prompt, decoder
 
-    engine, why = choose.for_model(backend, model, adapter_quantized=_trained_quantized(adapter))
-    load = _load_torch if engine == "torch" else _load_mlx
-    net, tokenizer, tokens = load(model, None if adapter is None else str(adapter), device, why, verbose)
+    name, why = choose.for_model(backend, model, adapter_quantized=_trained_quantized(adapter))
+    engine = engines.get(name)
+    say = lambda line: print(line, file=sys.stderr)  # noqa: E731  (the backend line: MLX's before loading)
+    net, tokenizer = unwrap(engine.load(model, adapter=None if adapter is None else str(adapter), device=device,
+                                        why=why, say=say, verbose=verbose))
     chosen = None
     if chat is not None or template is not None:
         chosen = unwrap(_template(template or "auto", tokenizer.chat_template or ""))
@@ -85,7 +88,7 @@ def generate(
     start = time.perf_counter()
     first = end = start
     count = 0
-    for token in tokens(net, plan.ids, max_tokens=max_tokens, temp=temp, top_p=top_p,
+    for token in engine.generate(net, plan.ids, max_tokens=max_tokens, temp=temp, top_p=top_p,
                         seed=seed, stop_ids=plan.stop_ids):
         if count == 0:
             first = time.perf_counter()  # prefill + the first token
@@ -100,32 +103,6 @@ def generate(
     print(f"{count} tokens, {rate:.1f} tokens/s (prompt: {len(plan.ids)} tokens, "
           f"{prompt_rate:.1f} tokens/s)", file=sys.stderr)
     return 0
-
-
-def _load_mlx(model: str, adapter: str | None, device: str | None, why: str, verbose: bool):
-    """(model, tokenizer, token generator) of the MLX engine; the backend line first."""
-    from finetune.engines.mlx import device as backend
-    from finetune.engines.mlx.generate import generate as tokens
-    from finetune.engines.mlx.load import load_model
-
-    info = backend.select(device)  # before loading: dtype="auto" depends on the device
-    print(backend.describe(info, why), file=sys.stderr)
-    if verbose and info.blas_path:
-        print(f"BLAS library: {info.blas_path}", file=sys.stderr)
-    net, tokenizer = unwrap(load_model(model, adapter=adapter))
-    return net, tokenizer, tokens
-
-
-def _load_torch(model: str, adapter: str | None, device: str | None, why: str, verbose: bool):
-    """(model, tokenizer, token generator) of the torch engine; the backend line first."""
-    from finetune.engines.torch import device as torch_device
-    from finetune.engines.torch import generate as torch_generate
-
-    where = torch_device.pick(device)
-    net, tokenizer = unwrap(torch_generate.load(model, adapter, where))
-    dtype = next(net.parameters()).dtype
-    print(torch_device.describe(where, dtype, why), file=sys.stderr)
-    return net, tokenizer, torch_generate.generate
 
 
 def _trained_quantized(adapter: Path | None) -> bool:

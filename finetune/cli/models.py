@@ -165,10 +165,10 @@ def _mlx_info(model: str, revision: str, load: bool):
 
     loaded = ""
     if load:
-        from finetune.engines.mlx.load import load_model
+        from finetune import engines
 
         start = time.perf_counter()
-        match load_model(model, revision=revision):
+        match engines.get("mlx").load(model, revision=revision):
             case Failure(message):
                 raise UserError(message)
         loaded = f"loaded in {time.perf_counter() - start:.2f} s"
@@ -188,31 +188,28 @@ def _torch_info(model: str, revision: str, load: bool, why: str):
 
     import msgspec
 
+    from finetune import engines
     from finetune.core import memory
     from finetune.core.config import Recipe
-    from finetune.engines.torch import device as torch_device
     from finetune.shell.models import inventory
 
-    where = torch_device.pick(None)
-    dtype = torch_device.resolve_dtype(Recipe().model.dtype, where)
-    print(torch_device.describe(where, dtype, why), file=sys.stderr)
-    match inventory.info(model, revision, gpu=where.type != "cpu", engine="torch"):
+    torch = engines.get("torch")
+    name, where = torch.train_dtype(Recipe().model.dtype, None), torch.device_kind(None)
+    print(torch.device_line(None, Recipe().model.dtype, why)[0], file=sys.stderr)
+    match inventory.info(model, revision, gpu=where != "cpu", engine="torch"):
         case Success(found):
             pass
         case Failure(message):
             raise UserError(message)
-    name = str(dtype).removeprefix("torch.")
-    found = msgspec.structs.replace(found, load_dtype=name, device=where.type,
+    found = msgspec.structs.replace(found, load_dtype=name, device=where,
                                     memory=memory.estimate(found.facts, Recipe(), dtype=name))
     loaded = ""
     if load:
         from pathlib import Path
 
-        from finetune.engines.torch.lora import load_base
-
         start = time.perf_counter()
-        match load_base(Path(found.directory), dtype, model):
+        match torch.load_base(Path(found.directory), name, model):
             case Failure(message):
                 raise UserError(message)
         loaded = f"loaded with transformers in {time.perf_counter() - start:.2f} s"
-    return found, loaded, f"the torch engine trains with a {name} base on this {where.type.upper()}"
+    return found, loaded, f"the torch engine trains with a {name} base on this {where.upper()}"

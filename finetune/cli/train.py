@@ -101,13 +101,14 @@ def _inspect(recipe, backend: str | None):
                                    quantize_bits=recipe.model.quantize_bits)
     if engine == "mlx":
         return unwrap(check.inspect(recipe, available_gb=_available_gb())), ""
-    from finetune.engines.torch import device as torch_device
+    from finetune import engines
 
-    where = torch_device.pick(None)
-    dtype = str(torch_device.resolve_dtype(recipe.model.dtype, where)).removeprefix("torch.")
-    print(torch_device.describe(where, torch_device.DTYPES[dtype], why), file=sys.stderr)
+    torch = engines.get("torch")
+    dtype = torch.train_dtype(recipe.model.dtype, None)
+    line, available = torch.device_line(None, recipe.model.dtype, why)
+    print(line, file=sys.stderr)
     as_torch = msgspec.structs.replace(recipe, model=msgspec.structs.replace(recipe.model, dtype=dtype))
-    inspection = unwrap(check.inspect(as_torch, available_gb=torch_device.memory_gb(where), engine="torch"))
+    inspection = unwrap(check.inspect(as_torch, available_gb=available, engine="torch"))
     shown = msgspec.structs.replace(inspection.report.recipe, model=msgspec.structs.replace(
         inspection.report.recipe.model, dtype=recipe.model.dtype))  # the recipe as written, not as estimated
     note = (f"Memory estimate for the torch engine: base weights and activations in {dtype}, LoRA and AdamW "

@@ -139,7 +139,7 @@ def model_needs(spec: str, revision: str = "main") -> ModelNeeds:
     import json
 
     from finetune.core import architectures
-    from finetune.shell.models import sources
+    from finetune.files import sources
 
     path = Path(os.path.expanduser(spec))
     directory = path if path.is_dir() else sources.cached_snapshot(spec, revision) if sources.is_hub_id(spec) else None

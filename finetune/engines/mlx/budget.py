@@ -14,6 +14,7 @@ from finetune.core import memory, memplan
 from finetune.core.config import Recipe
 from finetune.core.modelinfo import ModelFacts
 from finetune.core.tokenize import Tokens
+from finetune.engines.protocol import plan as batch_plan
 from finetune.files.paths import write_text
 
 
@@ -41,8 +42,6 @@ def _mem_available() -> int:
 
 def plan(recipe: Recipe, facts: ModelFacts, train: list[Tokens], limit_gb: float) -> Result[memplan.MemoryPlan, str]:
     """Plan the run's micro-steps against `limit_gb` from the training data's actual batches."""
-    from finetune.engines.mlx.run import plan as batch_plan
-
     batches = memplan.workload(batch_plan(train, recipe), train, recipe.train.max_seq_length)
     dtype = recipe.model.dtype if recipe.model.dtype in memory.BYTES else "float32"
     return memplan.plan(facts, recipe, batches, limit_gb, dtype)

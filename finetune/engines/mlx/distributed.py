@@ -18,13 +18,12 @@ from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
-from returns.result import Failure, Result, Success
 
-from finetune.engines import rundir, watchdog
+from finetune.engines import watchdog
+from finetune.engines.protocol import SINGLE, World, describe_world
 from finetune.errors import UserError
 
-# The world and its checks are the engines' shared ones (the torch engine's ranks use them too).
-World, SINGLE, describe = rundir.World, rundir.SINGLE, rundir.describe_world
+describe = describe_world
 
 
 @cache
@@ -144,31 +143,7 @@ def broadcast(tree: Any, world: World) -> Any:
     return tree_unflatten(out)
 
 
-def agree(world: World, what: str, digest: bytes) -> Result[None, str]:
-    """Every rank holds the same `digest` of `what`, or a Failure naming the ranks that differ."""
-    if world.size == 1:
-        return Success(None)
-    mine = mx.array(list(digest), dtype=mx.uint8)
-    every = mx.distributed.all_gather(mine, stream=mx.cpu).reshape(world.size, -1).tolist()
-    differ = [r for r, d in enumerate(every) if d != every[0]]
-    return Failure(rundir.disagreement(what, differ)) if differ else Success(None)
 
-
-def all_ok(world: World, result: Result[Any, str]) -> Result[Any, str]:
-    """`result` where every rank succeeded; else a Failure (its own message, or the failing ranks)."""
-    if world.size == 1:
-        return result
-    flags = [0.0] * world.size
-    flags[world.rank] = float(isinstance(result, Failure))
-    failed = [r for r, f in enumerate(sum_values(flags)) if f]
-    if not failed or isinstance(result, Failure):
-        return result
-    return Failure(f"rank {', '.join(map(str, failed))} stopped (its error is above); this rank stops with it")
-
-
-def run_digest(recipe: Any, splits: dict[str, list[Any]], model: Any) -> bytes:
-    """rundir.run_digest over the MLX model's parameter names, shapes and dtypes."""
-    return rundir.run_digest(recipe, splits, [f"{n}:{v.shape}:{v.dtype}" for n, v in tree_flatten(model.parameters())])
 
 
 def lost_peer(err: RuntimeError, world: World, run_dir: Any) -> UserError | None:

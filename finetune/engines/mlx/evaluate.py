@@ -1,5 +1,5 @@
-"""The MLX engine's side of evaluation: load once, swap adapters, batched greedy decoding with a
-KV cache (left-padded rows at their own positions), the trainer's teacher-forced loss."""
+"""The MLX engine's side of evaluation: batched greedy decoding with a KV cache (left-padded rows
+at their own positions)."""
 
 from __future__ import annotations
 
@@ -8,50 +8,8 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_unflatten
-from returns.result import Result, Success
 
-from finetune.core.config import Recipe
 from finetune.core.evaluation import Done, extend_answers
-from finetune.core.tokenize import Tokens
-
-
-def load(spec: str, device: str | None, why: str = "") -> tuple[Any, Any, str]:
-    """(model, tokenizer, backend line) of the base model, on `device`."""
-    from finetune.engines.mlx import device as backend
-    from finetune.engines.mlx.load import load_model
-    from finetune.errors import unwrap
-
-    info = backend.select(device)
-    model, tokenizer = unwrap(load_model(spec))
-    return model, tokenizer, backend.describe(info, why)
-
-
-def needs_own_base(adapter: str) -> bool:
-    """The adapter was trained on a quantized base: it gets that base loaded for it alone."""
-    from finetune.shell.export.adapters import base_quantization
-
-    return base_quantization(adapter).value_or(None) is not None
-
-
-def load_with(spec: str, adapter: str) -> Result[Any, str]:
-    """The base rebuilt as the adapter records it (quantized), with the adapter attached."""
-    from finetune.engines.mlx.load import load_model
-
-    return load_model(spec, adapter=adapter).map(lambda pair: pair[0])
-
-
-def swap(model: Any, adapter: str | None) -> Result[Any, str]:
-    """`model` with its LoRA layers removed, then `adapter` (if any) attached: the base stays loaded."""
-    from finetune.engines.mlx.lora import LoRALinear
-    from finetune.shell.export.adapters import attach
-
-    plain = [(name, m.linear) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
-    if plain:
-        model.update_modules(tree_unflatten(plain))
-    if adapter is None:
-        return Success(model)
-    return attach(model, adapter).map(lambda m: m.eval())
 
 
 def greedy(model: Any, prompts: Sequence[Sequence[int]], max_tokens: int, stop_ids: Sequence[int],
@@ -88,11 +46,3 @@ def _last_logits(model: Any, ids: mx.array, mask: mx.array, cache: list, positio
     return logits
 
 
-def loss(model: Any, tokens: list[Tokens], recipe: Recipe) -> float:
-    """The trainer's token-weighted loss on these rows (teacher-forced, supervised tokens only)."""
-    from finetune.engines import rundir
-    from finetune.engines.mlx import step as trainer
-
-    value = trainer.evaluate(model, rundir.data(tokens, recipe), recipe.train.max_seq_length, -1)
-    model.eval()  # evaluate leaves the model in training mode (dropout on)
-    return value

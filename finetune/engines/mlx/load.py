@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING, Any
 from returns.result import Failure, Result, Success
 
 from finetune.core import quantization
-from finetune.core.convert import SUPPORTED
 from finetune.core.quantization import Quant
 from finetune.errors import UserError
 from finetune.files import weights
-from finetune.shell.models import sources
+from finetune.files.models import checkpoint_dtype, model_config, resolve_dtype
 
 if TYPE_CHECKING:  # MLX is imported where it is used: these modules also serve the torch engine
     import mlx.nn as nn
@@ -27,45 +26,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def on_gpu() -> bool:
-    import mlx.core as mx  # lazily: model_config and resolve_dtype serve `ft models info` without MLX
+    import mlx.core as mx
 
     return mx.default_device().type == mx.gpu
-
-
-def resolve_dtype(dtype: str, checkpoint: str | None, gpu: bool) -> str:
-    """`auto`: float32 on CPU (MLX's CPU half precision is slow), the checkpoint's dtype on GPU."""
-    if dtype != "auto":
-        return dtype
-    if not gpu or checkpoint not in ("float16", "bfloat16"):
-        return "float32"
-    return checkpoint
-
-
-def check_config(config: Mapping[str, Any], where: str, any_architecture: bool = False) -> Result[Mapping[str, Any], str]:
-    """Refuse custom-code models and (unless `any_architecture`) architectures we have no module for."""
-    if "auto_map" in config:
-        return Failure(
-            f"{where}: config.json has auto_map (custom model code); FineTune never runs "
-            "remote code (trust_remote_code is not supported)"
-        )
-    kind = config.get("model_type")
-    if kind not in SUPPORTED and not any_architecture:
-        return Failure(
-            f"{where}: unsupported architecture {kind!r}; supported: {', '.join(SUPPORTED)}"
-        )
-    return quantization.from_config(config, f"{where}: config.json").map(lambda _: config)
-
-
-def _checkpoint_dtype(directory: Path, config: Mapping[str, Any]) -> str | None:
-    return weights.checkpoint_dtype(directory) or config.get("torch_dtype") or config.get("dtype")
-
-
-def model_config(spec: str, revision: str = "main", any_architecture: bool = False) -> Result[tuple[Path, Mapping[str, Any]], str]:
-    """MODEL's local directory and its checked config.json (no weights read)."""
-    return sources.model_dir(spec, revision).bind(
-        lambda directory: sources.read_config(directory).bind(
-            lambda c: check_config(c, spec, any_architecture)).map(lambda c: (directory, c))
-    )
 
 
 def load_model(
@@ -90,7 +53,7 @@ def load_model(
             pass
         case failure:
             return failure
-    match _recorded(adapter):
+    match recorded(adapter):
         case Success(record):
             pass
         case failure:
@@ -113,7 +76,7 @@ def load_model(
     return loaded.bind(attach_adapter)
 
 
-def _recorded(adapter: str | None) -> Result[dict[str, Any] | None, str]:
+def recorded(adapter: str | None) -> Result[dict[str, Any] | None, str]:
     """The quantized base an adapter was trained on, as its adapter_config.json records it."""
     if adapter is None:
         return Success(None)
@@ -133,8 +96,8 @@ def _load_dir(
 ) -> Result[tuple[nn.Module, Any], str]:
     import mlx.core as mx
 
-    from finetune.engines.mlx import manager
     from finetune.engines.mlx.model import build
+    from finetune.files import manager
     from finetune.files.tokenizer import load_tokenizer
 
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
@@ -152,7 +115,7 @@ def _load_dir(
         return Failure(f"{spec}: config.json lacks field {err}")
     except (ValueError, TypeError) as err:  # what our modules do not implement
         return Failure(f"{spec}: {err}")
-    target = resolve_dtype(dtype, _checkpoint_dtype(directory, config), on_gpu())
+    target = resolve_dtype(dtype, checkpoint_dtype(directory, config), on_gpu())
     stored = quantization.from_config(config).value_or(None)  # check_config has parsed it
     if stored is not None:
         return _load_quantized(spec, model, directory, config, stored, target, quantize).map(

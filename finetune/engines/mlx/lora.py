@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
+from returns.result import Result, Success
 
 from finetune.core import lora
 
@@ -78,3 +79,30 @@ def layers_prefix(model: nn.Module) -> str:
         if module is first:
             return path.rsplit(".", 1)[0]
     raise AssertionError("the model's first block is not among its modules")
+
+
+def adapter_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRA (and DoRA) layers by module path."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def bare(model: nn.Module) -> nn.Module:
+    """`model` with every LoRA layer replaced by the linear it wraps (the base stays loaded)."""
+    plain = [(path, m.linear) for path, m in adapter_layers(model).items()]
+    if plain:
+        model.update_modules(tree_unflatten(plain))
+    return model
+
+
+def attach_checked(model: nn.Module, directory: str) -> Result[nn.Module, str]:
+    """An adapter directory of any format on `model`, after checking the quantized base it
+    records (if any) is this one."""
+    from finetune.core import quantization
+    from finetune.engines.mlx.quantized import check_record
+    from finetune.shell.export.adapters import attach, base_quantization
+
+    def checked(record: dict | None) -> Result[nn.Module, str]:
+        want = quantization.parse_block(record, directory).value_or(None) if record else None
+        return check_record(model, want, directory) if record else Success(model)
+
+    return base_quantization(directory).bind(checked).bind(lambda m: attach(m, directory))

@@ -1,31 +1,24 @@
-"""The compiled LoRA train step and the loop around it: reports, validation, checkpoints."""
+"""The MLX engine's step: the loss, one compiled function per micro-step, and the `Trainer` the
+shell's one loop drives (`shell/training/loop.py`)."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from functools import partial
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from returns.result import Failure, Result, Success
 
-from finetune.core import batching, memory
+from finetune.core import batching, memory, memplan
 from finetune.core.config import TrainingConfig
-from finetune.engines import rundir
-from finetune.engines.mlx import distributed
-from finetune.engines.mlx.distributed import World
+from finetune.engines.mlx import budget, distributed
 from finetune.engines.mlx.loss import head_ce
-from finetune.engines.rundir import (  # engine-free, shared with the torch engine
-    Cursor,
-    Data,
-    Interrupted,
-    StepReport,
-    StopFlag,
-    Window,
-)
+from finetune.engines.protocol import Data, Step, World, batch_share
 
 
 def supervised_ce(
@@ -39,28 +32,33 @@ def supervised_ce(
     grad: bool = True,
 ) -> tuple[mx.array, mx.array]:
     """(Σ cross-entropy, number of targets) over the selected positions (the MLX engine's loss;
-    the torch engine's `engines/torch/train.supervised_ce` is the same definition).
+    the torch engine's `engines/torch/step.supervised_ce` is the same definition).
 
     The LM head runs only where a target is supervised: `select` holds flat indices into
     `inputs` (B*T), `targets` the next tokens there, `weights` 1 (0 for the padding of
     `select` itself). Padding tokens of `inputs` are never targets. The head and the loss run
-    over chunks of those positions (`shell/training/loss.head_ce`); `grad=False` (evaluation) skips its gradient.
+    over chunks of those positions (`loss.head_ce`); `grad=False` (evaluation) skips its gradient.
     """
     h = model.hidden(inputs, segments, positions)  # (B, T, D)
     h = h.reshape(-1, h.shape[-1])[select]  # (N, D)
     return head_ce(model.head, h, targets, weights, grad=grad), weights.sum()
 
 
+def arrays_of(b: batching.Batch) -> tuple[mx.array, ...]:
+    """A micro-batch's arrays, as `supervised_ce` takes them."""
+    arrays = (b.inputs, b.select, b.targets, b.weights)
+    if b.segments is not None:
+        arrays += (b.segments, b.positions)
+    return tuple(mx.array(a) for a in arrays)
+
+
 def batch_arrays(
     data: Data, index: int, max_length: int, rank: int = 0, ranks: int = 1, part: int = 0, parts: int = 1
 ) -> tuple[batching.Batch, tuple[mx.array, ...]]:
     """Micro-step `part` of `parts` of rank `rank`'s share of the plan's batch `index`
-    (`rundir.batch_share`), as numpy (for counts) and MLX arrays."""
-    b = rundir.batch_share(data, index, max_length, rank, ranks, part, parts)
-    arrays = (b.inputs, b.select, b.targets, b.weights)
-    if b.segments is not None:
-        arrays += (b.segments, b.positions)
-    return b, tuple(mx.array(a) for a in arrays)
+    (`protocol.batch_share`), as numpy (for counts) and MLX arrays."""
+    b = batch_share(data, index, max_length, rank, ranks, part, parts)
+    return b, arrays_of(b)
 
 
 def evaluate(model: nn.Module, data: Data, max_length: int, num_batches: int, world: World = distributed.SINGLE) -> float:
@@ -85,116 +83,119 @@ def evaluate(model: nn.Module, data: Data, max_length: int, num_batches: int, wo
     return (total / mx.maximum(count, 1.0)).item()
 
 
-def run_steps(
-    model: nn.Module,
-    optimizer: optim.Optimizer,
-    train_data: Data,
-    valid_data: Data | None,
-    cfg: TrainingConfig,
-    total_steps: int,
-    cursor: Cursor,
-    on_report: Callable[[StepReport], None],
-    on_save: Callable[[Cursor], None],
-    on_step: Callable[[Cursor], None] = lambda c: None,
-    on_log: Callable[[str], None] = lambda line: print(line, flush=True),
-    world: World = distributed.SINGLE,
-    splits: int = 1,
-    memory_limit_gb: float = 0.0,
-    exact_match: Callable[[], float] | None = None,
-) -> Cursor:
-    """Run optimizer steps `cursor.step + 1 .. total_steps`; returns the final cursor.
+class Trainer:
+    """The MLX engine's side of the one loop (`protocol.Trainer`): the model, its optimizer, and
+    one compiled function per micro-step (gradient, accumulation, and on the last micro-step
+    the sum over ranks, clipping and update) with explicit state, one `mx.eval` per micro-batch.
+    The gradients and token counts are summed across ranks inside the compiled step, before the
+    one division."""
 
-    `splits`: micro-steps per planned batch (the memory plan); when the measured peak passes
-    `memory_limit_gb`, the split doubles. Shares add up to the batch, so neither the
-    optimisation nor the data cursor changes.
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, cfg: TrainingConfig,
+                 world: World = distributed.SINGLE, planned: memplan.MemoryPlan | None = None):
+        self.model, self.optimizer, self.world = model, optimizer, world
+        self._checkpointing = cfg.grad_checkpoint or bool(planned and planned.grad_checkpoint)
+        self._planned = planned
+        self._pending = 0.0  # Σ loss since the last `loss()`: a Python float (MLX syncs per micro-batch)
+        self._clip = cfg.grad_clip
+        self._step: Callable | None = None  # compiled at the first step: a restore replaces the state
+        model.train()
 
-    One compiled function per step (gradient, accumulation, clipping, update) with explicit
-    state, one `mx.eval` per micro-batch. Batches come from `(seed, batch_index)` alone, so a
-    resumed run sees exactly the batches the uninterrupted run would have. With several ranks
-    each takes its share of every batch, and the update's gradients and token counts are
-    summed across ranks inside the compiled step before the one division.
-    """
-    state = [model.state, optimizer.state, mx.random.state]
-    loss_and_grad = nn.value_and_grad(model, supervised_ce)
-    splits = cursor.splits = max(splits, cursor.splits)
-    accum, clip = cfg.grad_accumulation, cfg.grad_clip
+    def _compiled(self) -> Callable:
+        """The compiled micro-step over the model's, the optimizer's and the generator's state."""
+        model, optimizer, world, clip = self.model, self.optimizer, self.world, self._clip
+        self._state = state = [model.state, optimizer.state, mx.random.state]
+        loss_and_grad = nn.value_and_grad(model, supervised_ce)
 
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(arrays: Sequence[mx.array], acc_grad, acc_tokens, do_update: bool, stops: mx.array):
-        (loss, tokens), grad = loss_and_grad(model, *arrays)
-        if acc_grad is not None:
-            grad = tree_map(lambda a, b: a + b, grad, acc_grad)
-            tokens_total = tokens + acc_tokens
-        else:
-            tokens_total = tokens
-        if not do_update:
-            return loss, tokens, grad, tokens_total, stops
-        if world.size > 1:  # Ctrl-C rides along, so every rank stops after the same step
-            grad, tokens_total, stops = distributed.sum_tree((grad, tokens_total, stops))
-        grad = tree_map(lambda g: g / mx.maximum(tokens_total, 1.0), grad)  # token-weighted mean
-        if clip > 0:
-            grad, _ = optim.clip_grad_norm(grad, clip)
-        optimizer.update(model, grad)
-        return loss, tokens, None, tokens_total, stops  # all ranks' supervised tokens and Ctrl-Cs
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(arrays: Sequence[mx.array], acc_grad, acc_tokens, do_update: bool, stops: mx.array):
+            (loss, tokens), grad = loss_and_grad(model, *arrays)
+            if acc_grad is not None:
+                grad = tree_map(lambda a, b: a + b, grad, acc_grad)
+                tokens_total = tokens + acc_tokens
+            else:
+                tokens_total = tokens
+            if not do_update:
+                return loss, tokens, grad, tokens_total, stops
+            if world.size > 1:  # Ctrl-C rides along, so every rank stops after the same step
+                grad, tokens_total, stops = distributed.sum_tree((grad, tokens_total, stops))
+            grad = tree_map(lambda g: g / mx.maximum(tokens_total, 1.0), grad)  # token-weighted mean
+            if clip > 0:
+                grad, _ = optim.clip_grad_norm(grad, clip)
+            optimizer.update(model, grad)
+            return loss, tokens, None, tokens_total, stops  # all ranks' supervised tokens and Ctrl-Cs
 
-    plan_size = len(train_data.plan)
-    window = Window()
-    stop = StopFlag()
-    model.train()
-    with stop:
-        if valid_data and cursor.step == 0 and cfg.eval_every:
-            tic = time.perf_counter()
-            val = evaluate(model, valid_data, cfg.max_seq_length, cfg.val_batches, world)
-            on_log(f"Iter 0: Val loss {val:.3f}, Val took {time.perf_counter() - tic:.3f}s")
-        while cursor.step < total_steps:
-            tic = time.perf_counter()
-            acc_grad = acc_tokens = None
-            # Dropout's randomness follows from (seed, step) alone, so a resumed run draws the
-            # same masks as an uninterrupted one without saving the generator's state.
-            # Ranks draw different masks (their rows differ); one process keeps its old seeds.
-            mx.random.seed((cfg.seed * 1_000_003 + cursor.step) * world.size + world.rank)
-            for micro in range(accum):
-                index = batching.batch_at(plan_size, cfg.seed, cursor.batch_index)
-                for part in range(splits):  # this rank's share, in `splits` micro-steps
-                    numbers, arrays = batch_arrays(train_data, index, cfg.max_seq_length,
-                                                   world.rank, world.size, part, splits)
-                    update = micro == accum - 1 and part == splits - 1
-                    loss, tokens, acc_grad, acc_tokens, stops = step(
-                        arrays, acc_grad, acc_tokens, update, mx.array(float(stop.requested)))
-                    mx.eval(state, loss, tokens, acc_grad, acc_tokens, stops)
-                    window.add(loss.item(), tokens.item(), numbers)
-                cursor.batch_index += 1
-            # Ranks act on the summed flag alone: a Ctrl-C that lands after this rank sent its flag
-            # counts at the next step, on every rank at once.
-            stopping = stops.item() > 0 or (world.size == 1 and stop.requested)
-            cursor.trained_tokens += int(acc_tokens.item())
-            cursor.step += 1
-            window.steps += 1
-            if memory_limit_gb and mx.get_peak_memory() > memory_limit_gb * memory.GB and splits < cfg.batch_size:
-                splits = cursor.splits = min(cfg.batch_size, 2 * splits)
-                on_log(f"Peak memory {mx.get_peak_memory() / memory.GB:.2f} GB passed the {memory_limit_gb:.2f} GB limit: "
-                       f"{splits} micro-steps per batch from now on (same effective batch)")
-                mx.reset_peak_memory()
-            window.seconds += time.perf_counter() - tic
-            on_step(cursor)
-            last = cursor.step == total_steps
-            val = None
-            if valid_data and ((cfg.eval_every and cursor.step % cfg.eval_every == 0) or last):
-                val = evaluate(model, valid_data, cfg.max_seq_length, cfg.val_batches, world)
-            if cursor.step % cfg.report_every == 0 or last or val is not None:
-                lr = float(optimizer.learning_rate.item())
-                reduce = distributed.sum_values if world.size > 1 else None
-                report = window.report(cursor, plan_size, lr, val, mx.get_peak_memory() / memory.GB, reduce)
-                on_report(rundir.with_exact_match(report, exact_match if val is not None else None))
-                window = Window()
-            if (cfg.save_every and cursor.step % cfg.save_every == 0) or last:
-                on_save(cursor)
-            if stopping and not last:
-                on_save(cursor)
-                if world.size > 1:  # the others wait until rank 0 has saved: the launcher ends all at the first exit
-                    distributed.sum_values([0.0])
-                raise Interrupted(cursor.step)
-    return cursor
+        return step
+
+    def seed(self, n: int) -> None:
+        mx.random.seed(n)
+
+    def step(self, batches: Sequence[batching.Batch], stop: bool) -> Step:
+        if self._step is None:
+            self._step = self._compiled()
+        acc_grad = acc_tokens = stops = None
+        for i, b in enumerate(batches):
+            loss, tokens, acc_grad, acc_tokens, stops = self._step(
+                arrays_of(b), acc_grad, acc_tokens, i == len(batches) - 1, mx.array(float(stop)))
+            mx.eval(self._state, loss, tokens, acc_grad, acc_tokens, stops)
+            self._pending += loss.item()
+        return Step(tokens=acc_tokens.item(), stopping=stops.item() > 0)
+
+    def loss(self) -> float:
+        pending, self._pending = self._pending, 0.0
+        return pending
+
+    def evaluate(self, data: Data, max_length: int, num_batches: int) -> float:
+        return evaluate(self.model, data, max_length, num_batches, self.world)
+
+    def learning_rate(self, step: int) -> float:
+        return float(self.optimizer.learning_rate.item())
+
+    def peak_gb(self) -> float:
+        return mx.get_peak_memory() / memory.GB
+
+    def reset_peak(self) -> None:
+        mx.reset_peak_memory()
+
+    def sum_values(self, values: list[float]) -> list[float]:
+        return distributed.sum_values(values) if self.world.size > 1 else list(values)
+
+    def tensors(self) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
+        return flat_trainable(self.model), dict(tree_flatten(self.optimizer.state))
+
+    def restore(self, params: Mapping[str, mx.array], opt: Mapping[str, mx.array], source: Path) -> Result[None, str]:
+        current = flat_trainable(self.model)
+        for name, value in params.items():
+            if name not in current or current[name].shape != value.shape:
+                return Failure(f"{source}/adapters.safetensors: {name} does not fit this model")
+        if set(current) != set(params):
+            return Failure(f"{source}/adapters.safetensors: holds {len(params)} tensors, the model needs {len(current)}")
+        self.model.load_weights(list(params.items()), strict=False)
+        self.optimizer.state = tree_unflatten(list(opt.items()))
+        self.optimizer.init(self.model.trainable_parameters())
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        self._step = None  # recompiled over the restored state
+        return Success(None)
+
+    def broadcast(self) -> None:
+        if self.world.size > 1:
+            self.model.update(distributed.broadcast(self.model.trainable_parameters(), self.world))
+            self.optimizer.state = distributed.broadcast(self.optimizer.state, self.world)
+            self._step = None  # recompiled over the broadcast state
+
+    @contextmanager
+    def running(self, run_dir: Path) -> Iterator[Callable[[], None]]:
+        """Activation checkpointing, MLX's memory limit and the ranks' watchdog; a failed
+        collective names the lost rank instead of a trace."""
+        try:
+            with ExitStack() as stack:
+                stack.enter_context(checkpointed(self.model, self._checkpointing))
+                stack.enter_context(budget.enforced(self._planned.limit_gb) if self._planned else nullcontext())
+                yield stack.enter_context(distributed.watched(self.world, run_dir))
+        except RuntimeError as err:
+            lost = distributed.lost_peer(err, self.world, run_dir)
+            if lost is None:
+                raise
+            raise lost from None
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from finetune.core import memory, memplan
 from finetune.core.config import Recipe
 from finetune.core.modelinfo import ModelFacts
 from finetune.core.tokenize import Tokens
-from finetune.engines import rundir
+from finetune.engines.protocol import plan as batch_plan
 from finetune.files.paths import write_text
 
 # Copies of each activation term (core.memory.activation_terms) the torch engine keeps at its peak
@@ -91,7 +91,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def estimate(facts: ModelFacts, recipe: Recipe, train: list[Tokens], dtype: torch.dtype) -> memory.MemoryEstimate:
     """The peak of the run's largest batch in one step (no split), the first step's fixed share included."""
-    batches = memplan.workload(rundir.plan(train, recipe), train, recipe.train.max_seq_length)
+    batches = memplan.workload(batch_plan(train, recipe), train, recipe.train.max_seq_length)
     rows, width, chosen = memplan.micro_shape(batches, 1)
     est = memory.estimate(facts, recipe, width, dtype_name(dtype), chosen, rows, copies=COPIES)
     return msgspec.structs.replace(est, activations_gb=est.activations_gb + FIXED_GB, total_gb=est.total_gb + FIXED_GB)
@@ -100,7 +100,7 @@ def estimate(facts: ModelFacts, recipe: Recipe, train: list[Tokens], dtype: torc
 def plan(recipe: Recipe, facts: ModelFacts, train: list[Tokens], limit_gb: float, dtype: torch.dtype,
          base_gb: float) -> Result[memplan.MemoryPlan, str]:
     """Micro-steps and checkpointing that fit `limit_gb`, `base_gb` of which the process holds already."""
-    batches = memplan.workload(rundir.plan(train, recipe), train, recipe.train.max_seq_length)
+    batches = memplan.workload(batch_plan(train, recipe), train, recipe.train.max_seq_length)
     return memplan.plan(facts, recipe, batches, limit_gb, dtype_name(dtype), copies=COPIES, reserved_gb=base_gb + FIXED_GB)
 
 

@@ -14,13 +14,11 @@ import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
-from returns.result import Failure, Result, Success
 
-from finetune.engines.rundir import SINGLE, World, disagreement
+from finetune.engines.protocol import SINGLE, World
 from finetune.errors import UserError
 
 # How long a collective waits for a rank that stays silent (stopped, wedged). A rank that dies
@@ -149,29 +147,6 @@ def broadcast_(world: World, tensors: dict[str, torch.Tensor]) -> None:
             t.copy_(moved)
 
 
-def agree(world: World, what: str, digest: bytes) -> Result[None, str]:
-    """Every rank holds the same `digest` of `what`, or a Failure naming the ranks that differ."""
-    if world.size == 1:
-        return Success(None)
-    wire = _wire(world)
-    mine = torch.tensor(list(digest), dtype=torch.uint8, device=wire)
-    every = [torch.empty_like(mine) for _ in range(world.size)]
-    dist.all_gather(every, mine)
-    rows = [e.cpu().tolist() for e in every]
-    differ = [r for r, d in enumerate(rows) if d != rows[0]]
-    return Failure(disagreement(what, differ)) if differ else Success(None)
-
-
-def all_ok(world: World, result: Result[Any, str]) -> Result[Any, str]:
-    """`result` where every rank succeeded; else a Failure (its own message, or the failing ranks)."""
-    if world.size == 1:
-        return result
-    flags = [0.0] * world.size
-    flags[world.rank] = float(isinstance(result, Failure))
-    failed = [r for r, f in enumerate(sum_values(world, flags)) if f]
-    if not failed or isinstance(result, Failure):
-        return result
-    return Failure(f"rank {', '.join(map(str, failed))} stopped (its error is above); this rank stops with it")
 
 
 # What gloo and NCCL say when a peer's sockets close or a collective runs out of time.

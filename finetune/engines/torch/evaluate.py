@@ -1,48 +1,16 @@
-"""The torch engine's side of evaluation: a transformers model loaded once, peft adapters
-attached and removed in place, batched greedy decoding with a DynamicCache (left-padded rows at
-their own positions), the torch trainer's teacher-forced loss."""
+"""The torch engine's side of evaluation: batched greedy decoding with a DynamicCache (left-padded
+rows at their own positions), and a causal LM as the torch trainer's loss reads one."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any
 
 import torch
-from returns.result import Result, Success
 from torch import nn
 
-from finetune.core.config import Recipe
 from finetune.core.evaluation import Done, extend_answers
-from finetune.core.tokenize import Tokens
-
-
-def load(spec: str, device: str | None, why: str = "") -> tuple[Any, Any, str]:
-    """(model, tokenizer, backend line): the base in float32 on the CPU (as `ft generate`)."""
-    from finetune.engines.torch import device as torch_device
-    from finetune.engines.torch import generate as torch_generate
-    from finetune.errors import unwrap
-
-    where = torch_device.pick(device)
-    lm, tokenizer = unwrap(torch_generate.load(spec, None, where))
-    return lm, tokenizer, torch_device.describe(where, next(lm.parameters()).dtype, why)
-
-
-def swap(lm: nn.Module, adapter: str | None) -> Result[nn.Module, str]:
-    """`lm` with peft's LoRA layers replaced by their base layers, then `adapter` (if any) attached."""
-    from peft.tuners.lora import LoraLayer
-
-    from finetune.engines.torch import generate as torch_generate
-
-    for name, module in list(lm.named_modules()):
-        if isinstance(module, LoraLayer):
-            parent, _, child = name.rpartition(".")
-            setattr(lm.get_submodule(parent), child, module.get_base_layer())
-    if adapter is None:
-        return Success(lm)
-    device = next(lm.parameters()).device
-    return torch_generate.with_adapter(lm, adapter).map(lambda m: m.to(device).eval())
 
 
 @torch.no_grad()
@@ -98,12 +66,3 @@ class Scorer(nn.Module):
         return self.lm.get_output_embeddings()(h)
 
 
-def loss(lm: nn.Module, tokens: list[Tokens], recipe: Recipe) -> float:
-    """The torch trainer's token-weighted loss on these rows (teacher-forced, supervised only)."""
-    from finetune.engines import rundir
-    from finetune.engines.torch import step as ttrain
-
-    device = next(lm.parameters()).device
-    value = ttrain.evaluate(Scorer(lm), rundir.data(tokens, recipe), recipe.train.max_seq_length, -1, device)
-    lm.eval()  # evaluate leaves the model in training mode (dropout on)
-    return value

@@ -1,7 +1,7 @@
 """`ft generate --backend torch`: a transformers model (with one of our adapters through peft),
 KV-cached decoding in our own loop, the MLX engine's sampling rules.
 
-Prompts, stop tokens and streamed text are the engine-free parts of `shell/models/generate.py`.
+Prompts, stop tokens and streamed text are the engine-free `shell/generation.py`; loading is `load.py`.
 Greedy decoding gives the MLX engine's tokens (a test compares them on `tiny`); seeded sampling
 repeats itself for a seed, but draws from torch's generator, so its text differs from MLX's.
 """
@@ -10,105 +10,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Collection, Iterator, Sequence
-from pathlib import Path
-from typing import Any
 
-import msgspec
-import numpy as np
 import torch
-from returns.result import Failure, Result, Success
 from torch import nn
 
-from finetune.core import adapters as core_adapters
-from finetune.core import dtypes, quantization
-from finetune.core.config import Recipe
-from finetune.engines.torch import lora as tmodel
-
 PREFILL_CHUNK = 512  # prompt tokens per forward pass while filling the cache
-USE_MLX = "the torch engine loads float checkpoints only; use --backend mlx"
-
-
-def load(spec: str, adapter: str | None, device: torch.device, revision: str = "main") -> Result[tuple[nn.Module, Any], str]:
-    """`(causal LM, tokenizer)` on `device` in eval mode, the adapter (if any) attached through peft."""
-    from finetune.files.tokenizer import load_tokenizer
-    from finetune.shell.models import sources
-
-    match sources.model_dir(spec, revision).bind(lambda d: sources.read_config(d).map(lambda c: (d, c))):
-        case Success((directory, config)):
-            pass
-        case Failure(message):
-            return Failure(message)
-    if "auto_map" in config:
-        return Failure(f"{spec}: config.json has auto_map (custom model code); FineTune never runs remote code")
-    match quantization.from_config(config, f"{spec}: config.json"):
-        case Success(None):
-            pass
-        case Success(_):
-            return Failure(f"{spec}: an mlx-lm quantized checkpoint; {USE_MLX}")
-        case Failure(message):
-            return Failure(message)
-    lm = tmodel.load_base(directory, dtype_for(directory, config, device), spec)
-    if adapter is not None:
-        lm = lm.bind(lambda base: with_adapter(base, adapter))
-    if isinstance(lm, Failure):  # before the tokenizer, whose own reading of config.json would warn too
-        return lm
-    try:
-        tokenizer = load_tokenizer(directory)
-    except Exception as err:  # transformers raises OSError/ValueError/... for broken files
-        return Failure(f"{directory}: cannot load the tokenizer ({type(err).__name__}: {err})")
-    return lm.map(lambda m: (m.to(device).eval(), tokenizer))
-
-
-def dtype_for(directory: Path, config: dict, device: torch.device) -> torch.dtype:
-    """The MLX engine's rule for generation: float32 on the CPU, a half-precision checkpoint's own
-    dtype on a GPU (so greedy output matches across engines where both compute in float32)."""
-    from finetune.engines.mlx.load import resolve_dtype
-    from finetune.engines.torch.device import DTYPES
-    from finetune.files.weights import checkpoint_dtype
-
-    stored = checkpoint_dtype(directory) or config.get("torch_dtype") or config.get("dtype")
-    return DTYPES[resolve_dtype("auto", stored, device.type != "cpu")]
-
-
-def with_adapter(lm: nn.Module, directory: str) -> Result[nn.Module, str]:
-    """peft LoRA holding the adapter's tensors (any format `ft` reads), on its layers when they are
-    the last N (what `num_layers` says), else on every layer with the ones it lacks at B = 0."""
-    from finetune.shell.export.adapters import load_any
-
-    match load_any(directory):
-        case Success(found):
-            pass
-        case Failure(message):
-            return Failure(message)
-    if found.spec is not None and found.spec.base_quantization:
-        return Failure(f"{found.config_path}: trained on a quantized base (base_quantization); {USE_MLX}")
-    blocks = tmodel.block_list(lm)
-    if blocks is None:
-        return Failure(f"{directory}: no list of transformer blocks found in this model to attach LoRA to")
-    prefix, layers_list = blocks
-    params = {k: np.array(dtypes.as_float32(v)) for k, v in found.params.items()}  # float32 (bf16 words too), writable
-    layers, keys = core_adapters.layers_and_keys(core_adapters.paths_of(params))
-    linears = tmodel.linear_shapes(layers_list[0])
-    unknown = [k for k in keys if k not in linears]
-    if not layers or unknown:
-        what = ", ".join(unknown) or "no LoRA layers"
-        return Failure(f"{found.weights_path}: {what} not in this model's blocks (has: {', '.join(linears)})")
-    shapes = core_adapters.block_shapes(linears, prefix, len(layers_list))
-    checked = core_adapters.check_shapes(params, shapes, found.rank, str(found.weights_path), found.names)
-    if isinstance(checked, Failure):
-        return checked
-    total = len(layers_list)
-    tail = layers == tuple(range(total - len(layers), total))
-    r = Recipe()
-    recipe = msgspec.structs.replace(r, lora=msgspec.structs.replace(
-        r.lora, rank=found.rank, scale=found.scale, dropout=0.0, keys=keys, num_layers=len(layers) if tail else -1,
-        fine_tune_type="dora" if any(k.endswith(".m") for k in params) else "lora"))
-    return tmodel.attach(lm, recipe, directory).map(lambda m: _loaded(m, params))
-
-
-def _loaded(model: tmodel.Lora, params: dict[str, np.ndarray]) -> nn.Module:
-    model.load_adapters(params)
-    return model.lm
 
 
 @torch.no_grad()

@@ -9,14 +9,15 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
+import msgspec
 import numpy as np
 import torch
 from returns.result import Failure, Result, Success
 from torch import nn
 
-from finetune.core import lora
+from finetune.core import adapters as core_adapters
+from finetune.core import dtypes, lora
 from finetune.core.config import Recipe
 
 _BLOCK_LISTS = ("layers", "h", "blocks", "block", "layer")  # peft's own layer-list names
@@ -142,17 +143,6 @@ def linear_shapes(block: nn.Module) -> dict[str, tuple[int, int]]:
     return dict(sorted(out.items()))
 
 
-def load_base(directory: Path, dtype: torch.dtype, spec: str) -> Result[nn.Module, str]:
-    """The causal LM of a local directory (no remote code) in `dtype`, eval mode, its weights read
-    and checked by the shared reader against the model transformers builds from config.json."""
-    from transformers.utils import logging
-
-    from finetune.engines.torch.weights import load_checked
-
-    logging.disable_progress_bar()  # one bar per shard read is noise beside our own progress
-    return load_checked(directory, dtype, spec)
-
-
 def attach(lm: nn.Module, recipe: Recipe, spec: str) -> Result[Lora, str]:
     """peft LoRA on the recipe's keys and layers, starting from the core's initial values."""
     from peft import LoraConfig, get_peft_model
@@ -196,3 +186,45 @@ def describe_trainable(model: Lora) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.trainable().values())
     total = sum(p.numel() for p in model.lm.parameters())
     return trainable, total
+
+
+def with_adapter(lm: nn.Module, directory: str) -> Result[nn.Module, str]:
+    """peft LoRA holding the adapter's tensors (any format `ft` reads), on its layers when they are
+    the last N (what `num_layers` says), else on every layer with the ones it lacks at B = 0."""
+    from finetune.engines.torch.load import USE_MLX
+    from finetune.shell.export.adapters import load_any
+
+    match load_any(directory):
+        case Success(found):
+            pass
+        case Failure(message):
+            return Failure(message)
+    if found.spec is not None and found.spec.base_quantization:
+        return Failure(f"{found.config_path}: trained on a quantized base (base_quantization); {USE_MLX}")
+    blocks = block_list(lm)
+    if blocks is None:
+        return Failure(f"{directory}: no list of transformer blocks found in this model to attach LoRA to")
+    prefix, layers_list = blocks
+    params = {k: np.array(dtypes.as_float32(v)) for k, v in found.params.items()}  # float32 (bf16 words too), writable
+    layers, keys = core_adapters.layers_and_keys(core_adapters.paths_of(params))
+    linears = linear_shapes(layers_list[0])
+    unknown = [k for k in keys if k not in linears]
+    if not layers or unknown:
+        what = ", ".join(unknown) or "no LoRA layers"
+        return Failure(f"{found.weights_path}: {what} not in this model's blocks (has: {', '.join(linears)})")
+    shapes = core_adapters.block_shapes(linears, prefix, len(layers_list))
+    checked = core_adapters.check_shapes(params, shapes, found.rank, str(found.weights_path), found.names)
+    if isinstance(checked, Failure):
+        return checked
+    total = len(layers_list)
+    tail = layers == tuple(range(total - len(layers), total))
+    r = Recipe()
+    recipe = msgspec.structs.replace(r, lora=msgspec.structs.replace(
+        r.lora, rank=found.rank, scale=found.scale, dropout=0.0, keys=keys, num_layers=len(layers) if tail else -1,
+        fine_tune_type="dora" if any(k.endswith(".m") for k in params) else "lora"))
+    return attach(lm, recipe, directory).map(lambda m: _loaded(m, params))
+
+
+def _loaded(model: Lora, params: dict[str, np.ndarray]) -> nn.Module:
+    model.load_adapters(params)
+    return model.lm

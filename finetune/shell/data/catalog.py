@@ -8,7 +8,7 @@ from msgspec import Struct
 from returns.result import Failure, Result, Success
 
 from finetune.core import prepare
-from finetune.shell.data import datasets
+from finetune.files import datasets
 
 
 class SplitInfo(Struct, frozen=True):

@@ -14,8 +14,7 @@ from finetune.core import recipe as core_recipe
 from finetune.core.config import Recipe
 from finetune.core.records import RowError, Sample
 from finetune.core.tokenize import Tokens
-from finetune.shell.data import datasets
-from finetune.shell.models import sources
+from finetune.files import datasets, sources
 
 
 class FileError(Struct, frozen=True):
@@ -158,7 +157,7 @@ def _estimate(facts: modelinfo.ModelFacts, recipe: Recipe, train: list[Tokens] |
     """The peak of the largest batch the training plan will produce (its rows, length, targets)."""
     if not train:
         return memory.estimate(facts, recipe, seq_len)
-    from finetune.engines.rundir import plan  # engine-free: validate runs without MLX
+    from finetune.engines.protocol import plan  # engine-free: validate runs without MLX
 
     rows, width, chosen = memplan.micro_shape(memplan.workload(plan(train, recipe), train, recipe.train.max_seq_length), 1)
     dtype = recipe.model.dtype if recipe.model.dtype in memory.BYTES else "float32"
@@ -170,9 +169,9 @@ def _model(recipe: Recipe, engine: str) -> Result[tuple[modelinfo.ModelFacts, To
 
     def read_facts(directory: Path, config: dict) -> Result[modelinfo.ModelFacts, str]:
         if engine == "torch" and config.get("model_type") not in architectures.REGISTRY:
-            from finetune.engines.torch.facts import skeleton_facts
+            from finetune import engines
 
-            return skeleton_facts(directory, recipe.model.path)
+            return engines.get("torch").facts(directory, recipe.model.path, config)
         return modelinfo.facts(config).alt(
             lambda m: f"{m}; the torch engine (--backend torch) trains any architecture transformers has"
             if "unsupported" in m and engine == "mlx" else m)

@@ -16,7 +16,8 @@ from rich.text import Text
 
 from finetune.core import prepare
 from finetune.core.config import Recipe
-from finetune.shell.data import check, datasets
+from finetune.files import datasets
+from finetune.shell.data import check
 
 OPEN, CLOSE, SEP = "⟦", "⟧", "¦"  # rare in data, so the marks cannot be mistaken for the text
 NEWLINE = "↵"

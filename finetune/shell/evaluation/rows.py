@@ -13,7 +13,8 @@ from finetune.core import evaluation, prepare
 from finetune.core.config import Recipe
 from finetune.core.records import Message
 from finetune.errors import UserError
-from finetune.shell.data import check, datasets
+from finetune.files import datasets
+from finetune.shell.data import check
 
 
 class Cases(Struct, frozen=True):
@@ -47,8 +48,8 @@ def read(recipe: Recipe, path: Path, tokenizer: Any, limit: int | None = None,
     Templates, supervision and truncation are the recipe's (as training renders the rows); text
     rows split at `answer_after` (default: the recipe's). Bad rows fail with file and line.
     """
-    from finetune.engines.mlx.generate import build_prompt, decoder
     from finetune.files.tokenizer import encoder, specials
+    from finetune.shell.generation import build_prompt, decoder
 
     rows, read_errors = datasets.read_rows(path)
     samples, shape_errors = prepare.normalise_rows(rows, recipe.data.format)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from msgspec import Struct
+from returns.result import Result, Success
 
 from finetune.core import evaluation
 from finetune.core.evaluation import Case, Outcome, Scores
@@ -66,6 +67,7 @@ def check(options: Options) -> None:
 
 def evaluate(model: str, data: str, adapters: Sequence[str], options: Options, log: Log) -> Evaluation:
     """Load MODEL once and evaluate it alone, then with each adapter; Ctrl-C returns what is done."""
+    from finetune import engines
     from finetune.engines import choose
     from finetune.shell.export import adapters as adapter_files
 
@@ -75,13 +77,12 @@ def evaluate(model: str, data: str, adapters: Sequence[str], options: Options, l
         unwrap(adapter_files.load_any(a))
     quantized = [a for a in adapters if adapter_files.base_quantization(a).value_or(None) is not None]
     name, why = choose.for_model(options.backend, model, adapter_quantized=bool(quantized))
-    engine = _engine(name)
-    net, tokenizer, line = engine.load(model, options.device, why)
-    log(line)
+    engine = engines.get(name)
+    net, tokenizer = unwrap(engine.load(model, device=options.device, why=why, say=log))
     for a in adapters:  # every adapter must fit before any time is spent
         if a not in quantized:
-            unwrap(engine.swap(net, a))
-    net = unwrap(engine.swap(net, None))
+            unwrap(swap(engine, net, a))
+    net = unwrap(swap(engine, net, None))
     if quantized:
         log(f"Note: {', '.join(quantized)}: trained on a quantized base, which is loaded for it alone")
     results: list[Scores] = []
@@ -101,7 +102,7 @@ def evaluate(model: str, data: str, adapters: Sequence[str], options: Options, l
             if adapter in quantized:
                 used = unwrap(engine.load_with(model, adapter))
             else:
-                used = net = unwrap(engine.swap(net, adapter))
+                used = net = unwrap(swap(engine, net, adapter))
             scores = _one(engine, used, tokenizer, adapter or "base", cases, recipe, options, write, progress, tic)
             results.append(scores)
             if not scores.complete:
@@ -137,7 +138,7 @@ def _one(engine: Any, model: Any, tokenizer: Any, name: str, cases: rows.Cases, 
 def answers(greedy: Callable[..., list[list[int]]], model: Any, tokenizer: Any, cases: rows.Cases, options: Options,
             advance: Callable[[int], None] = lambda n: None) -> Iterator[Outcome]:
     """Greedy answers (an engine's `greedy`) batch by batch, each judged against its reference, in row order."""
-    from finetune.engines.mlx.generate import decoder
+    from finetune.shell.generation import decoder
 
     decode = decoder(tokenizer)
     budget = options.max_tokens or max_reference(cases.cases) + AUTO_MARGIN
@@ -179,14 +180,10 @@ def _record(o: Outcome) -> dict:
             "contains": o.contains, "tokens": o.tokens}
 
 
-def _engine(name: str) -> Any:
-    if name == "torch":
-        from finetune.engines.torch import evaluate as torch_engine
-
-        return torch_engine
-    from finetune.engines.mlx import evaluate as mlx_engine
-
-    return mlx_engine
+def swap(engine: Any, model: Any, adapter: str | None) -> Result[Any, str]:
+    """`model` with its adapter layers removed, then `adapter` (if any) attached: the base stays loaded."""
+    bare = engine.bare(model)
+    return Success(bare) if adapter is None else engine.attach(bare, adapter)
 
 
 @contextmanager

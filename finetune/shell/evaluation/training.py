@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
+from finetune import engines
 from finetune.errors import unwrap
-from finetune.shell.data import datasets
+from finetune.files import datasets
 from finetune.shell.evaluation import rows, run
 
 BATCH = 8  # rows decoded together
 
 
-def exact_match(prepared: Any, engine: str, log: Callable[[str], None]) -> Callable[[], float] | None:
+def exact_match(prepared: Any, log: Callable[[str], None]) -> Callable[[], float] | None:
     """A function measuring exact match of the model being trained (None when off or impossible).
 
     The rows, prompts and references are `ft eval`'s on the run's own recipe; bad rows stop the
@@ -30,27 +30,17 @@ def exact_match(prepared: Any, engine: str, log: Callable[[str], None]) -> Calla
     if not cases.cases:
         log(f"warning: $.train.eval_generate: no row of {valid} has an answer; exact match is not recorded")
         return None
-    model, greedy = _generator(prepared.model, engine)
+    engine = engines.get(prepared.engine)
+    model, precision = engine.sampler(prepared)  # what decodes, in the precision it trains in
     options = run.Options(batch_size=BATCH)
 
     def score() -> float:
         prepared.model.eval()  # no dropout while answering
         try:
-            outcomes = list(run.answers(greedy, model, prepared.tokenizer, cases, options))
+            with precision():
+                outcomes = list(run.answers(engine.greedy, model, prepared.tokenizer, cases, options))
         finally:
             prepared.model.train()
         return sum(o.exact for o in outcomes) / len(outcomes)
 
     return score
-
-
-def _generator(model: Any, engine: str) -> tuple[Any, Callable[..., list[list[int]]]]:
-    """(what decodes, how): the MLX model itself, or the torch engine's transformers model under
-    the training's autocast (a half-precision base keeps float32 LoRA factors)."""
-    if engine == "torch":
-        from finetune.engines.torch import evaluate as torch_engine
-
-        return model.lm, partial(torch_engine.greedy, half=model.half_precision())
-    from finetune.engines.mlx import evaluate as mlx_engine
-
-    return model, mlx_engine.greedy

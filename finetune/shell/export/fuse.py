@@ -22,9 +22,8 @@ from returns.result import Failure, Result, Success
 
 from finetune.core import dtypes, fusing, quantization
 from finetune.core.quantization import Quant
-from finetune.files import weights
+from finetune.files import sources, weights
 from finetune.shell.export import adapters, fuse_base, fuse_check, tensorfile
-from finetune.shell.models import sources
 
 Log = Callable[[str], None]
 PROMPT = ("The quick brown fox jumps over the lazy dog. SELECT name, age FROM users WHERE id = 42;\n"
@@ -160,7 +159,7 @@ def _float32(tensors: dict, plan: dict) -> dict:
 
 def _target(spec: str, revision: str, adapter: Path, output: Path, force: bool) -> Result[tuple[Path, dict], str]:
     """The base's directory and config, after checking OUTPUT can be written."""
-    from finetune.engines.mlx.load import model_config
+    from finetune.files.models import model_config
 
     if output.exists() and not output.is_dir():
         return Failure(f"{output}: exists and is not a directory")
@@ -190,7 +189,9 @@ def _engine(backend: str | None, needs_mlx: str) -> Result[str, str]:
     if not needs_mlx:
         engine = choose.decide(backend)[0]
         if engine == "torch":
-            import finetune.engines.torch  # noqa: F401  (before torch loads: idle OpenMP threads sleep, not spin)
+            from finetune import engines
+
+            engines.get("torch")  # before torch loads: idle OpenMP threads sleep, not spin
         return Success(engine)
     if not choose.installed("mlx"):
         return Failure(f"{needs_mlx}, and MLX is not installed here ({choose.INSTALL_MLX})")
@@ -245,7 +246,7 @@ def _check_rows(directory: Path, data: str | None, rows: int, vocab: int) -> Res
     texts = [PROMPT]
     if data is not None:
         from finetune.core.prepare import normalise_rows
-        from finetune.shell.data import datasets
+        from finetune.files import datasets
 
         match datasets.locate(data):
             case Success(files):

@@ -105,7 +105,7 @@ def write_model(directory: Path, output: Path, gguf_type: str, *, name: str = ""
 
 
 def _config(directory: Path) -> Result[dict[str, Any], str]:
-    from finetune.shell.models.sources import read_config
+    from finetune.files.sources import read_config
 
     return read_config(directory)
 

@@ -54,7 +54,7 @@ def adapter_tensors(arch: str, config: dict, params: dict[str, np.ndarray], wher
 def write_adapter(adapter_dir: Path, output: Path, *, model: str | None = None, gguf_type: str = "f32",
                   force: bool = False, revision: str = "main") -> Result[WrittenAdapter, str]:
     """Write the adapter in `adapter_dir` (any format `ft` reads) for its base (or `model`) as `output`."""
-    from finetune.engines.mlx.load import model_config
+    from finetune.files.models import model_config
     from finetune.shell.export import adapters
 
     if gguf_type not in ADAPTER_TYPES:

@@ -37,7 +37,7 @@ def fuse_to_gguf(model_spec: str, adapter: Path, output: Path, *, gguf_type: str
                  data: str | None = None, rows: int = 4, force: bool = False, revision: str = "main",
                  backend: str | None = None, log: Log = lambda _: None) -> Result[FusedGGUF, str]:
     """Fuse `adapter` into `model_spec` and write the GGUF file `output`, or a one-line reason."""
-    from finetune.engines.mlx.load import model_config
+    from finetune.files.models import model_config
     from finetune.shell.export.fuse import fuse
 
     match gguf_export.check_target(output, force, gguf_type or "f32").bind(lambda _: model_config(model_spec, revision)):

@@ -10,9 +10,7 @@ from returns.result import Failure, Result, Success
 
 from finetune.core import memory, modelinfo
 from finetune.core.config import Recipe
-from finetune.engines.mlx import manager
-from finetune.files import weights
-from finetune.shell.models import sources, tiny
+from finetune.files import manager, sources, tiny, weights
 
 DEMO_NOTE = "pipeline demo: random weights from a fixed seed, not a useful language model"
 
@@ -162,7 +160,8 @@ def info(spec: str, revision: str = "main", gpu: bool | None = None, engine: str
     `gpu`: whether the engine computes on a GPU (None: ask MLX where it computes now).
     `engine="torch"`: architectures outside the MLX engine's are read through transformers.
     """
-    from finetune.engines.mlx.load import model_config, on_gpu, resolve_dtype
+    from finetune import engines
+    from finetune.files.models import model_config, resolve_dtype
 
     match model_config(spec, revision, any_architecture=engine == "torch"):
         case Success((directory, config)):
@@ -170,9 +169,7 @@ def info(spec: str, revision: str = "main", gpu: bool | None = None, engine: str
         case failure:
             return failure
     if engine == "torch" and config.get("model_type") not in modelinfo.SUPPORTED:
-        from finetune.engines.torch.facts import skeleton_facts
-
-        facts_of = skeleton_facts(directory, spec)
+        facts_of = engines.get("torch").facts(directory, spec, config)
     else:
         facts_of = modelinfo.facts(config)
     match facts_of:
@@ -184,7 +181,7 @@ def info(spec: str, revision: str = "main", gpu: bool | None = None, engine: str
 
     quant = from_config(config).value_or(None)  # check_config has validated it
     stored = stored_dtype(directory, config)
-    gpu = on_gpu() if gpu is None else gpu
+    gpu = engines.get("mlx").uses_gpu() if gpu is None else gpu
     load_dtype = resolve_dtype("auto", stored, gpu)
     source = str(directory.resolve())
     return Success(

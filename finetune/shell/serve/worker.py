@@ -91,7 +91,7 @@ class Worker:
             emit(("error", ApiError(500, f"generation failed: {type(err).__name__}: {err}", code="internal_error")))
 
     def _generate(self, job: Job, emit: Emit, cancelled: Callable[[], bool]) -> None:
-        from finetune.engines.mlx.generate import TextStream, build_prompt, decoder
+        from finetune.shell.generation import TextStream, build_prompt, decoder
 
         tokenizer, options = self.engine.tokenizer, job.options
         plan = _unwrap(self._prompt(job, build_prompt), "messages" if job.chat else "prompt")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 from returns.result import Success
 
+from finetune import engines
 from finetune.core import prepare
-from finetune.engines.mlx.generate import build_prompt, decoder
-from finetune.shell.data import check, datasets
+from finetune.files import datasets
+from finetune.shell.data import check
+from finetune.shell.generation import build_prompt, decoder
 
 MAX_TOKENS = 48
 
@@ -36,10 +37,11 @@ def show(prepared, title: str, before: str | None = None) -> str | None:
         return None
     history = sample.messages[:-1]
     prompt = build_prompt(tok, messages=history, template=template.unwrap()).unwrap()
-    model, generate, precision = _engine(prepared)
+    engine = engines.get(prepared.engine)
+    model, precision = engine.sampler(prepared)  # what decodes, in the precision it trains in
     model.eval()
-    with precision:
-        ids = list(generate(model, prompt.ids, max_tokens=MAX_TOKENS, stop_ids=prompt.stop_ids))
+    with precision():
+        ids = list(engine.generate(model, prompt.ids, max_tokens=MAX_TOKENS, stop_ids=prompt.stop_ids))
     model.train()
     answer = decoder(tok)(ids).strip()
     if before is None:
@@ -47,19 +49,3 @@ def show(prepared, title: str, before: str | None = None) -> str | None:
         print(f"expected: {sample.messages[-1].content}")
     print(f"[{title}] model: {answer or '(nothing)'}\n", flush=True)
     return answer
-
-
-def _engine(prepared) -> tuple[Any, Any, Any]:
-    """The model to sample from, the generate function of the engine that prepared it, and the
-    precision context it computes in as it trains (torch: autocast for a half-precision base)."""
-    if type(prepared).__module__ == "finetune.engines.torch.run":
-        import torch
-
-        from finetune.engines.torch.generate import generate
-
-        half = prepared.model.half_precision()
-        precision = torch.autocast(prepared.device.type, dtype=half, enabled=half is not None)
-        return prepared.model.lm, generate, precision  # transformers' model with the peft layers in place
-    from finetune.engines.mlx.generate import generate
-
-    return prepared.model, generate, nullcontext()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.files.datasets import bundled_names, bundled_root
 from finetune.files.paths import build_dir, cache_root
-from finetune.shell.data.datasets import bundled_names, bundled_root
 
 VERSION = 3  # 3: weights drawn with NumPy (2: MLX's RNG), so a machine without MLX builds it
 SEED = 1234

@@ -59,7 +59,7 @@ def model_dir(spec: str, revision: str = "main") -> Result[Path, str]:
     path = Path(os.path.expanduser(spec))
     gguf_file = _gguf_file(path)
     if gguf_file is not None:
-        from finetune.shell.models.gguf import converted_dir
+        from finetune.files.gguf import converted_dir
 
         return converted_dir(gguf_file)
     if path.is_dir():
@@ -67,7 +67,7 @@ def model_dir(spec: str, revision: str = "main") -> Result[Path, str]:
             return Failure(f"{spec}: not a model directory (no config.json)")
         return Success(path)
     if spec == "tiny":
-        from finetune.shell.models.tiny import ensure_tiny
+        from finetune.files.tiny import ensure_tiny
 
         return Success(ensure_tiny())
     if path.exists():
@@ -90,7 +90,7 @@ def model_dir(spec: str, revision: str = "main") -> Result[Path, str]:
 
 def _gguf_file(path: Path) -> Path | None:
     """A llama.cpp `.gguf` file, or the only one in a directory without config.json."""
-    from finetune.shell.models.gguf import is_gguf, single_gguf
+    from finetune.files.gguf import is_gguf, single_gguf
 
     if path.is_dir():
         return single_gguf(path)

@@ -1,5 +1,5 @@
-"""What every engine's run shares, free of MLX and torch: the batch plan,
-the step count, the resume fingerprint, the report rows of metrics.jsonl, Ctrl-C handling."""
+"""The run directory, above both engines: the step count, the resume fingerprint, the report
+rows of metrics.jsonl, Ctrl-C handling."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import numpy as np
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
@@ -19,6 +18,7 @@ from finetune.core import batching
 from finetune.core import recipe as core_recipe
 from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
+from finetune.engines.protocol import Data, World, describe_world
 from finetune.errors import Interrupted as RunInterrupted
 from finetune.shell.training import checkpoints, plot
 
@@ -35,11 +35,6 @@ class Cursor(Struct, kw_only=True):
     batch_index: int = 0
     trained_tokens: int = 0
     splits: int = 1  # micro-steps per batch in use: a resumed run keeps a split raised at run time
-
-
-class Data(Struct, frozen=True):
-    examples: list[Tokens]
-    plan: list[list[list[int]]]  # batches -> rows -> example indices
 
 
 class StepReport(Struct, frozen=True, kw_only=True):
@@ -93,37 +88,6 @@ def stopped(stop: Interrupted, run_dir: Path) -> RunInterrupted:
     return RunInterrupted(f"interrupted at step {stop.args[0]}: checkpoint saved in {run_dir}; continue with --resume")
 
 
-class World(Struct, frozen=True):
-    """This process among data-parallel ranks, as its engine's launcher started it."""
-
-    rank: int
-    size: int
-    backend: str  # "gloo", "nccl", "ring", ...; "none" for one process
-
-
-SINGLE = World(0, 1, "none")
-
-
-def describe_world(world: World) -> str:
-    return "one process" if world.size == 1 else f"{world.size} ranks over {world.backend}"
-
-
-def batch_share(data: Data, index: int, max_length: int, rank: int = 0, ranks: int = 1,
-                part: int = 0, parts: int = 1) -> batching.Batch:
-    """Micro-step `part` of `parts` of rank `rank`'s share of the plan's batch `index`.
-
-    Ranks split the batch first, then each splits its own share. An empty share (more ranks or
-    parts than rows) is the batch's first row with every weight 0: it adds nothing to the sums
-    yet runs the same step, so its rank still joins the collectives.
-    """
-    share = batching.shares(batching.shares(data.plan[index], ranks)[rank], parts)[part]
-    rows = [[data.examples[i] for i in row] for row in share or data.plan[index][:1]]
-    b = batching.make_batch(rows, max_length)
-    if not share:
-        b = msgspec.structs.replace(b, weights=np.zeros_like(b.weights), tokens=0, supervised=0)
-    return b
-
-
 def run_digest(recipe: Recipe, splits: dict[str, list[Tokens]], shapes: list[str]) -> bytes:
     """A hash of what every rank must share: the recipe (but names and paths), the tokens, the
     model's parameter `shapes` (one string each)."""
@@ -154,17 +118,6 @@ def check_world(world: World, rows: int) -> Result[None, str]:
         return Failure(f"$.train.batch_size: {rows} rows per batch cannot be shared by {world.size} ranks "
                        f"(a rank would never train); use --batch-size {world.size} or more, or fewer ranks")
     return Success(None)
-
-def plan(examples: list[Tokens], recipe: Recipe) -> list[list[list[int]]]:
-    lengths = [len(t.ids) for t in examples]
-    if recipe.data.packing:
-        return batching.packed(lengths, recipe.train.batch_size, recipe.train.max_seq_length)
-    return batching.length_sorted(lengths, recipe.train.batch_size)
-
-
-def data(examples: list[Tokens], recipe: Recipe) -> Data:
-    return Data(examples, plan(examples, recipe))
-
 
 def total_steps(recipe: Recipe, plan_size: int) -> int:
     t = recipe.train

@@ -10,7 +10,6 @@ from typing import Any
 
 from returns.result import Failure, Result, Success
 
-import finetune
 from finetune.core.records import RowError
 
 SPLITS = ("train", "valid", "test")
@@ -20,7 +19,7 @@ Rows = list[tuple[int, Any]]  # (1-based line, parsed JSON value)
 
 def bundled_root() -> Path:
     """`data/` of a source checkout, or the copy packed into the wheel."""
-    here = Path(finetune.__file__).resolve().parent  # the package: data/ and recipes/ sit beside it
+    here = Path(__file__).resolve().parent.parent  # the package: data/ and recipes/ sit beside it
     for candidate in (here.parent / "data", here / "bundled"):
         if candidate.is_dir():
             return candidate
