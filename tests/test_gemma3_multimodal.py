@@ -173,6 +173,18 @@ def test_models_info_names_both_engines_and_mlx_trains_it(saved, text_data, tmp_
     assert all(k.startswith("language_model.model.layers.") for k in load_file(run / "adapters.safetensors"))
 
 
+def test_the_torch_engine_adapts_the_text_model_not_the_vision_tower(saved, text_data, tmp_path, capsys):
+    """Its blocks are the registry's (`model.language_model.layers`), though the vision tower's come first."""
+    base = saved()[1]
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "start", base, text_data, "--backend", "torch", "--iters", "4",
+                           "--batch-size", "8", "--learning-rate", "5e-3", "--eval-every", "0", "--output", run)
+    assert code == 0, err
+    names = load_file(run / "adapters.safetensors")
+    assert len(names) == 2 * 3 * 7 and all(k.startswith("language_model.model.layers.") for k in names)
+    assert text_loss(base, run) < text_loss(base) - 0.05  # the MLX engine reads the torch engine's adapter
+
+
 @pytest.fixture(scope="module")
 def adapted(saved, tmp_path_factory):
     """(base, an all-linear random adapter on it, our logits with the adapter)."""

@@ -119,7 +119,13 @@ def _compiled(fn: Callable, device: torch.device) -> Callable:
 
 
 def block_list(lm: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The first ModuleList of transformer blocks (`model.layers`, `transformer.h`, ...)."""
+    """The transformer blocks: where the registry puts them (an image-text Gemma 3's text model, not its
+    vision tower's), else the first ModuleList of blocks (`model.layers`, `transformer.h`, ...)."""
+    from finetune.core import architectures
+
+    known = architectures.REGISTRY.get(getattr(getattr(lm, "config", None), "model_type", None))
+    if known is not None and isinstance(found := dict(lm.named_modules()).get(known.blocks), nn.ModuleList):
+        return known.blocks, found
     for name, module in lm.named_modules():
         if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in _BLOCK_LISTS and len(module):
             return name, module
@@ -165,7 +171,7 @@ def attach(lm: nn.Module, recipe: Recipe, spec: str) -> Result[Lora, str]:
     shapes = {f"{prefix}.{i}.{k}": block[k] for i in layers for k in keys}
     config = LoraConfig(
         r=recipe.lora.rank, lora_alpha=core_peft.alpha_for(recipe.lora.scale, recipe.lora.rank),
-        lora_dropout=recipe.lora.dropout, target_modules=list(keys), layers_to_transform=list(layers),
+        lora_dropout=recipe.lora.dropout, target_modules=core_peft.scoped_targets(paths, every=False),  # exactly these
         fan_in_fan_out=any(_is_conv1d(blocks[0].get_submodule(k)) for k in keys), bias="none",
         use_dora=recipe.lora.fine_tune_type == "dora",  # `m` starts at ‖W‖ per row: B starts at zero
     )
