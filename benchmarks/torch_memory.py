@@ -1,8 +1,9 @@
 """The torch engine's estimated vs measured peak memory, and the fit of its copy counts.
 
 Each point runs in a fresh process: a transformers Llama of the given shape with random weights,
-peak LoRA attached by the engine (`engines/torch/model.attach`), two steps of the engine's real
-loop (`engines/torch/train.run_steps`) on synthetic rows of a fixed padded length. The peak is
+peak LoRA attached by the engine (`engines/torch/lora.attach`), two steps of the real loop
+(`shell/training/loop.run_steps` over `engines/torch/step.Trainer`) on synthetic rows of a fixed
+padded length. The peak is
 the process's resident high-water mark (VmHWM) after a reset once the weights, the adapters and
 Adam's state are in memory, so `measured - resident at the reset` is what the steps add; it is
 compared with the estimate's activations plus the adapters' gradients.

@@ -45,7 +45,7 @@ def recipe_of(recipe: str | Path | Recipe | None = None, **overrides: Any) -> Re
         close = difflib.get_close_matches(unknown[0], names, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise UserError(f"{unknown[0]!r} is not a recipe setting ({hint}see `ft train start --help`)")
-    from finetune.shell.training import recipes
+    from finetune.shell import recipes
 
     if isinstance(recipe, Recipe):
         layers = [("recipe", core_recipe.to_builtins(recipe))]

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from finetune.core import lora
 from finetune.core.adapters import AdapterSpec
 from finetune.engines.mlx import lora as lora_modules
+from finetune.engines.mlx.lora import model_kind
 from finetune.engines.mlx.model import build
 from finetune.files.tokenizer import load_tokenizer
 from finetune.shell.export import adapters
@@ -76,7 +77,7 @@ def random_adapter(
         for k, v in params.items()
     }
     spec = AdapterSpec(rank=rank, scale=scale, keys=keys, num_layers=num_layers, model=str(model_dir))
-    adapters.save(out, params, spec, adapters.model_kind(model))
+    adapters.save(out, params, spec, model_kind(model))
     return out
 
 

@@ -221,7 +221,7 @@ def test_the_result_is_frozen(small, data):
 
 
 def test_the_loss_plot_draws_exact_match_only_where_recorded(runs, tmp_path):
-    from finetune.shell.training import plot
+    from finetune.shell import plot
 
     with_em = plot.read_metrics(runs["mlx"]).unwrap()
     without = [{k: v for k, v in r.items() if k != "val_exact_match"} for r in with_em]

@@ -252,7 +252,7 @@ def test_dora_on_a_base_quantized_on_load_trains_and_generates(tmp_path, capsys,
 
 def test_the_recipe_field_round_trips_and_bad_values_exit_2(tmp_path, capsys, dora_run, base, data):
     from finetune.core.config import Recipe
-    from finetune.shell.training import recipes
+    from finetune.shell import recipes
 
     saved = (dora_run / "recipe.toml").read_text()
     assert 'fine_tune_type = "dora"' in saved
@@ -279,7 +279,7 @@ def test_the_memory_plan_counts_the_dora_magnitudes(dora_run):
     import msgspec
 
     from finetune.core import memory, modelinfo
-    from finetune.shell.training import recipes
+    from finetune.shell import recipes
 
     recipe = recipes.load(dora_run / "recipe.toml").unwrap()
     config = json.loads((Path(recipe.model.path) / "config.json").read_text())

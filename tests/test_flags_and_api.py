@@ -19,7 +19,7 @@ import finetune
 from finetune.cli import train as cli_train
 from finetune.core import flags
 from finetune.core.config import DataConfig, LoRAConfig, ModelConfig, Recipe, TrainingConfig
-from finetune.shell.training import recipes
+from finetune.shell import recipes
 
 ROOT = Path(__file__).parents[1]
 FAST = ("--iters", "2", "--batch-size", "2", "--report-every", "1", "--eval-every", "0", "--val-batches", "1")

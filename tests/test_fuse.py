@@ -27,8 +27,8 @@ from mlx.utils import tree_flatten
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from finetune.engines.mlx.lora import attach_adapter
 from finetune.engines.mlx.model import build
-from finetune.shell.export import adapters
 
 VARIANTS = ("llama", "llama-tied", "gpt2")
 
@@ -243,7 +243,7 @@ def test_dequantize_then_fuse_matches_the_adapter_on_the_quantized_model(tmp_pat
     model = build(config)  # what QLoRA inference computes: quantized base + unfused LoRA
     nn.quantize(model, group_size=32, bits=4)
     model.load_weights(str(d / "model.safetensors"))
-    adapters.attach(model, adapter).unwrap()
+    attach_adapter(model, adapter).unwrap()
     expected = mlx_logits(model)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     assert max_diff(torch_logits(hf), expected) <= 1e-4

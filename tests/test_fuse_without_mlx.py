@@ -32,7 +32,7 @@ from mlx.utils import tree_flatten
 from no_mlx import BLOCK_MLX, BLOCK_TORCH
 
 from finetune.core import affine, dtypes
-from finetune.shell.export import tensorfile
+from finetune.files import tensorfile
 
 RUN_ALL = BLOCK_MLX + (
     "import contextlib, io, json, sys\n"

@@ -20,7 +20,8 @@ from PIL import Image
 
 from finetune.core.convert import mlx_to_hf
 from finetune.engines.mlx.model import build
-from finetune.shell.training import plot, recipes, run
+from finetune.shell import plot, recipes
+from finetune.shell.training import run
 
 ROOT = Path(__file__).parents[1]
 

@@ -9,7 +9,7 @@ from returns.result import Failure, Success
 
 from finetune.core import recipe as core_recipe
 from finetune.core.config import Recipe
-from finetune.shell.training import recipes
+from finetune.shell import recipes
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").iterdir())
 

@@ -13,8 +13,8 @@ from rich.console import Console
 from test_sentencepiece import sp_tokenizer  # noqa: F401 (a fixture: a Metaspace tokenizer)
 
 from finetune.files.tokenizer import load_tokenizer
+from finetune.shell import recipes
 from finetune.shell.data import show
-from finetune.shell.training import recipes
 
 SQL = [{"prompt": f"table: users\nQ: What is the name of row {i}?\nA: ", "completion": f"SELECT name FROM users WHERE id = {i}"}
        for i in range(3)]

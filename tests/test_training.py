@@ -35,12 +35,13 @@ from finetune.core.convert import mlx_to_hf
 from finetune.core.tokenize import Tokens
 from finetune.engines.mlx import lora as lora_modules
 from finetune.engines.mlx import step as trainer
+from finetune.engines.mlx.lora import attach_adapter
 from finetune.engines.mlx.model import build
 from finetune.engines.mlx.step import supervised_ce
 from finetune.engines.protocol import Data
 from finetune.files.tokenizer import load_tokenizer
-from finetune.shell.export import adapters
-from finetune.shell.training import loop, recipes
+from finetune.shell import recipes
+from finetune.shell.training import loop
 from finetune.shell.training.rundir import Cursor
 
 ROOT = Path(__file__).parents[1]
@@ -642,14 +643,14 @@ def test_attaching_an_adapter_of_the_wrong_shape_names_the_first_bad_tensor(tmp_
     weights[first] = mx.zeros((8, weights[first].shape[1] - 1))
     mx.save_safetensors(str(d / "adapters.safetensors"), weights)
     model = build(json.loads((llama_dir / "config.json").read_text()))
-    result = adapters.attach(model, d)
+    result = attach_adapter(model, d)
     message = result.failure()
     assert first in message and later not in message
     assert str(d / "adapters.safetensors") in message
     assert "(8, 127)" in message and "(8, 128)" in message
     # the good adapter attaches
     model = build(json.loads((llama_dir / "config.json").read_text()))
-    assert adapters.attach(model, small_run).unwrap() is model
+    assert attach_adapter(model, small_run).unwrap() is model
 
 
 # ---------------------------------------------------------------------------------------------

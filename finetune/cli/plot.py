@@ -20,7 +20,7 @@ def plot(*runs: Path, output: Path = Path("loss.png")) -> int:
     output
         PNG file to write (replaced atomically).
     """
-    from finetune.shell.training import plot as curves
+    from finetune.shell import plot as curves
 
     if not runs:
         raise UserError("give at least one run directory, e.g. ft train plot runs/quick --output loss.png")

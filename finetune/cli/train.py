@@ -60,8 +60,8 @@ def validate(
     backend
         Engine the memory estimate is for: mlx, torch or auto (default; $FT_BACKEND), as train start would choose.
     """
+    from finetune.shell import recipes
     from finetune.shell.data import report
-    from finetune.shell.training import recipes
 
     is_recipe = Path(target).suffix in recipes.SUFFIXES
     flags = dict(model=model, template=template, format=format, max_seq_length=max_seq_length,
@@ -225,7 +225,7 @@ def quick(
         GB (10^9 bytes) the run may use; planned before loading weights (micro-batches, checkpointing). 0: the RAM available now, or Metal's working set.
     """
     from finetune import api
-    from finetune.shell.training import recipes
+    from finetune.shell import recipes
 
     given = _settings(settings, model=model, data=data)
     r = api.recipe_of(recipes.bundled("quick"), **given)
@@ -289,7 +289,7 @@ def recipe(
     """
     from finetune import api
     from finetune.errors import UserError
-    from finetune.shell.training import recipes
+    from finetune.shell import recipes
 
     if Path(out).suffix not in recipes.SUFFIXES:
         raise UserError(f"{out}: a recipe file must end in .toml, .yaml or .yml")
@@ -309,7 +309,7 @@ def _default(recipe, path: tuple[str, ...]) -> str:
 
 
 def _quick_recipe():
-    from finetune.shell.training import recipes
+    from finetune.shell import recipes
 
     return unwrap(recipes.load(str(recipes.bundled("quick")), {}))
 

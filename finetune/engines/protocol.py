@@ -215,6 +215,12 @@ class Engine(Protocol):
     def loss(self, model: Any, tokens: list[Tokens], recipe: Recipe) -> float:
         """The trainer's token-weighted loss on these rows (teacher-forced)."""
 
+    def check_logits(self, config: Mapping[str, Any], rows: Sequence[Sequence[int]], base: Mapping[str, Any],
+                     plan: Mapping[str, Any], pairs: Mapping[str, Any], scale: float, variants: Any,
+                     variant_plan: Mapping[str, Any]) -> tuple[list[Any], list[Any], list[list[Any]]]:
+        """`ft fuse`'s check: float32 logits of the base, the base with the unfused LoRA `pairs`,
+        and each variant (`shell/export/fuse_check.py` says what each argument is)."""
+
     # training
     def prepare(self, recipe: Recipe, facts: ModelFacts | None, splits: dict[str, list[Tokens]], tokenizer: Any,
                 options: PrepareOptions, log: Callable[[str], None]) -> Result[Prepared, str]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from returns.result import Failure, Result, Success
 
+from finetune.core.dtypes import BF16
 from finetune.files.torchbin import read_torch_bin, read_torch_bin_numpy
 
 if TYPE_CHECKING:  # MLX is imported where it is used: these modules also serve the torch engine
@@ -66,7 +67,7 @@ def _index_files(index: Path) -> Result[list[str], str]:
 
 def safetensors_header(path: str | Path) -> Result[dict, str]:
     """The JSON header of a safetensors file, after checking the file is long enough for it."""
-    from finetune.shell.export import tensorfile
+    from finetune.files import tensorfile
 
     return tensorfile.header(Path(path)).map(lambda found: found[0])
 
@@ -89,7 +90,7 @@ def _read_file(path: Path) -> Result[dict[str, mx.array], str]:
 
 
 def _read_file_numpy(path: Path) -> Result[dict[str, np.ndarray], str]:
-    from finetune.shell.export import tensorfile
+    from finetune.files import tensorfile
 
     return read_torch_bin_numpy(path) if path.suffix == ".bin" else tensorfile.read(path)
 
@@ -130,7 +131,7 @@ def read_located(directory: str | Path, read_file: Callable[[Path], Result[dict,
 
 def _known_dtypes(path: Path) -> Result[None, str]:
     """A safetensors tensor in a dtype neither engine reads (FP8, complex, ...) is named here."""
-    from finetune.shell.export.tensorfile import TAGS
+    from finetune.files.tensorfile import TAGS
 
     if path.suffix == ".bin":
         return Success(None)
@@ -214,3 +215,10 @@ def cast_weights(weights: Mapping[str, mx.array], dtype: mx.Dtype) -> dict[str, 
     return {
         k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
     }
+
+
+def mlx_arrays(tensors: Mapping[str, np.ndarray]) -> dict[str, mx.array]:
+    """NumPy tensors as MLX arrays of the same dtype and bits (bfloat16 included)."""
+    import mlx.core as mx
+
+    return {k: mx.array(v.view(np.uint16)).view(mx.bfloat16) if v.dtype == BF16 else mx.array(v) for k, v in tensors.items()}

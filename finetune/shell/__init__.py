@@ -1,1 +1,2 @@
-"""Effects: files, tokenizers, hub, console, the train loop."""
+"""Effects above the engines, written once for both: the train loop and run, evaluation, generation,
+serving, export, data checks, recipes, plots."""

@@ -14,7 +14,6 @@ from returns.result import Failure, Result, Success
 from finetune.core import architectures, lora, memplan
 from finetune.core.adapters import AdapterSpec
 from finetune.core.config import Recipe
-from finetune.core.evaluation import Done
 from finetune.core.modelinfo import ModelFacts
 from finetune.core.tokenize import Tokens
 from finetune.engines.protocol import Prepared, PrepareOptions, World
@@ -85,11 +84,10 @@ class MlxEngine:
 
         return generate(model, ids, **sampling)
 
-    def greedy(self, model: Any, prompts: Sequence[Sequence[int]], max_tokens: int, stop_ids: Sequence[int],
-               done: Done, pad_id: int = 0) -> list[list[int]]:
+    def greedy(self, *args: Any, **kwargs: Any) -> list[list[int]]:  # the protocol's signature
         from finetune.engines.mlx.evaluate import greedy
 
-        return greedy(model, prompts, max_tokens, stop_ids, done, pad_id)
+        return greedy(*args, **kwargs)
 
     def bare(self, model: Any) -> Any:
         from finetune.engines.mlx.lora import bare
@@ -140,6 +138,11 @@ class MlxEngine:
 
     def sampler(self, prepared: Prepared) -> tuple[Any, Callable[[], AbstractContextManager]]:
         return prepared.model, nullcontext
+
+    def check_logits(self, *args: Any) -> tuple[list[Any], list[Any], list[list[Any]]]:  # the protocol's signature
+        from finetune.engines.mlx.check import logits
+
+        return logits(*args)
 
     # training
     def prepare(self, recipe: Recipe, facts: ModelFacts | None, splits: dict[str, list[Tokens]], tokenizer: Any,

@@ -66,12 +66,12 @@ def load_model(
         return loaded
 
     def attach_adapter(pair: tuple[nn.Module, Any]) -> Result[tuple[nn.Module, Any], str]:
+        from finetune.engines.mlx.lora import attach_adapter
         from finetune.engines.mlx.quantized import check_record
-        from finetune.shell.export.adapters import attach
 
         want = quantization.parse_block(record, adapter).value_or(None) if record else None
         checked = check_record(pair[0], want, adapter, str(record.get(quantization.DIGEST, ""))) if record else Success(pair[0])
-        return checked.bind(lambda m: attach(m, adapter)).map(lambda m: (m, pair[1]))
+        return checked.bind(lambda m: attach_adapter(m, adapter)).map(lambda m: (m, pair[1]))
 
     return loaded.bind(attach_adapter)
 
@@ -80,7 +80,7 @@ def recorded(adapter: str | None) -> Result[dict[str, Any] | None, str]:
     """The quantized base an adapter was trained on, as its adapter_config.json records it."""
     if adapter is None:
         return Success(None)
-    from finetune.shell.export.adapters import base_quantization
+    from finetune.files.adapters import base_quantization
 
     return base_quantization(adapter)
 

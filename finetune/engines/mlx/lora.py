@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
-from returns.result import Result, Success
+from returns.result import Failure, Result, Success
 
-from finetune.core import lora
+from finetune.core import adapters as core_adapters
+from finetune.core import architectures, lora
+
+if TYPE_CHECKING:
+    from finetune.files.adapters import Adapter
 
 
 class LoRALinear(nn.Module):
@@ -99,10 +105,68 @@ def attach_checked(model: nn.Module, directory: str) -> Result[nn.Module, str]:
     records (if any) is this one."""
     from finetune.core import quantization
     from finetune.engines.mlx.quantized import check_record
-    from finetune.shell.export.adapters import attach, base_quantization
+    from finetune.files.adapters import base_quantization
 
     def checked(record: dict | None) -> Result[nn.Module, str]:
         want = quantization.parse_block(record, directory).value_or(None) if record else None
         return check_record(model, want, directory) if record else Success(model)
 
-    return base_quantization(directory).bind(checked).bind(lambda m: attach(m, directory))
+    return base_quantization(directory).bind(checked).bind(lambda m: attach_adapter(m, directory))
+
+
+def model_kind(model: nn.Module) -> str:
+    """`gpt2` when the blocks live under `transformer.h`, else the Llama family's naming."""
+    return architectures.family_of_blocks(layers_prefix(model)).family
+
+
+def adapter_shapes(model: nn.Module, spec: core_adapters.AdapterSpec) -> dict[str, tuple[int, int]]:
+    """`{module path: (in, out)}` of the linears an adapter with `spec` targets in `model`."""
+    block = block_linears(model)
+    keys = lora.resolve_keys(spec.keys or ("all-linear",), block)
+    unknown = [k for k in keys if k not in block]
+    if unknown:
+        raise KeyError(f"{', '.join(unknown)} not in this model's blocks (has: {', '.join(block)})")
+    layers = lora.select_layers(len(model.layers), spec.num_layers)
+    paths = lora.targets(layers_prefix(model), layers, keys)
+    return linear_shapes(model, paths)
+
+
+def attach_adapter(model: nn.Module, directory: str | Path) -> Result[nn.Module, str]:
+    """Load an adapter directory of any format onto `model` (frozen base, LoRA layers swapped in)."""
+    from finetune.files.adapters import load_any
+
+    match load_any(directory):
+        case Failure(message):
+            return Failure(message)
+        case Success(adapter):
+            pass
+    source = str(adapter.weights_path)
+    if adapter.spec is None:  # PEFT: the tensors say which linears; check them against all of them
+        block = block_linears(model)
+        every = lora.targets(layers_prefix(model), range(len(model.layers)), block)
+        shapes = linear_shapes(model, every)
+        return core_adapters.check_shapes(adapter.params, shapes, adapter.rank, source, adapter.names).map(
+            lambda _: _attached(model, adapter)
+        )
+    try:
+        shapes = adapter_shapes(model, adapter.spec)
+    except KeyError as err:
+        return Failure(f"{adapter.config_path}: {err.args[0]}")
+    params = core_adapters.from_file_keys(
+        core_adapters.to_file_keys(adapter.params, adapter.kind), model_kind(model)
+    )
+    checked = core_adapters.check_shapes(params, shapes, adapter.spec.rank, source, adapter.names)
+    if isinstance(checked, Failure):
+        return checked
+    missing = core_adapters.missing_targets(params, list(shapes))
+    if missing:
+        return Failure(f"{source}: no tensors for {missing[0]}.lora_a/.lora_b (and {len(missing) - 1} more layers) that adapter_config.json targets")
+    return Success(_attached(model, adapter))
+
+
+def _attached(model: nn.Module, adapter: Adapter) -> nn.Module:
+    from finetune.files.weights import mlx_arrays
+
+    attach(model, mlx_arrays(adapter.params), adapter.scale)
+    mx.eval(model.parameters())
+    return model

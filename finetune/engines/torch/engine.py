@@ -16,7 +16,6 @@ from returns.result import Failure, Result, Success
 from finetune.core import architectures, memplan
 from finetune.core.adapters import AdapterSpec
 from finetune.core.config import Recipe
-from finetune.core.evaluation import Done
 from finetune.core.modelinfo import ModelFacts
 from finetune.core.tokenize import Tokens
 from finetune.engines.protocol import Prepared, PrepareOptions, World, describe_world
@@ -103,11 +102,10 @@ class TorchEngine:
 
         return generate(model, ids, **sampling)
 
-    def greedy(self, model: Any, prompts: Sequence[Sequence[int]], max_tokens: int, stop_ids: Sequence[int],
-               done: Done, pad_id: int = 0) -> list[list[int]]:
+    def greedy(self, *args: Any, **kwargs: Any) -> list[list[int]]:  # the protocol's signature
         from finetune.engines.torch.evaluate import greedy
 
-        return greedy(model, prompts, max_tokens, stop_ids, done, pad_id)
+        return greedy(*args, **kwargs)
 
     def bare(self, model: Any) -> Any:
         self.put_layers(model, {path: m.get_base_layer() for path, m in self.adapter_layers(model).items()})
@@ -156,6 +154,11 @@ class TorchEngine:
 
         half = prepared.model.half_precision()
         return prepared.model.lm, partial(torch.autocast, prepared.device.type, dtype=half, enabled=half is not None)
+
+    def check_logits(self, *args: Any) -> tuple[list[Any], list[Any], list[list[Any]]]:  # the protocol's signature
+        from finetune.engines.torch.check import logits
+
+        return logits(*args)
 
     # training
     def prepare(self, recipe: Recipe, facts: ModelFacts | None, splits: dict[str, list[Tokens]], tokenizer: Any,

@@ -198,7 +198,7 @@ def with_adapter(lm: nn.Module, directory: str) -> Result[nn.Module, str]:
     """peft LoRA holding the adapter's tensors (any format `ft` reads), on its layers when they are
     the last N (what `num_layers` says), else on every layer with the ones it lacks at B = 0."""
     from finetune.engines.torch.load import USE_MLX
-    from finetune.shell.export.adapters import load_any
+    from finetune.files.adapters import load_any
 
     match load_any(directory):
         case Success(found):

@@ -1,4 +1,4 @@
-"""The torch engine's base model: weights through the shared checked reader (`shell/models/weights`),
+"""The torch engine's base model: weights through the shared checked reader (`files/weights`),
 the transformers model built on the `meta` device from config.json (no random init), and the
 checkpoint held against that model's own expected tensors, so any architecture transformers has
 is checked, not only the registry's. transformers' loader places the tensors (its renames, tied

@@ -94,7 +94,7 @@ def recipe_for(data: str, runs: Sequence[str], model_context: int | None = None)
     import msgspec
 
     from finetune.core import recipe as core_recipe
-    from finetune.shell.training import recipes
+    from finetune.shell import recipes
 
     base = Recipe()
     for run in runs[:1]:

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finetune.shell.evaluation.run import Evaluation
-from finetune.shell.training.plot import run_names
+from finetune.shell.plot import run_names
 
 COLUMNS = ("model", "rows", "exact match", "contains", "loss", "perplexity", "seconds", "tokens/s")
 

@@ -22,8 +22,8 @@ from returns.result import Failure, Result, Success
 
 from finetune.core import dtypes, fusing, quantization
 from finetune.core.quantization import Quant
-from finetune.files import sources, weights
-from finetune.shell.export import adapters, fuse_base, fuse_check, tensorfile
+from finetune.files import sources, tensorfile, weights
+from finetune.shell.export import adapters, fuse_base, fuse_check
 
 Log = Callable[[str], None]
 PROMPT = ("The quick brown fox jumps over the lazy dog. SELECT name, age FROM users WHERE id = 42;\n"

@@ -15,8 +15,8 @@ from returns.result import Failure, Result, Success
 from finetune.core import affine, dtypes, fusing, quantization
 from finetune.core.dtypes import BF16
 from finetune.core.quantization import Params, Quant
-from finetune.files import weights
-from finetune.shell.export import adapters, tensorfile
+from finetune.files import tensorfile, weights
+from finetune.shell.export import adapters
 
 
 class Base(Struct, frozen=True, kw_only=True):

@@ -1,1 +1,1 @@
-"""Model loading and inference: MODEL names to directories, checkpoints, the converted cache, tiny, tokenizers, generation."""
+"""`ft models`: what models this machine has and what one of them is (`inventory`)."""

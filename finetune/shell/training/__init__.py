@@ -1,1 +1,2 @@
-"""Training: recipes on disk, the run directory, the compiled loop, checkpoints, ranks, loss curves."""
+"""Training above the engines: the one loop, the run (prepare, fit, resume), the run directory,
+checkpoints, the ranks' agreement."""

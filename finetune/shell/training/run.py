@@ -14,10 +14,11 @@ from returns.result import Failure, Result, Success
 from finetune import engines
 from finetune.core.config import Recipe
 from finetune.engines.protocol import Data, Prepared, PrepareOptions, Trainer, World, plan
+from finetune.shell import recipes
 from finetune.shell.data import check, report
 from finetune.shell.evaluation import training as exact_match
 from finetune.shell.export import adapters
-from finetune.shell.training import checkpoints, loop, ranks, recipes, rundir
+from finetune.shell.training import checkpoints, loop, ranks, rundir
 from finetune.shell.training.rundir import (
     Cursor,
     Outcome,

@@ -20,7 +20,8 @@ from finetune.core.config import Recipe
 from finetune.core.tokenize import Tokens
 from finetune.engines.protocol import Data, World, describe_world
 from finetune.errors import Interrupted as RunInterrupted
-from finetune.shell.training import checkpoints, plot
+from finetune.shell import plot
+from finetune.shell.training import checkpoints
 
 # Recipe fields that may change between a checkpoint and its resumption (`compile` changes how
 # the same step is computed, not what it computes: results agree to float rounding).

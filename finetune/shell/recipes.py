@@ -8,7 +8,6 @@ from typing import Any
 
 from returns.result import Failure, Result, Success
 
-import finetune
 from finetune.core import flags as core_flags
 from finetune.core import recipe as core_recipe
 from finetune.core import tomlout
@@ -76,7 +75,7 @@ def save(recipe: Recipe, path: str | Path) -> Path:
 
 def bundled(name: str) -> Path:
     """A recipe shipped with FineTune (`recipes/NAME.toml` in a checkout, or inside the wheel)."""
-    here = Path(finetune.__file__).resolve().parent  # the package: data/ and recipes/ sit beside it
+    here = Path(__file__).resolve().parent.parent  # the package: data/ and recipes/ sit beside it
     for root in (here.parent / "recipes", here / "recipes"):
         if (root / f"{name}.toml").is_file():
             return root / f"{name}.toml"
