@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import msgspec
 from msgspec import Struct
 from returns.result import Result, Success
 
@@ -17,6 +18,7 @@ from finetune.core import evaluation
 from finetune.core.evaluation import Case, Outcome, Scores
 from finetune.errors import UserError, unwrap
 from finetune.shell.evaluation import rows
+from finetune.shell.export import outputs
 
 Log = Callable[[str], None]
 AUTO_MARGIN = 8  # --max-tokens 0: the longest reference's tokens plus this many
@@ -63,6 +65,8 @@ def check(options: Options) -> None:
         raise UserError(f"--metric {options.metric}: choose one of {', '.join(evaluation.METRICS)}")
     if any(not s for s in options.stop):
         raise UserError("--stop: a stop string cannot be empty")
+    if options.out and not Path(options.out).is_dir():  # its folder is made when the first row is written
+        unwrap(outputs.check_folder(Path(options.out), "--out"))
 
 
 def evaluate(model: str, data: str, adapters: Sequence[str], options: Options, log: Log) -> Evaluation:
@@ -75,6 +79,7 @@ def evaluate(model: str, data: str, adapters: Sequence[str], options: Options, l
     path = unwrap(rows.split_file(data, options.split))
     for a in adapters:
         unwrap(adapter_files.load_any(a))
+    planned = rows.plan(str(path), adapters)
     quantized = [a for a in adapters if adapter_files.base_quantization(a).value_or(None) is not None]
     name, why = choose.for_model(options.backend, model, adapter_quantized=bool(quantized))
     engine = engines.get(name)
@@ -89,12 +94,12 @@ def evaluate(model: str, data: str, adapters: Sequence[str], options: Options, l
     cache: dict[Any, rows.Cases] = {}
     skipped, complete = 0, True
     with _writer(options.out) as write, _progress() as progress:
-        for adapter in (None, *adapters):
-            recipe = rows.recipe_for(str(path), [adapter] if adapter else list(adapters[:1]))
-            key = (recipe.data, recipe.train.max_seq_length, recipe.train.answer_after)
-            if key not in cache:
-                cache[key] = unwrap(rows.read(recipe, path, tokenizer, options.limit, options.answer_after))
-            cases = cache[key]
+        for label, adapter, rendering in planned:
+            recipe = rendering.recipe
+            if rendering.key not in cache:
+                cache[rendering.key] = unwrap(rows.read(recipe, path, tokenizer, options.limit, options.answer_after,
+                                                        rendering.mlx_lm))
+            cases = cache[rendering.key]
             skipped = max(skipped, cases.skipped)
             if not cases.cases:
                 raise UserError(f"{path}: no rows with an answer to evaluate")
@@ -103,8 +108,8 @@ def evaluate(model: str, data: str, adapters: Sequence[str], options: Options, l
                 used = unwrap(engine.load_with(model, adapter))
             else:
                 used = net = unwrap(swap(engine, net, adapter))
-            scores = _one(engine, used, tokenizer, adapter or "base", cases, recipe, options, write, progress, tic)
-            results.append(scores)
+            scores = _one(engine, used, tokenizer, label, cases, recipe, options, write, progress, tic)
+            results.append(msgspec.structs.replace(scores, rendering=rendering.note))
             if not scores.complete:
                 complete = False
                 break
