@@ -314,7 +314,7 @@ def test_bad_export_targets_exit_2_in_one_line_and_write_nothing(tmp_path, capsy
     cases = [
         (("fuse", base, "--adapter", adapter, "--format", "gguf", "--output", tmp_path / "dir.gguf"), "is a directory"),
         (("export", adapter, "--format", "gguf", "--output", tmp_path / "exists.gguf"), "already exists; pass --force"),
-        (("export", adapter, "--format", "gguf", "--output", tmp_path / "afile" / "x.gguf"), "no such directory"),
+        (("export", adapter, "--format", "gguf", "--output", tmp_path / "afile" / "x.gguf"), "afile: is a file, not a folder"),
         (("fuse", base, "--adapter", adapter, "--format", "gguf", "--gguf-type", "q5_k", "--output", tmp_path / "a.gguf"),
          "--gguf-type q5_k: not supported"),
         (("export", adapter, "--format", "gguf-adapter", "--gguf-type", "q8_0", "--output", tmp_path / "a.gguf"),

@@ -17,6 +17,7 @@ from returns.result import Result, Success
 
 from finetune.core import adapters as core_adapters
 from finetune.core import peft as core_peft
+from finetune.errors import unwrap
 from finetune.files import tensorfile
 from finetune.files.adapters import (  # noqa: F401  (reading lives below the engines; re-exported for the export code)
     CONFIG,
@@ -32,6 +33,7 @@ from finetune.files.adapters import (  # noqa: F401  (reading lives below the en
 )
 from finetune.files.paths import write_dir, write_safetensors, write_text
 from finetune.files.weights import mlx_arrays  # noqa: F401  (re-exported for fuse_base)
+from finetune.shell.export import outputs
 
 if TYPE_CHECKING:  # MLX only where an adapter meets an MLX model
     import mlx.core as mx
@@ -79,6 +81,7 @@ def peft_files(adapter: Adapter, base_model: str = "") -> tuple[dict[str, np.nda
 def write_adapter(out: Path, tensors: Mapping[str, np.ndarray], config: Mapping[str, Any], fmt: str, force: bool = False) -> Path:
     """An adapter directory in `fmt` (`peft` or `mlx-lm`), written as one rename."""
     weights, metadata = (PEFT_WEIGHTS, {"format": "pt"}) if fmt == "peft" else (WEIGHTS, {"format": "mlx"})
+    unwrap(outputs.check_folder(out))  # a missing folder is made when writing
 
     def build(tmp: Path) -> None:
         tensorfile.write(tmp / weights, tensors, metadata)

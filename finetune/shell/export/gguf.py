@@ -21,6 +21,7 @@ from returns.result import Failure, Result, Success
 
 from finetune.core import dtypes
 from finetune.core import gguf as core_gguf
+from finetune.shell.export import outputs
 
 Log = Callable[[str], None]
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -47,16 +48,7 @@ def check_target(output: Path, force: bool, gguf_type: str = "f32") -> Result[Pa
         return Failure(f"{output}: is a directory; --output names the .gguf file to write")
     if output.exists() and not force:
         return Failure(f"{output}: already exists; pass --force to replace it")
-    folder = output.parent
-    if not folder.is_dir():
-        return Failure(f"{folder}: no such directory for --output {output}")
-    try:  # the real test of writability (root passes os.access on a read-only mount, for one)
-        fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        return Failure(f"{folder}: not writable ({err.strerror or err}); choose another --output")
-    return Success(output)
+    return outputs.check_folder(output).map(lambda _: output)  # a missing folder is made when writing
 
 
 def architecture(config: Mapping[str, Any], where: str) -> Result[str, str]:
@@ -174,6 +166,7 @@ def write_file(output: Path, arch: str, metadata: Mapping[str, Any], tensors: Ma
     """One GGUF file (metadata in order, then tensors), to a temporary name beside `output`, renamed."""
     import gguf
 
+    output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(fd)
     try:

@@ -48,6 +48,7 @@ def fuse_to_gguf(model_spec: str, adapter: Path, output: Path, *, gguf_type: str
     match gguf_export.architecture(config, str(Path(directory) / "config.json")):
         case Failure(message):
             return Failure(message)
+    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         match fuse(model_spec, adapter, tmp / "fused", dtype="float32", dequantize=True, data=data, rows=rows,
