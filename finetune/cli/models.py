@@ -27,7 +27,8 @@ def _count(n: int) -> str:
 
 
 def list_models(*, json: bool = False) -> int:
-    """List the built-in tiny model, converted-cache entries and supported models in the HF cache.
+    """List the built-in tiny model, converted-cache entries, .gguf files used as MODEL (their
+    conversions) and supported models in the HF cache.
 
     Parameters
     ----------

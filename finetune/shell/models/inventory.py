@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 from msgspec import Struct
 from returns.result import Failure, Result, Success
 
@@ -21,7 +22,7 @@ class Row(Struct, frozen=True, kw_only=True):
     parameters: int
     dtype: str
     size: int  # bytes on disk, 0 when not on disk yet
-    kind: str  # "built-in", "converted" or "hf-cache"
+    kind: str  # "built-in", "converted", "gguf" (a .gguf file's conversion) or "hf-cache"
     where: str  # the directory
     note: str = ""
 
@@ -141,7 +142,38 @@ def list_models() -> list[Row]:
                 note=stale,
             )
         )
-    return [r for r in rows if r is not None] + _hub_rows()
+    return [r for r in rows if r is not None] + _gguf_rows() + _hub_rows()
+
+
+def _gguf_rows() -> list[Row]:
+    """Conversions of .gguf files used as MODEL (`$FINETUNE_HOME/models/gguf/`), named by their file."""
+    from finetune.files.paths import cache_root
+
+    root = cache_root() / "models" / "gguf"  # files.gguf.cache_dir's parent
+    found = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
+    rows = []
+    for directory in found:
+        try:
+            source = json.loads((directory / "gguf_source.json").read_text(encoding="utf-8"))
+            path, size = Path(source["source"]), int(source["size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a finished conversion
+        if row := _row(str(path), directory, "gguf"):
+            kinds = [t for t in source.get("tensor_types", {}).values() if t != "F32"]
+            kind = max(set(kinds), key=kinds.count) if kinds else "F32"
+            note = f"from a {size / 1e6:.1f} MB {kind} GGUF file"
+            if not _same_file(path, source):
+                note += "; stale: the file changed or is gone (using it converts it again)"
+            rows.append(msgspec.structs.replace(row, note=note))
+    return rows
+
+
+def _same_file(path: Path, source: dict) -> bool:
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (source.get("size"), source.get("mtime_ns"))
 
 
 def has_chat_template(directory: Path) -> bool:
