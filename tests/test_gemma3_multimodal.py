@@ -244,11 +244,16 @@ def test_mlx_lm_reads_our_adapter_and_we_read_its_quantized_gemma3(adapted, tmp_
     model, _ = mlx_lm.load(str(theirs), adapter_path=str(adapter))
     assert max_diff(mlx_logits(model), expected) <= 1e-5
 
-    quantized = tmp_path / "q4"
-    mlx_lm.convert(str(theirs), mlx_path=str(quantized), quantize=True, q_group_size=32, q_bits=4)
-    assert max_diff(mlx_logits(ours(quantized)), mlx_logits(mlx_lm.load(str(quantized))[0])) <= 1e-5
-    fused = tmp_path / "fused"
-    code, _, err = run_cli(capsys, "fuse", quantized, "--adapter", adapter, "--output", fused)
-    assert code == 0, err
-    assert load_file(fused / "model.safetensors").keys() == load_file(quantized / "model.safetensors").keys()
-    assert max_diff(mlx_logits(ours(fused)), mlx_logits(mlx_lm.load(str(fused))[0])) <= 1e-5
+    for recipe in ("4-bit", "mixed_3_6"):  # mixed: per-layer entries named `language_model.model.layers...`
+        quantized = tmp_path / recipe
+        mlx_lm.convert(str(theirs), mlx_path=str(quantized), quantize=True, q_group_size=32, q_bits=4,
+                       quant_predicate=None if recipe == "4-bit" else recipe)
+        assert max_diff(mlx_logits(ours(quantized)), mlx_logits(mlx_lm.load(str(quantized))[0])) <= 1e-5
+        fused = tmp_path / f"{recipe}-fused"
+        code, _, err = run_cli(capsys, "fuse", quantized, "--adapter", adapter, "--output", fused)
+        assert code == 0, err
+        assert load_file(fused / "model.safetensors").keys() == load_file(quantized / "model.safetensors").keys()
+        layers = [k for k in json.loads((fused / "config.json").read_text())["quantization"]
+                  if k not in ("group_size", "bits", "mode")]  # per-layer entries, as mlx-lm names modules
+        assert all(k.startswith("language_model.model.") for k in layers) and bool(layers) == (recipe != "4-bit")
+        assert max_diff(mlx_logits(ours(fused)), mlx_logits(mlx_lm.load(str(fused))[0])) <= 1e-5

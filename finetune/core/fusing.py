@@ -19,7 +19,7 @@ from msgspec import Struct
 from returns.result import Failure, Result, Success
 
 from finetune.core import affine, dtypes, lora
-from finetune.core.convert import mlx_to_hf, stored_names
+from finetune.core.convert import SUPPORTED, mlx_to_hf, older_names, stored_names
 from finetune.core.quantization import Params, Quant, without_quantization
 from finetune.core.records import Sample
 
@@ -83,8 +83,8 @@ def fused_config(config: Mapping[str, Any], dtype: str, quant: Quant | None = No
     homes: a top-level `rope_theta` (from `rope_parameters`) and GPT-2's `n_ctx` (= n_positions).
     """
     out = without_quantization(config)
-    if quant is not None:
-        out["quantization"] = out["quantization_config"] = quant.as_config()
+    if quant is not None:  # per-layer entries named as mlx-lm names the modules
+        out["quantization"] = out["quantization_config"] = mlx_names_of(out.get("model_type"), quant.as_config())
     out["dtype"] = dtype
     if "torch_dtype" in out:
         out["torch_dtype"] = dtype
@@ -94,6 +94,11 @@ def fused_config(config: Mapping[str, Any], dtype: str, quant: Quant | None = No
     if out.get("model_type") == "gpt2" and "n_ctx" not in out and "n_positions" in out:
         out["n_ctx"] = out["n_positions"]
     return out
+
+
+def mlx_names_of(model_type: Any, block: dict[str, Any]) -> dict[str, Any]:
+    """A quantization block's per-layer entries under mlx-lm's module names (Gemma 3's `language_model.model.`)."""
+    return older_names(model_type, block) if model_type in SUPPORTED else block
 
 
 def parse_size(text: str) -> Result[int, str]:

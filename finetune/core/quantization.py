@@ -131,7 +131,16 @@ def from_config(config: Mapping[str, Any], where: str = "config.json") -> Result
             method = block["quant_method"]
             return Failure(f"{where}: quantized with {method!r} (HuggingFace-side quantization), which "
                            f"FineTune cannot load; {_INSTEAD}")
-    return parse_block(block, where)
+    return parse_block(block, where).map(lambda q: _our_paths(str(config.get("model_type")), q))
+
+
+def _our_paths(model_type: str, quant: Quant) -> Quant:
+    """Per-layer entries under our module paths (mlx-lm's Gemma 3 names them `language_model.model.`)."""
+    from finetune.core import convert
+
+    if model_type not in convert.SUPPORTED or not quant.overrides:
+        return quant
+    return Quant(default=quant.default, overrides=convert.text_names(model_type, quant.overrides))
 
 
 def without_quantization(config: Mapping[str, Any]) -> dict[str, Any]:
