@@ -98,3 +98,19 @@ def test_peft_targets_match_exactly_the_adapted_language_model_linears(layers, d
     modules = [f"{arch.blocks}.{i}.{p}" for i in range(layers) for p, _, _ in arch.linears]
     modules += [f"model.vision_tower.encoder.layers.{i}.self_attn.{k}" for i in range(layers) for k in ("q_proj", "k_proj")]
     assert sorted(m for m in modules if re.fullmatch(pattern, m)) == sorted(paths)
+
+
+@PROPS
+@given(text_configs(), st.data())
+def test_per_layer_quantization_reads_and_writes_in_mlx_lms_names(text, data):
+    """mlx-lm names a gemma3's modules `language_model.model.*`; we read them as ours and write them back so."""
+    from finetune.core import fusing, quantization
+
+    config = {"model_type": "gemma3", "text_config": text}
+    paths = sorted(k.removesuffix(".weight") for k, s in convert.expected_shapes("gemma3", config).items() if len(s) == 2)
+    chosen = data.draw(st.lists(st.sampled_from(paths), unique=True, max_size=4))
+    own = {p: data.draw(st.sampled_from([None, quantization.Params(group_size=32, bits=8)])) for p in chosen}
+    quant = quantization.Quant(default=quantization.Params(group_size=64, bits=4), overrides=own)
+    block = fusing.fused_config(config, "float16", quant)["quantization"]
+    assert sorted(k for k in block if k not in ("group_size", "bits", "mode")) == sorted(OLD + p[len(OURS):] for p in chosen)
+    assert quantization.from_config(config | {"quantization": block}).unwrap() == quant
