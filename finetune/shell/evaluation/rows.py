@@ -188,8 +188,3 @@ def plan(data: str, adapters: Sequence[str]) -> list[tuple[str, str | None, Rend
     else:
         bases = [(f"base (as {Path(a).name})", None, r) for a, r in groups.values()]
     return [*bases, *((a, a, r) for a, r in rendered)]
-
-
-def recipe_for(data: str, runs: Sequence[str], model_context: int | None = None) -> Recipe:
-    """The recipe that renders the rows of the first of `runs` (FineTune's defaults when none)."""
-    return rendering_for(data, runs[0] if runs else None, model_context).recipe
