@@ -20,14 +20,26 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from lora_models import make_tokenizer, max_diff, mlx_logits, ours, random_adapter, run_cli, torch_logits
+from lora_models import (
+    make_tokenizer,
+    max_diff,
+    mlx_logits,
+    ours,
+    random_adapter,
+    run_cli,
+    torch_logits,
+)
+from mlx.utils import tree_flatten
 from model_factory import copy_files
 from peft import PeftModel
 from safetensors.numpy import load_file, save_file
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
 import finetune
+from finetune.core import architectures, convert
+from finetune.engines.mlx import lora as lora_modules
 from finetune.engines.mlx.generate import generate
+from finetune.engines.mlx.model import build
 from finetune.errors import UserError
 
 TOL = 1e-4
@@ -113,6 +125,18 @@ def test_text_model_matches_transformers_logits_cache_and_greedy_generation(save
     assert list(generate(model, prompt, max_tokens=6)) == out[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_our_names_are_transformers_module_names_of_the_text_model(saved, tied):
+    """The registry's table = the MLX module's parameters = what peft and the torch engine see."""
+    hf, directory = saved(tied)
+    config = json.loads((directory / "config.json").read_text())
+    model = build(config)
+    theirs = {n for n, _ in hf.named_parameters(remove_duplicate=False) if not n.startswith("model.vision_tower.")
+              and not n.startswith("model.multi_modal_projector.") and not (tied and n == "lm_head.weight")}
+    assert set(dict(tree_flatten(model.parameters()))) == set(convert.expected_shapes("gemma3", config)) == theirs
+    assert lora_modules.layers_prefix(model) == architectures.REGISTRY["gemma3"].blocks == "model.language_model.layers"
+
+
 def test_both_spellings_of_the_text_model_load_alike(saved, tmp_path):
     """transformers 5 saves `language_model.model.*`; its module names (`model.language_model.*`,
     `model.vision_tower.*`) are the other spelling checkpoints carry."""
@@ -131,7 +155,7 @@ def test_the_checked_loader_wants_every_language_tensor_and_no_vision_tensor(sav
     with pytest.raises(UserError, match=rf"missing keys 1: {gone.replace('.', '[.]')}"):
         finetune.load(str(tmp_path / "missing"))
     rewrite(directory, tmp_path / "shape", lambda t: t | {gone: t[gone][:, :-1]})
-    with pytest.raises(UserError, match=rf"shape mismatch for .*layers.1.mlp.up_proj.weight"):
+    with pytest.raises(UserError, match=r"shape mismatch for .*layers.1.mlp.up_proj.weight"):
         finetune.load(str(tmp_path / "shape"))
     # mlx-lm's own gemma3 conversions drop the image model: the text model is all the loader needs.
     rewrite(directory, tmp_path / "text", lambda t: {k: v for k, v in t.items() if not k.startswith(VISION_TOWER)})
