@@ -7,7 +7,8 @@ step on the same batches, so a contended machine slows them alike.
 Each variant trains its own copy of the same random-initialised model (benchmarks/torch_engine.py's
 shapes) on the bundled SQL rows as text (every token supervised), one optimizer step per batch:
 `engine` is the engine's model and step (load, attach, supervised_ce, clipping, MLX's AdamW) at its
-default dtype; `engine+kernels` adds `engines.torch.kernels.install` (`engine+kernels-noautocast`: and no autocast); `engine-1thread` runs the
+default dtype; `engine+kernels` adds `engines.torch.kernels.install` (`engine+lora+sdpa`: those of its parts;
+`engine+kernels-noautocast`: and no autocast); `engine-1thread` runs the
 engine's step with one intra-op thread; `peft` is benchmarks/torch_engine.py's plain PEFT float32
 step. Printed: median wall and CPU seconds per step, and the median over batches of each
 variant's speed-up against the first variant (wall and CPU time: the CPU time counts the work, not
@@ -65,7 +66,7 @@ def batches(directory: Path, size: int, n: int) -> list[tuple[torch.Tensor, ...]
     return out
 
 
-def engine_step(directory: Path, fast: bool, autocast: bool = True):
+def engine_step(directory: Path, parts: tuple[str, ...], autocast: bool = True):
     """The engine's model at its default dtype, and one optimizer step of its loop (without I/O);
     `autocast=False`: the model's hidden states without the engine's autocast (with the kernels,
     whose LoRA forward casts the factors itself)."""
@@ -78,8 +79,8 @@ def engine_step(directory: Path, fast: bool, autocast: bool = True):
                               "train": {"batch_size": 4, "iters": 1000, "learning_rate": 2e-4}}, Recipe)
     dtype = devices.resolve_dtype("auto", torch.device("cpu"))
     model = tlora.attach(load_base(directory, dtype, "m").unwrap(), recipe, "m").unwrap()
-    if fast:
-        kernels.install(model.lm)
+    if parts:
+        kernels.install(model.lm, parts)
     if not autocast:
         model._hidden = lambda inputs, positions: model.backbone(input_ids=inputs, position_ids=positions, use_cache=False).last_hidden_state
     model.train()
@@ -135,14 +136,16 @@ def variant(name: str, directory: Path):
     if name == "peft":
         return peft_step(directory)
     if name == "engine-1thread":
-        step = engine_step(directory, fast=False)
+        step = engine_step(directory, ())
 
         def one(b):
             with threads(1):
                 step(b)
 
         return one
-    return engine_step(directory, fast=name.startswith("engine+kernels"), autocast=not name.endswith("-noautocast"))
+    extra = name.removeprefix("engine").removesuffix("-noautocast").removeprefix("+")
+    parts = kernels.PARTS if extra == "kernels" else tuple(x for x in extra.split("+") if x)
+    return engine_step(directory, parts, autocast=not name.endswith("-noautocast"))
 
 
 def main() -> None:

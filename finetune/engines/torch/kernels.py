@@ -1,4 +1,4 @@
-"""Cheaper forms of three hot spots of the torch engine's LoRA step, the same maths (`install`).
+"""Cheaper forms of two hot spots of the torch engine's LoRA step, the same maths (`install`).
 
 Measured on the 2-core CPU (benchmarks/torch_step.py, benchmarks/README.md): a bf16 step spends
 much of its non-matmul time in elementwise passes over `(B, T, D)` activations, each a parallel
@@ -6,11 +6,11 @@ region of its own, and in SDPA's bfloat16 backward.
 
 - LoRA (peft's `lora.Linear` over an `nn.Linear`, no DoRA): `base(x) + B(A(dropout(x)))·s` becomes
   `base(x).addmm_(A(dropout(x))·s, Bᵀ)`: the scale on the rank-r activations and the add inside
-  the matmul, not two passes over the output (and their two in the backward pass).
-- RMSNorm (modules whose forward is Llama's, byte code compared): torch's fused `F.rms_norm`
-  instead of six elementwise ops and two casts.
+  the matmul, not two passes over the output (and one more in the backward pass).
 - Attention of a half-precision model on the CPU: SDPA in float32 (its bf16 backward is slower
   than the float32 one there); elsewhere, and in float32, transformers' own SDPA.
+
+Not kept: `F.rms_norm` for Llama's RMSNorm (on the CPU it is the same composite ops, ~1% CPU time).
 """
 
 from __future__ import annotations
@@ -23,24 +23,20 @@ from torch import nn
 
 _ADAPTER = "default"
 ATTENTION = "finetune_sdpa"  # the attention implementation `install` gives a model
+PARTS = ("lora", "sdpa")
 
 
-def install(lm: nn.Module) -> list[str]:
-    """Swap the fast forms into `lm` (a peft-wrapped transformers model) where they apply;
-    which ones were installed."""
+def install(lm: nn.Module, parts: tuple[str, ...] = PARTS) -> list[str]:
+    """Swap the fast forms (`parts` of them) into `lm` (a peft-wrapped transformers model) where
+    they apply; which ones were installed."""
     done = []
-    loras = [m for m in lm.modules() if _plain_lora(m)]
+    loras = [m for m in lm.modules() if "lora" in parts and _plain_lora(m)]
     for m in loras:
         m.forward = types.MethodType(_lora_forward, m)
     if loras:
         done.append(f"lora ({len(loras)} layers)")
-    norms = [m for m in lm.modules() if _llama_rms_norm(m)]
-    for m in norms:
-        m.forward = types.MethodType(_rms_norm_forward, m)
-    if norms:
-        done.append(f"rms_norm ({len(norms)})")
     config = getattr(lm, "config", None)
-    if getattr(config, "_attn_implementation", None) == "sdpa":
+    if "sdpa" in parts and getattr(config, "_attn_implementation", None) == "sdpa":
         _register_attention()
         config._attn_implementation = ATTENTION  # this model's layers only: the others keep "sdpa"
         done.append("sdpa")
@@ -59,25 +55,12 @@ def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     own forward for anything but one active plain adapter."""
     if args or kwargs or self.disable_adapters or self.merged or self.active_adapters != [_ADAPTER]:
         return type(self).forward(self, x, *args, **kwargs)
-    out = self.base_layer(x)
+    flat = x.reshape(-1, x.shape[-1])  # 2-D from the start: the in-place add then hits no view
+    out = self.base_layer(flat)
     a, b = self.lora_A[_ADAPTER].weight, self.lora_B[_ADAPTER].weight
-    u = F.linear(self.lora_dropout[_ADAPTER](x), a.to(x.dtype)) * self.scaling[_ADAPTER]  # (…, r)
-    out.view(-1, out.shape[-1]).addmm_(u.reshape(-1, u.shape[-1]).to(out.dtype), b.t().to(out.dtype))
-    return out
-
-
-def _llama_rms_norm(m: nn.Module) -> bool:
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    fwd, llama = getattr(type(m), "forward", None), LlamaRMSNorm.forward
-    return (fwd is not None and hasattr(fwd, "__code__") and isinstance(getattr(m, "weight", None), torch.Tensor)
-            and isinstance(getattr(m, "variance_epsilon", None), float)
-            and (fwd.__code__.co_code, fwd.__code__.co_consts, fwd.__code__.co_names)
-            == (llama.__code__.co_code, llama.__code__.co_consts, llama.__code__.co_names))
-
-
-def _rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
+    u = F.linear(self.lora_dropout[_ADAPTER](flat), a.to(x.dtype)) * self.scaling[_ADAPTER]  # (N, r)
+    out.addmm_(u.to(out.dtype), b.t().to(out.dtype))
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _sdpa(module, query, key, value, attention_mask, **kwargs):
