@@ -33,24 +33,26 @@ def lora_llama(dtype: torch.dtype, dora: bool = False) -> torch.nn.Module:
     return lm
 
 
-def run(lm, ids, dtype):
+def run(lm, ids, dtype, positions=None):
     lm.zero_grad()
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-        logits = lm(input_ids=ids).logits.float()
+        logits = lm(input_ids=ids, position_ids=positions).logits.float()
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
     loss.backward()
     return logits.detach(), {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("packed", [False, True])  # packed rows: positions restart, a block-diagonal mask
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-5), (torch.bfloat16, 6e-2)])
-def test_installed_forms_give_peft_s_logits_and_gradients(dtype, tol):
+def test_installed_forms_give_peft_s_logits_and_gradients(dtype, tol, packed):
     plain = lora_llama(dtype)
     fast = copy.deepcopy(plain)
     installed = kernels.install(fast)
     assert installed == ["lora (14 layers)", "sdpa"]
     assert plain.config._attn_implementation == "sdpa" and fast.config._attn_implementation == kernels.ATTENTION
     ids = torch.randint(0, 97, (3, 24), generator=torch.Generator().manual_seed(1))
-    (a, ga), (b, gb) = run(plain, ids, dtype), run(fast, ids, dtype)
+    positions = torch.cat([torch.arange(10), torch.arange(14)]).expand(3, 24) if packed else None
+    (a, ga), (b, gb) = run(plain, ids, dtype, positions), run(fast, ids, dtype, positions)
     torch.testing.assert_close(b, a, rtol=tol, atol=tol * a.abs().max().item())
     assert ga.keys() == gb.keys() and len(ga) == 28
     for k in ga:

@@ -69,6 +69,8 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
 
     if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():  # an additive mask: the queries' dtype
+        attention_mask = attention_mask.float()
     with torch.autocast("cpu", enabled=False):
         out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
     return out.to(query.dtype), weights
