@@ -258,8 +258,8 @@ def test_the_recipe_field_round_trips_and_bad_values_exit_2(tmp_path, capsys, do
     assert 'fine_tune_type = "dora"' in saved
     assert recipes.load(dora_run / "recipe.toml").unwrap().lora.fine_tune_type == "dora"
     assert Recipe().lora.fine_tune_type == "lora"
-    code, _, err = run_cli(capsys, "train", "start", base, data, "--fine-tune-type", "full", "--output", tmp_path / "x")
-    assert code == 2 and "full" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "train", "start", base, data, "--fine-tune-type", "half", "--output", tmp_path / "x")
+    assert code == 2 and "half" in err and "Traceback" not in err
     bad = tmp_path / "bad.toml"
     bad.write_text('[lora]\nfine_tune_type = "qlora"\n')
     code, _, err = run_cli(capsys, "train", "start", base, data, "--recipe", bad, "--output", tmp_path / "y")

@@ -100,6 +100,12 @@ def fuse(
         case Failure(message):
             raise UserError(message)
     files = f"{len(done.files)} weight file{'s' if len(done.files) > 1 else ''}"
+    if done.full:  # nothing fused: the trained weights written over the base
+        print(f"Wrote the full fine-tune's {done.layers} trained weights over {model} into {done.output} "
+              f"({done.dtype}; {files}, {done.size / 1e6:.1f} MB), as training wrote {adapter}/model")
+        print(f"training moved them by up to {done.check.adapter_effect:.2e}; written in {done.dtype} they differ from "
+              f"the trained values by at most {done.check.fused_vs_adapter:.2e}")
+        return 0
     print(f"Fused {done.layers} LoRA layers into {done.output} ({done.dtype}"
           f"{', dequantized' if done.dequantized else ''}"
           f"{', quantized ' + done.quantization if done.quantization else ''}; {files}, {done.size / 1e6:.1f} MB)")

@@ -66,15 +66,27 @@ def config_json(spec: AdapterSpec, extra: Mapping[str, Any] | None = None) -> di
     }
 
 
-def parse_config(raw: Any, source: str) -> Result[AdapterSpec, str]:
-    """Read an mlx-lm `adapter_config.json` value; every problem names the field."""
+FULL_REFUSED = ("is a full fine-tune (fine_tune_type 'full'): trained weights, not LoRA factors, so there is no "
+                "LoRA, PEFT or GGUF-adapter form of it; use its model/ folder (a HuggingFace model) or "
+                "`ft fuse BASE --adapter RUN --output DIR`")
+
+
+def parse_config(raw: Any, source: str, full: bool = False) -> Result[AdapterSpec, str]:
+    """Read an mlx-lm `adapter_config.json` value; every problem names the field.
+
+    `full`: the reader loads trained weights, so a full fine-tune (mlx-lm's `fine_tune_type:
+    "full"`: the trained blocks' weights) is read too; elsewhere it is refused in one line.
+    """
     if not isinstance(raw, Mapping):
         return Failure(f"{source}: expected a JSON object")
     kind = raw.get("fine_tune_type", "lora")
-    if kind not in ("lora", "dora"):
-        hint = " (a full fine-tune's run directory is a model: load it as the base)" if kind == "full" else ""
-        return Failure(f"{source}: fine_tune_type {kind!r} is not an adapter; expected 'lora' or 'dora'{hint}")
+    if kind == "full" and not full:
+        return Failure(f"{source} {FULL_REFUSED}")
+    if kind not in ("lora", "dora", "full"):
+        return Failure(f"{source}: fine_tune_type {kind!r} is not an adapter; expected 'lora', 'dora' or 'full'")
     lp = raw.get("lora_parameters")
+    if kind == "full" and lp is None:  # mlx-lm writes them, unused, for full runs too
+        lp = {"rank": 8, "scale": 20.0}
     if not isinstance(lp, Mapping):
         return Failure(f"{source}: missing 'lora_parameters'")
     rank, scale, keys = lp.get("rank"), lp.get("scale"), lp.get("keys")

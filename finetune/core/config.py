@@ -18,7 +18,7 @@ Schedule = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["adamw", "adam"]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 Profile = Literal["none", "chat", "instruction", "code"]
-FineTuneType = Literal["lora", "dora"]
+FineTuneType = Literal["lora", "dora", "full"]
 
 BUILTIN_TEMPLATES = ("auto", "plain", "alpaca", "chatml", "llama2", "llama3", "tokenizer")
 ALL_LINEAR = "all-linear"
@@ -61,12 +61,12 @@ class LoRAConfig(_Config):
     scale: Annotated[float, _field("Multiplier of the low-rank update (mlx-lm's scale).", gt=0.0, le=1e6)] = 20.0
     alpha: Annotated[float, _field("Alternative to --lora-scale: scale = alpha / rank (0 = unset).", ge=0.0, le=1e6)] = 0.0
     dropout: Annotated[float, _field("Dropout on the adapters' input.", flag="dropout", aliases=("lora-dropout",), ge=0.0, lt=1.0)] = 0.0
-    num_layers: Annotated[int, _field("Adapt the last N blocks (-1 = all).", flag="lora-layers", ge=-1)] = -1
+    num_layers: Annotated[int, _field("Adapt the last N blocks (-1 = all); full: train every weight of the last N blocks.", flag="lora-layers", ge=-1)] = -1
     keys: Annotated[
         tuple[Annotated[str, Meta(min_length=1)], ...],
         _field("Linear layers to adapt, comma-separated key paths (self_attn.q_proj,...) or all-linear."),
     ] = (ALL_LINEAR,)
-    fine_tune_type: Annotated[FineTuneType, _field("Fine-tune type: lora, or dora (LoRA with a learned magnitude per output row; mlx-lm's and PEFT's DoRA).", flag="fine-tune-type")] = "lora"
+    fine_tune_type: Annotated[FineTuneType, _field("Fine-tune type: lora, dora (LoRA with a learned magnitude per output row; mlx-lm's and PEFT's DoRA), or full (every weight of the last --lora-layers blocks trained, as mlx-lm's full; the run also saves a HuggingFace model in RUN/model).", flag="fine-tune-type")] = "lora"
 
     def __post_init__(self) -> None:
         if self.num_layers == 0:

@@ -67,12 +67,25 @@ def detect(directory: str | Path) -> Result[str, str]:
     return Failure(f"{directory}: not an adapter directory (expected {CONFIG} with {WEIGHTS} (mlx-lm, FineTune) or {PEFT_WEIGHTS} (PEFT))")
 
 
-def load_any(directory: str | Path) -> Result[Adapter, str]:
-    """Read an adapter directory of any supported format; tensors renamed to our module paths."""
-    return detect(directory).bind(lambda fmt: _load_peft(Path(directory)) if fmt == "peft" else _load_mlx(Path(directory), fmt))
+def load_any(directory: str | Path, full: bool = False) -> Result[Adapter, str]:
+    """Read an adapter directory of any supported format; tensors renamed to our module paths.
+
+    `full`: also a full fine-tune's run (`params` then hold the trained blocks' weights, our names);
+    elsewhere one is refused in one line (`core.adapters.FULL_REFUSED`).
+    """
+    return detect(directory).bind(
+        lambda fmt: _load_peft(Path(directory)) if fmt == "peft" else _load_mlx(Path(directory), fmt, full))
 
 
-def _load_mlx(d: Path, fmt: str) -> Result[Adapter, str]:
+def is_full(directory: str | Path) -> bool:
+    """The directory is a full fine-tune's (its adapter_config.json says `fine_tune_type: "full"`)."""
+    d = Path(directory)
+    config = d / CONFIG if (d / CONFIG).is_file() else d.parent.parent / CONFIG  # a checkpoint: its run's
+    raw = _read_json(config).value_or(None) if config.is_file() else None
+    return isinstance(raw, dict) and raw.get("fine_tune_type") == "full"
+
+
+def _load_mlx(d: Path, fmt: str, full: bool = False) -> Result[Adapter, str]:
     config_path, note = d / CONFIG, ""
     if fmt == "checkpoint":  # checkpoints/step-NNNNNNN/ inside a run directory
         config_path = d.parent.parent / CONFIG
@@ -81,7 +94,7 @@ def _load_mlx(d: Path, fmt: str) -> Result[Adapter, str]:
             return Failure(f"{d}: a checkpoint without its run's {CONFIG} (looked for {config_path})")
     elif fmt == "run":
         note = f"{len(list((d / 'checkpoints').glob('step-*')))} checkpoints" if (d / "checkpoints").is_dir() else ""
-    match _read_json(config_path).bind(lambda raw: core_adapters.parse_config(raw, str(config_path)).map(lambda s: (raw, s))):
+    match _read_json(config_path).bind(lambda raw: core_adapters.parse_config(raw, str(config_path), full).map(lambda s: (raw, s))):
         case Success((raw, spec)):
             pass
         case failure:
@@ -145,7 +158,7 @@ def _read_tensors(path: Path) -> Result[dict[str, np.ndarray], str]:
 
 def base_quantization(directory: str | Path) -> Result[dict[str, Any] | None, str]:
     """The quantized base an adapter records having been trained on (None: float or unrecorded)."""
-    return load_any(directory).map(lambda a: a.spec.base_quantization if a.spec else None)
+    return load_any(directory, full=True).map(lambda a: a.spec.base_quantization if a.spec else None)
 
 
 def fit(adapter: Adapter, config: Mapping[str, Any]) -> Result[dict[str, np.ndarray], str]:

@@ -157,6 +157,10 @@ class MlxEngine:
         from finetune.engines.mlx.load import load_model
         from finetune.engines.mlx.quantized import describe as describe_quantization
 
+        from finetune.core import full
+
+        if isinstance(refused := full.check_recipe(recipe), Failure):
+            return refused
         world = self.world()
         planned = None
         if facts is not None:  # plan memory before any weight loads
@@ -175,8 +179,14 @@ class MlxEngine:
                 pass
             case Failure(message):
                 return Failure(message)
-        if base := describe_quantization(model):  # QLoRA: the base stays quantized, LoRA trains in float32
+        base = describe_quantization(model)
+        if base and recipe.lora.fine_tune_type == "full":
+            return Failure(f"{recipe.model.path}: a quantized checkpoint ({base.summary()}) cannot be trained in full; "
+                           "use its float original, or --fine-tune-type lora (QLoRA)")
+        if base:  # QLoRA: the base stays quantized, LoRA trains in float32
             log(f"Base quantized {'on load' if on_load else 'as stored'}: {base.summary()} (QLoRA)")
+        if recipe.lora.fine_tune_type == "full":
+            return self._full(recipe, model, tok, splits, planned, world)
         block = lora_modules.block_linears(model)
         keys = lora.resolve_keys(recipe.lora.keys, block)
         unknown = [k for k in keys if k not in block]
@@ -193,6 +203,21 @@ class MlxEngine:
             num_layers=recipe.lora.num_layers, model=recipe.model.path, fine_tune_type=recipe.lora.fine_tune_type,
             base_quantization=quantization.record(base, on_load=on_load is not None, digest=_digest(model) if base else ""),
         )
+        return Success(Prepared(engine=self.name, recipe=recipe, model=model, tokenizer=tok, splits=splits, spec=spec,
+                                kind=architectures.family_of_blocks(lora_modules.layers_prefix(model)).family,
+                                memory=planned, world=world))
+
+    def _full(self, recipe: Recipe, model: Any, tok: Any, splits: dict[str, list[Tokens]],
+              planned: memplan.MemoryPlan | None, world: World) -> Result[Prepared, str]:
+        """mlx-lm's full fine-tune: the last `num_layers` blocks' every weight trains, nothing attached."""
+        from finetune.engines.mlx import full
+        from finetune.engines.mlx import lora as lora_modules
+
+        if recipe.lora.num_layers > len(model.layers):
+            return Failure(f"$.lora.num_layers: {recipe.lora.num_layers} exceeds the model's {len(model.layers)} layers")
+        full.unfreeze(model, recipe.lora.num_layers)
+        spec = AdapterSpec(rank=recipe.lora.rank, scale=recipe.lora.scale, dropout=0.0, keys=(),
+                           num_layers=recipe.lora.num_layers, model=recipe.model.path, fine_tune_type="full")
         return Success(Prepared(engine=self.name, recipe=recipe, model=model, tokenizer=tok, splits=splits, spec=spec,
                                 kind=architectures.family_of_blocks(lora_modules.layers_prefix(model)).family,
                                 memory=planned, world=world))

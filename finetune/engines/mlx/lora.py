@@ -132,14 +132,19 @@ def adapter_shapes(model: nn.Module, spec: core_adapters.AdapterSpec) -> dict[st
 
 
 def attach_adapter(model: nn.Module, directory: str | Path) -> Result[nn.Module, str]:
-    """Load an adapter directory of any format onto `model` (frozen base, LoRA layers swapped in)."""
+    """Load an adapter directory of any format onto `model` (frozen base, LoRA layers swapped in;
+    a full fine-tune's weights loaded over the base's)."""
     from finetune.files.adapters import load_any
 
-    match load_any(directory):
+    match load_any(directory, full=True):
         case Failure(message):
             return Failure(message)
         case Success(adapter):
             pass
+    if adapter.spec is not None and adapter.spec.fine_tune_type == "full":
+        from finetune.engines.mlx.full import load_trained
+
+        return load_trained(model, adapter)
     source = str(adapter.weights_path)
     if adapter.spec is None:  # PEFT: the tensors say which linears; check them against all of them
         block = block_linears(model)

@@ -135,6 +135,14 @@ class TorchEngine:
         return False  # a quantized base is refused when attached: the torch engine loads float bases only
 
     def load_with(self, spec: str, adapter: str) -> Result[Any, str]:
+        """A full fine-tune's base with its trained weights; a quantized base's adapter is refused."""
+        from finetune.files.adapters import is_full
+
+        if is_full(adapter):
+            from finetune.engines.torch import device as devices
+            from finetune.engines.torch.load import load
+
+            return load(spec, adapter, devices.pick(None)).map(lambda pair: pair[0])
         return Failure(f"{adapter}: trained on a quantized base; the torch engine loads float checkpoints only")
 
     def loss(self, model: Any, tokens: list[Tokens], recipe: Recipe) -> float:
@@ -172,6 +180,10 @@ class TorchEngine:
         from finetune.files import sources
         from finetune.files.paths import cache_root
 
+        from finetune.core import full
+
+        if isinstance(refused := full.check_recipe(recipe), Failure):
+            return refused
         where = devices.pick(options.device)
         dtype = devices.resolve_dtype(recipe.model.dtype, where)
         world = distributed.setup(where.type)
@@ -192,7 +204,13 @@ class TorchEngine:
                 pass
             case Failure(message):
                 return Failure(message)
-        loaded = load_base(directory, dtype, recipe.model.path).bind(lambda lm: tlora.attach(lm, recipe, recipe.model.path))
+        if recipe.lora.fine_tune_type == "full":  # the last blocks' weights train: no peft
+            from finetune.engines.torch import full as tfull
+
+            attach = tfull.attach
+        else:
+            attach = tlora.attach
+        loaded = load_base(directory, dtype, recipe.model.path).bind(lambda lm: attach(lm, recipe, recipe.model.path))
         match loaded:
             case Success(model):
                 pass
@@ -206,7 +224,7 @@ class TorchEngine:
                            "in packed rows here; set packing = false or use --backend mlx")
         keys = tuple(sorted({p[len(model.prefix) + 1:].split(".", 1)[1] for p in model.paths}))
         spec = AdapterSpec(
-            rank=recipe.lora.rank, scale=recipe.lora.scale, dropout=recipe.lora.dropout, keys=keys,
+            rank=recipe.lora.rank, scale=recipe.lora.scale, dropout=recipe.lora.dropout, keys=keys,  # full: ()
             num_layers=recipe.lora.num_layers, model=recipe.model.path, fine_tune_type=recipe.lora.fine_tune_type,
         )
         kind = architectures.family_of_blocks(model.prefix).family  # how mlx-lm names the tensors
@@ -218,7 +236,7 @@ class TorchEngine:
         from finetune.engines.torch.step import Trainer
 
         cfg = prepared.recipe.train
-        optimizer = Optimizer(prepared.model.trainable(), cfg, total_steps)
+        optimizer = Optimizer(prepared.model.trainable(), cfg, total_steps, prepared.model.transposed())
         return Trainer(prepared.model, optimizer, cfg, prepared.device, prepared.world)
 
     def read_tensors(self, path: str) -> dict[str, Any]:

@@ -84,6 +84,14 @@ class Lora(nn.Module):
                 out[f"{path}.m"] = modules[path].lora_magnitude_vector["default"].weight
         return out
 
+    def our_shape(self, name: str, tensor: torch.Tensor) -> tuple[int, ...]:
+        """The shape of trainable `name` in our layout (peft's factors transposed)."""
+        return tuple(tensor.shape[::-1])
+
+    def transposed(self) -> set[str] | None:
+        """Trainable names stored transposed of our layout (None: every 2-D one, peft's factors)."""
+        return None
+
     def load_adapters(self, params: Mapping[str, np.ndarray]) -> None:
         """Set the factors from our layout ((in, r) / (r, out))."""
         live = self.trainable()
@@ -200,11 +208,15 @@ def with_adapter(lm: nn.Module, directory: str) -> Result[nn.Module, str]:
     from finetune.engines.torch.load import USE_MLX
     from finetune.files.adapters import load_any
 
-    match load_any(directory):
+    match load_any(directory, full=True):
         case Success(found):
             pass
         case Failure(message):
             return Failure(message)
+    if found.spec is not None and found.spec.fine_tune_type == "full":  # trained weights over the base's
+        from finetune.engines.torch.full import load_trained
+
+        return load_trained(lm, found)
     if found.spec is not None and found.spec.base_quantization:
         return Failure(f"{found.config_path}: trained on a quantized base (base_quantization); {USE_MLX}")
     blocks = block_list(lm)

@@ -19,8 +19,11 @@ BETAS, EPS = (0.9, 0.999), 1e-8
 class Optimizer:
     """MLX's Adam / AdamW over named float32 parameters (peft's layout; elementwise, so any)."""
 
-    def __init__(self, params: dict[str, torch.Tensor], cfg: TrainingConfig, total_steps: int):
+    def __init__(self, params: dict[str, torch.Tensor], cfg: TrainingConfig, total_steps: int,
+                 transposed: set[str] | None = None):
+        """`transposed`: the names stored transposed of our layout (None: every 2-D one, peft's factors)."""
         self.params = params
+        self.transposed = transposed
         self.decay = cfg.weight_decay if cfg.optimizer == "adamw" else 0.0
         self.schedule = schedule.build(cfg, total_steps)
         self.step = 0
@@ -54,15 +57,25 @@ class Optimizer:
         """MLX's flattened names, our (transposed) layout."""
         out = {"step": np.array(self.step, np.uint64), "learning_rate": np.array(self.learning_rate(max(self.step - 1, 0)), np.float32)}
         for k in self.params:
-            out[f"{k}.m"] = _flip(self.m[k].detach().cpu()).numpy().copy()
-            out[f"{k}.v"] = _flip(self.v[k].detach().cpu()).numpy().copy()
+            out[f"{k}.m"] = _numpy(self._flip(k, self.m[k].detach().cpu()))
+            out[f"{k}.v"] = _numpy(self._flip(k, self.v[k].detach().cpu()))
         return out
 
     def restore(self, state: dict[str, np.ndarray]) -> None:
         self.step = int(np.asarray(state["step"]).reshape(-1)[0])
         for k, p in self.params.items():
-            self.m[k] = torch.from_numpy(np.ascontiguousarray(state[f"{k}.m"].T)).to(p.device)
-            self.v[k] = torch.from_numpy(np.ascontiguousarray(state[f"{k}.v"].T)).to(p.device)
+            for moments in (self.m, self.v):
+                saved = torch.from_numpy(np.ascontiguousarray(state[f"{k}.{'m' if moments is self.m else 'v'}"]))
+                moments[k] = self._flip(k, saved).contiguous().to(p.device, moments[k].dtype)
+
+    def _flip(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """A moment in our layout (and back: a transpose)."""
+        return _flip(x) if self.transposed is None else (x.T if name in self.transposed else x)
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    """A copy as NumPy (bfloat16 as float32: NumPy has none; exact)."""
+    return (x.float() if x.dtype == torch.bfloat16 else x).contiguous().numpy().copy()
 
 
 def _flip(x: torch.Tensor) -> torch.Tensor:

@@ -133,7 +133,7 @@ class Trainer:
     def restore(self, params: Mapping[str, np.ndarray], opt: Mapping[str, np.ndarray], source: Path) -> Result[None, str]:
         live = self.model.trainable()
         for name, value in params.items():
-            if name not in live or tuple(live[name].shape) != value.shape[::-1]:
+            if name not in live or self.model.our_shape(name, live[name]) != tuple(value.shape):
                 return Failure(f"{source}/adapters.safetensors: {name} does not fit this model")
         if set(live) != set(params):
             return Failure(f"{source}/adapters.safetensors: holds {len(params)} tensors, the model needs {len(live)}")

@@ -78,14 +78,15 @@ def evaluate(model: str, data: str, adapters: Sequence[str], options: Options, l
     check(options)
     path = unwrap(rows.split_file(data, options.split))
     for a in adapters:
-        unwrap(adapter_files.load_any(a))
+        unwrap(adapter_files.load_any(a, full=True))
     planned = rows.plan(str(path), adapters)
     quantized = [a for a in adapters if adapter_files.base_quantization(a).value_or(None) is not None]
+    full = [a for a in adapters if adapter_files.is_full(a)]  # trained weights: a base of their own
     name, why = choose.for_model(options.backend, model, adapter_quantized=bool(quantized))
     engine = engines.get(name)
     net, tokenizer = unwrap(engine.load(model, device=options.device, why=why, say=log))
     for a in adapters:  # every adapter must fit before any time is spent
-        if a not in quantized:
+        if a not in quantized and a not in full:
             unwrap(swap(engine, net, a))
     net = unwrap(swap(engine, net, None))
     if quantized:
@@ -104,7 +105,7 @@ def evaluate(model: str, data: str, adapters: Sequence[str], options: Options, l
             if not cases.cases:
                 raise UserError(f"{path}: no rows with an answer to evaluate")
             tic = time.perf_counter()
-            if adapter in quantized:
+            if adapter in quantized or adapter in full:
                 used = unwrap(engine.load_with(model, adapter))
             else:
                 used = net = unwrap(swap(engine, net, adapter))

@@ -29,6 +29,7 @@ from finetune.files.adapters import (  # noqa: F401  (reading lives below the en
     base_quantization,
     detect,
     fit,
+    is_full,
     load_any,
 )
 from finetune.files.paths import write_dir, write_safetensors, write_text

@@ -41,6 +41,7 @@ class Fused(Struct, frozen=True, kw_only=True):
     engine: str = ""  # whose libraries ran the check
     dequantized: bool = False
     quantization: str = ""  # how the written weights are quantized ("" = float)
+    full: bool = False  # a full fine-tune's trained weights written over the base (`fuse_full`)
 
 
 def fuse(
@@ -62,8 +63,16 @@ def fuse(
 
     A quantized base (as stored, or as the adapter records it was quantized on load) gives a
     fused model quantized the same way, unless `dequantize`. `backend` picks the engine whose
-    libraries run the logit check (`auto`: as `--backend auto` picks).
+    libraries run the logit check (`auto`: as `--backend auto` picks). A full fine-tune's run is
+    written over the base as it is (`fuse_full`: nothing to fuse).
     """
+    from finetune.files.adapters import is_full
+
+    if is_full(adapter):
+        from finetune.shell.export import fuse_full
+
+        return fuse_full.write(model_spec, adapter, output, dtype=dtype, max_shard_bytes=max_shard_bytes, force=force,
+                               revision=revision, log=log)
     match _target(model_spec, revision, adapter, output, force):
         case Success((directory, config)):
             pass

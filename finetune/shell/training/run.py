@@ -84,7 +84,7 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
     if lead:
         recipes.save(recipe, run_dir / "recipe.toml")
     trainable, total = engine.count(prepared)
-    rundir.log_start(log, trainable, total, steps, train_data, world)
+    rundir.log_start(log, trainable, total, steps, train_data, world, full=prepared.spec.fine_tune_type == "full")
     on_report = rundir.recorder(run_dir, metrics, world, log)
 
     def on_save(c: Cursor) -> None:
@@ -112,11 +112,25 @@ def fit(prepared: Prepared, run_dir: Path, resume: bool, log: Log, evaluate_test
                 engine.record_plan(prepared, run_dir, trainer.peak_gb())
     except rundir.Interrupted as stop:
         raise rundir.stopped(stop, run_dir) from None
+    if lead and prepared.spec.fine_tune_type == "full":
+        _write_model(recipe, run_dir, log)
     test_loss = None
     if evaluate_test and prepared.splits.get("test"):
         test = prepared.splits["test"]
         test_loss = trainer.evaluate(Data(test, plan(test, recipe)), cfg.max_seq_length, -1)
     return Success(rundir.finish(run_dir, cursor.step, metrics, trainable, test_loss, log))
+
+
+def _write_model(recipe: Recipe, run_dir: Path, log: Log) -> None:
+    """A full fine-tune's HuggingFace model in RUN/model: the base with the trained weights in place."""
+    from finetune.shell.export import fuse_full
+
+    out = run_dir / fuse_full.FOLDER
+    match fuse_full.write(recipe.model.path, run_dir, out, force=True, revision=recipe.model.revision):
+        case Success(done):
+            log(f"Saved the fine-tuned model to {out} ({done.dtype}; transformers and mlx-lm load it)")
+        case Failure(message):
+            log(f"Note: no HuggingFace model written to {out}: {message}")
 
 
 @contextmanager

@@ -188,11 +188,13 @@ class Window:
         )
 
 
-def log_start(log: Callable[[str], None], trainable: int, total: int, steps: int, train: Data, world: World) -> None:
+def log_start(log: Callable[[str], None], trainable: int, total: int, steps: int, train: Data, world: World,
+              full: bool = False) -> None:
     """The line both engines print before the first step (`total`: every parameter, LoRA included;
-    the share is of the base's, as `ft train validate` states it)."""
-    base = total - trainable
-    log(f"Training {trainable:,} LoRA parameters ({trainable / max(1, base):.2%} of the base) for {steps} steps "
+    the share is of the base's, as `ft train validate` states it; `full`: the base's own weights train)."""
+    base = total if full else total - trainable
+    what = "of the base's parameters (full fine-tune)" if full else "LoRA parameters"
+    log(f"Training {trainable:,} {what} ({trainable / max(1, base):.2%} of the base) for {steps} steps "
         f"on {len(train.examples):,} rows in {len(train.plan):,} batches"
         + (f", {describe_world(world)}" if world.size > 1 else ""))
 

@@ -1,0 +1,197 @@
+"""Full fine-tuning (`--fine-tune-type full`, mlx-lm's `full`) on both engines: the last N blocks'
+every weight trains; the run saves them in mlx-lm's layout (mlx-lm loads them over the base with
+our logits) and a HuggingFace model in RUN/model (transformers and mlx-lm load it with our logits);
+resume, generate, eval, fuse, refusals, and the memory estimate against a measured peak.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from cli_run import error_line, run_cli
+from lora_models import build_hf, make_tokenizer, max_diff, mlx_logits, ours, torch_logits, write_model
+
+from finetune.cli import main
+
+torch.set_num_threads(1)
+TOL = 1e-4  # float32 logits of two implementations
+
+
+def _rows(n: int, offset: int = 0) -> list[dict]:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    out = []
+    for i in range(offset, offset + n):
+        text = "".join(letters[(7 * i + 5 * k) % 26] for k in range(3 + i % 3))
+        out.append({"prompt": f"Q: reverse {text}\nA: ", "completion": text[::-1]})
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_home(module_home):
+    """conftest's module_home for every fixture of this module."""
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> tuple[Path, int]:
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tok) -> Path:
+    """A tiny float32 Llama with biases and a generation_config.json (the model dir copies it); rope_theta
+    at its default, which mlx-lm reads from the top level only."""
+    d = write_model(build_hf("llama-bias", tok[1], seed=5), tmp_path_factory.mktemp("full") / "llama", tok[0])
+    assert (d / "generation_config.json").is_file()
+    return d
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    for name, rows in (("train", _rows(32)), ("valid", _rows(4, 32))):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def _train(base: Path, data: Path, out: Path, *extra: str) -> Path:
+    argv = ["train", "start", str(base), str(data), "--fine-tune-type", "full", "--iters", "4", "--batch-size", "4",
+            "--learning-rate", "1e-3", "--save-every", "2", "--eval-every", "0", "--report-every", "1",
+            "--dtype", "float32", "--output", str(out), *extra]
+    assert main(argv) == 0
+    return out
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def mlx_run(tmp_path_factory, base, data) -> Path:
+    return _train(base, data, tmp_path_factory.mktemp("runs") / "mlx", "--lora-layers", "1")
+
+
+@pytest.fixture(scope="module")
+def torch_run(tmp_path_factory, base, data) -> Path:
+    return _train(base, data, tmp_path_factory.mktemp("runs") / "torch", "--lora-layers", "1", "--backend", "torch")
+
+
+def test_a_full_run_saves_the_last_blocks_weights_in_mlx_lms_layout(mlx_run, base):
+    config = json.loads((mlx_run / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "full" and config["num_layers"] == 1
+    tensors = mx.load(str(mlx_run / "adapters.safetensors"))
+    assert tensors and all(k.startswith("model.layers.1.") for k in tensors)  # the last block, every weight
+    assert {"model.layers.1.self_attn.q_proj.weight", "model.layers.1.input_layernorm.weight",
+            "model.layers.1.mlp.down_proj.weight"} <= set(tensors)
+    import mlx_lm
+    from mlx.utils import tree_flatten
+
+    theirs = dict(tree_flatten(mlx_lm.load(str(base))[0].layers[1].parameters()))
+    assert set(tensors) == {f"model.layers.1.{k}" for k in theirs}
+    assert all(not np.array_equal(np.array(tensors[f"model.layers.1.{k}"]), np.array(v)) for k, v in theirs.items()
+               if k.endswith("proj.weight"))  # trained
+
+
+def test_mlx_lm_loads_a_full_run_over_the_base_with_our_logits(mlx_run, base):
+    import mlx_lm
+
+    theirs, _ = mlx_lm.load(str(base), adapter_path=str(mlx_run))
+    mine = mlx_logits(ours(base, mlx_run))
+    assert max_diff(mine, mlx_logits(theirs)) <= TOL
+    assert max_diff(mine, mlx_logits(ours(base))) > 1e-2  # the training changed the model
+
+
+@pytest.mark.parametrize("fixture", ["mlx_run", "torch_run"])
+def test_the_run_saves_a_hf_model_that_transformers_and_mlx_lm_load_with_our_logits(request, fixture, base):
+    import mlx_lm
+    from transformers import AutoModelForCausalLM
+
+    run = request.getfixturevalue(fixture)
+    model = run / "model"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {p.name for p in model.iterdir()}
+    assert json.loads((model / "config.json").read_text())["dtype"] == "float32"
+    mine = mlx_logits(ours(base, run))
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype="float32").eval()
+    assert max_diff(torch_logits(hf), mine) <= TOL
+    assert max_diff(mlx_logits(mlx_lm.load(str(model))[0]), mine) <= TOL
+    assert max_diff(mlx_logits(ours(model)), mine) <= TOL
+
+
+def test_both_engines_train_the_same_full_fine_tune(mlx_run, torch_run, base):
+    """Same recipe, same batches, same optimizer: the losses agree to float32 rounding, and so do
+    the models they saved."""
+    a, b = _losses(mlx_run), _losses(torch_run)
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b, strict=True):
+        assert abs(x - y) < 1e-4 * y, (a, b)
+    assert max_diff(mlx_logits(ours(base, mlx_run)), mlx_logits(ours(base, torch_run))) <= 1e-3
+
+
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_generate_and_eval_load_a_full_run_over_the_base(tmp_path, capsys, mlx_run, base, data, backend):
+    code, out, err = run_cli(capsys, "generate", base, "--adapter", mlx_run, "--prompt", "Q: reverse abc\nA: ",
+                             "--max-tokens", "6", "--backend", backend)
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "eval", base, data, "--split", "valid", "--adapter", mlx_run,
+                             "--metric", "loss", "--backend", backend)
+    assert code == 0, err
+    assert "base" in out and mlx_run.name in out, out
+
+
+def test_a_resumed_full_run_is_bit_identical(tmp_path, base, data, mlx_run, torch_run):
+    for whole, extra in ((mlx_run, ("--lora-layers", "1")), (torch_run, ("--lora-layers", "1", "--backend", "torch"))):
+        cut = tmp_path / whole.name
+        shutil.copytree(whole, cut)
+        shutil.rmtree(cut / "checkpoints" / "step-0000004")
+        shutil.rmtree(cut / "model")
+        (cut / "adapters.safetensors").unlink()
+        _train(base, data, cut, *extra, "--resume")
+        assert (cut / "adapters.safetensors").read_bytes() == (whole / "adapters.safetensors").read_bytes()
+        opt_whole, opt_cut = (mx.load(str(d / "checkpoints/step-0000004/optimizer.safetensors")) for d in (whole, cut))
+        assert opt_whole.keys() == opt_cut.keys() and any(k.endswith("q_proj.weight.v") for k in opt_whole)
+        assert all(mx.array_equal(opt_whole[k], opt_cut[k]).item() for k in opt_whole)
+        assert (cut / "model" / "model.safetensors").read_bytes() == (whole / "model" / "model.safetensors").read_bytes()
+
+
+def test_ft_fuse_writes_the_runs_model_and_peft_export_is_refused(tmp_path, capsys, mlx_run, base):
+    out = tmp_path / "fused"
+    code, stdout, err = run_cli(capsys, "fuse", base, "--adapter", mlx_run, "--output", out)
+    assert code == 0, err
+    assert "full fine-tune" in stdout
+    assert (out / "model.safetensors").read_bytes() == (mlx_run / "model" / "model.safetensors").read_bytes()
+    for argv in (("adapters", "export", mlx_run, "--format", "peft", "--output", tmp_path / "peft"),
+                 ("export", mlx_run, "--format", "gguf-adapter", "--output", tmp_path / "a.gguf")):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and "full fine-tune" in error_line(err) and "no LoRA, PEFT or GGUF-adapter form" in error_line(err)
+    assert not (tmp_path / "peft").exists() and not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    (("--quantize-bits", "8"), "quantize_bits"),
+    (("--lora-keys", "self_attn.q_proj"), "keys"),
+    (("--dropout", "0.1"), "dropout"),
+    (("--lora-layers", "3"), "num_layers"),
+])
+def test_what_a_full_fine_tune_cannot_do_is_refused_in_one_line(tmp_path, capsys, base, data, extra, field):
+    for backend in ("mlx",) if field == "quantize_bits" else ("mlx", "torch"):  # torch: no quantized bases at all
+        out = tmp_path / backend
+        code, _, err = run_cli(capsys, "train", "start", base, data, "--fine-tune-type", "full", "--iters", "1",
+                               "--output", out, "--backend", backend, *extra)
+        assert code == 2 and (f"$.lora.{field}" in error_line(err) or f"$.model.{field}" in error_line(err)), err
+        assert "Traceback" not in err and not (out / "adapters.safetensors").exists()
+
+
+def test_an_mlx_lm_quantized_checkpoint_is_refused_for_full(tmp_path, capsys, base, data):
+    from mlx_lm.convert import convert
+
+    q = tmp_path / "q8"
+    convert(str(base), str(q), quantize=True, q_bits=8, q_group_size=32)
+    code, _, err = run_cli(capsys, "train", "start", q, data, "--fine-tune-type", "full", "--iters", "1",
+                           "--output", tmp_path / "run")
+    assert code == 2 and "quantized checkpoint" in error_line(err) and "cannot be trained in full" in error_line(err)
+    assert not (tmp_path / "run" / "adapters.safetensors").exists()
