@@ -195,3 +195,77 @@ def test_an_mlx_lm_quantized_checkpoint_is_refused_for_full(tmp_path, capsys, ba
                            "--output", tmp_path / "run")
     assert code == 2 and "quantized checkpoint" in error_line(err) and "cannot be trained in full" in error_line(err)
     assert not (tmp_path / "run" / "adapters.safetensors").exists()
+
+
+def _measured_peak(config: dict, recipe, seq: int, steps: int = 2) -> int:
+    """Peak bytes of `steps` real full fine-tune steps (the one loop, the MLX engine's step)."""
+    import gc
+
+    import mlx.optimizers as optim
+    import msgspec
+    from memory_runs import rows
+    from mlx.utils import tree_flatten
+
+    from finetune.core import batching
+    from finetune.engines.mlx import step
+    from finetune.engines.mlx.full import unfreeze
+    from finetune.engines.mlx.model import build
+    from finetune.engines.protocol import Data
+    from finetune.shell.training import loop
+    from finetune.shell.training.rundir import Cursor
+
+    gc.collect()
+    mx.clear_cache()
+    t = recipe.train
+    model = build(config)
+    model.load_weights([(k, mx.random.normal(v.shape, key=mx.random.key(i)) * 0.1 if v.ndim > 1 else mx.ones(v.shape))
+                        for i, (k, v) in enumerate(tree_flatten(model.parameters()))])
+    unfreeze(model, recipe.lora.num_layers)
+    mx.eval(model.parameters())
+    mx.reset_peak_memory()
+    examples = rows(t.batch_size * steps, seq, 0.5, config["vocab_size"])
+    data = Data(examples, batching.length_sorted([len(e.ids) for e in examples], t.batch_size))
+    optimizer = optim.AdamW(learning_rate=t.learning_rate)
+    optimizer.init(model.trainable_parameters())
+    with step.checkpointed(model, t.grad_checkpoint):
+        loop.run_steps(step.Trainer(model, optimizer, t), data, None, t, steps, Cursor(),
+                       on_report=lambda r: None, on_save=lambda c: None, on_log=lambda line: None)
+    return mx.get_peak_memory()
+
+
+@pytest.mark.parametrize(("batch", "seq", "checkpoint", "layers"), [(4, 256, False, 2), (2, 512, True, -1), (8, 128, False, 1)])
+def test_the_memory_estimate_of_a_full_fine_tune_is_within_25_percent_of_the_measured_peak(batch, seq, checkpoint, layers):
+    """Weights, their gradients and Adam state, and the activations of the trained blocks only."""
+    import math
+
+    import msgspec
+    from model_factory import llama_config
+
+    from finetune.core import memory, modelinfo
+    from finetune.core.config import Recipe
+
+    config = {**llama_config(4000), "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4}
+    r = msgspec.convert({"lora": {"fine_tune_type": "full", "num_layers": layers}, "train": {
+        "batch_size": batch, "iters": 1, "grad_checkpoint": checkpoint, "max_seq_length": 1024, "eval_every": 0}}, Recipe)
+    peak = _measured_peak(config, r, seq)
+    chosen = 64 * math.ceil(batch * int(seq * 0.5) / 64)  # make_batch pads the selection to 64
+    est = memory.estimate(modelinfo.facts(config).unwrap(), r, seq, supervised=chosen)
+    assert abs(est.total_gb * memory.GB / peak - 1) <= 0.25, (est, peak / memory.GB)
+    assert est.lora_gb > 0.5 * est.weights_gb * (1 if layers < 0 else layers / 4)  # gradients + Adam state counted
+
+
+def test_the_memory_plan_counts_what_a_full_run_trains(mlx_run, capsys, base, data, tmp_path):
+    """The estimate's trainable count is the run's saved weights; the start lines say full."""
+    from finetune.core import memory, modelinfo
+    from finetune.shell import recipes
+
+    recipe = recipes.load(mlx_run / "recipe.toml").unwrap()
+    facts = modelinfo.facts(json.loads((base / "config.json").read_text())).unwrap()
+    tensors = mx.load(str(mlx_run / "adapters.safetensors"))
+    trained = sum(v.size for v in tensors.values())  # the final norm's weights are counted in the blocks' share
+    assert 0 <= memory.trainable_parameters(facts, recipe) - trained <= facts.hidden_size
+    code, out, err = run_cli(capsys, "train", "start", base, data, "--fine-tune-type", "full", "--iters", "1",
+                             "--memory-limit", "8", "--output", tmp_path / "run")
+    assert code == 0, err
+    assert "trained weights (full fine-tune): their gradients and Adam state" in out
+    assert f"Training {trained * 2:,} of the base's parameters (full fine-tune)" in out

@@ -45,6 +45,7 @@ class MemoryEstimate(Struct, frozen=True, kw_only=True):
     batch_size: int
     seq_len: int
     grad_checkpoint: bool
+    fine_tune_type: str = "lora"  # full: `lora_gb` is the trained weights' gradients and Adam state
 
 
 def target_keys(facts: ModelFacts, keys: tuple[str, ...]) -> tuple[str, ...]:
@@ -109,8 +110,9 @@ def activation_terms(
     hidden, mlp = tokens * facts.hidden_size, tokens * facts.intermediate_size
     scores = batch * facts.num_heads * seq_len * seq_len
     checkpoint = recipe.train.grad_checkpoint
-    saved = 1 if checkpoint else facts.num_layers  # with checkpointing, the block recomputed
     full = recipe.lora.fine_tune_type == "full"
+    # with checkpointing, the block recomputed; a full fine-tune's frozen first blocks need no backward
+    saved = 1 if checkpoint else adapted_layers(facts, recipe) if full else facts.num_layers
     inner = 0 if full else len(target_keys(facts, recipe.lora.keys)) * recipe.lora.rank * tokens
     return {
         "saved_mlp": saved * mlp,
@@ -150,15 +152,26 @@ def estimate(
     trainable = trainable_parameters(facts, recipe)
     weights = weight_bytes(facts, recipe.model.quantize_bits, group_size(recipe), dtype)
     accumulating = recipe.train.grad_accumulation > 1 or batch < recipe.train.batch_size  # micro-steps
-    if recipe.lora.fine_tune_type == "full":  # the weights are counted already: + gradient, m, v
-        lora = trainable * size * (ADAPTER_COPIES - 1 + accumulating)  # in the weights' dtype
+    if recipe.lora.fine_tune_type == "full":  # the weights are counted already: + gradient, m, v, and
+        # the update's new weights and moments before the old ones are freed (measured: about one copy more)
+        lora = trainable * size * (ADAPTER_COPIES + accumulating)  # in the weights' dtype
     else:
         lora = trainable * 4 * (ADAPTER_COPIES + accumulating)
     return MemoryEstimate(
         weights_gb=weights / GB, lora_gb=lora / GB, activations_gb=activations / GB,
         total_gb=(weights + lora + activations) / GB, trainable=trainable,
         batch_size=batch, seq_len=seq, grad_checkpoint=recipe.train.grad_checkpoint,
+        fine_tune_type=recipe.lora.fine_tune_type,
     )
+
+
+def trained_state(est: MemoryEstimate) -> str:
+    """What `lora_gb` holds, in words: "LoRA adapters, their gradients and Adam state" or the full
+    fine-tune's "gradients and Adam state of N trained weights"."""
+    if est.fine_tune_type == "full":
+        return f"{est.trainable:,} trained weights (full fine-tune): their gradients and Adam state {est.lora_gb:.3g} GB"
+    name = {"lora": "LoRA", "dora": "DoRA"}.get(est.fine_tune_type, est.fine_tune_type)
+    return f"{est.trainable:,} {name} parameters with their gradients and Adam state {est.lora_gb:.3g} GB"
 
 
 # What `--packing` adds (MLX-CPU, fitted like COPIES; tests/test_readme_claims.py measures it): with

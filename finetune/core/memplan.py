@@ -113,4 +113,4 @@ def describe(p: MemoryPlan) -> str:
     steps = f"{p.splits} micro-steps of ≤{p.micro_batch} rows per batch of {p.batch_size}" if p.splits > 1 else f"batches of {p.batch_size} rows in one step"
     ckpt = ", gradient checkpointing" if p.grad_checkpoint else ""
     return (f"memory plan: {steps}{ckpt} (effective batch {p.effective_batch}); estimated peak "
-            f"{p.estimate.total_gb:.3g} GB of {p.limit_gb:.3g} GB")
+            f"{p.estimate.total_gb:.3g} GB of {p.limit_gb:.3g} GB ({memory.trained_state(p.estimate)})")

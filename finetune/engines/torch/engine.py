@@ -267,8 +267,9 @@ def _memory(recipe: Recipe, facts: ModelFacts, train: list[Tokens], dtype: Any, 
     shared = msgspec.structs.replace(recipe, train=share)
     if not limit:
         est = budget.estimate(facts, shared, train, dtype)
+        state = "trained weights' gradients and Adam" if est.fine_tune_type == "full" else "adapters and Adam"
         log(f"memory estimate: peak {est.total_gb + base:.3g} GB ({est.weights_gb:.3g} weights, {est.lora_gb:.3g} "
-            f"adapters and Adam, {est.activations_gb:.3g} activations, {base:.3g} the process already holds); "
+            f"{state}, {est.activations_gb:.3g} activations, {base:.3g} the process already holds); "
             "--memory-limit GB plans micro-steps under a limit")
         return Success(None)
     planned = budget.plan(shared, facts, train, limit, dtype, base)

@@ -59,10 +59,13 @@ def show_check(report: ValidationReport, out: Console, max_errors: int = 20) -> 
         share = m.trainable / max(1, f.parameters)
         out.print(
             f"[bold]Model[/bold] {f.model_type}, {f.parameters / 1e6:.1f}M parameters, {f.num_layers} layers, "
-            f"context {f.context_length}; LoRA trains {m.trainable:,} parameters ({share:.2%} of the base)"
+            f"context {f.context_length}; "
+            + (f"a full fine-tune trains {m.trainable:,} of its weights" if m.fine_tune_type == "full" else f"LoRA trains {m.trainable:,} parameters")
+            + f" ({share:.2%} of the base)"
         )
+        state = "gradients+optimizer" if m.fine_tune_type == "full" else "adapters+optimizer"
         out.print(
-            f"[bold]Memory estimate[/bold] {m.total_gb:.2f} GB (weights {m.weights_gb:.2f}, adapters+optimizer "
+            f"[bold]Memory estimate[/bold] {m.total_gb:.2f} GB (weights {m.weights_gb:.2f}, {state} "
             f"{m.lora_gb:.2f}, activations {m.activations_gb:.2f} at batch {r.train.batch_size} × {report.seq_len or r.train.max_seq_length} tokens)"
         )
     if report.findings:
