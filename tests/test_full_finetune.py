@@ -269,3 +269,27 @@ def test_the_memory_plan_counts_what_a_full_run_trains(mlx_run, capsys, base, da
     assert code == 0, err
     assert "trained weights (full fine-tune): their gradients and Adam state" in out
     assert f"Training {trained * 2:,} of the base's parameters (full fine-tune)" in out
+
+
+def test_gpt2_conv1d_weights_train_alike_on_both_engines_and_load_everywhere(tmp_path, tok, data):
+    """GPT-2 stores its linears as Conv1D (transposed): the torch engine flips them (and their Adam
+    moments) into the MLX engine's layout, so both engines save the same tensors under mlx-lm's names."""
+    import mlx_lm
+    from transformers import AutoModelForCausalLM
+
+    gpt2 = write_model(build_hf("gpt2", tok[1], seed=2), tmp_path / "gpt2", tok[0])
+    runs = [_train(gpt2, data, tmp_path / backend, "--backend", backend)
+            for backend in ("mlx", "torch")]
+    a, b = (_losses(r) for r in runs)
+    assert all(abs(x - y) < 1e-4 * y for x, y in zip(a, b, strict=True)), (a, b)
+    tensors = [mx.load(str(r / "adapters.safetensors")) for r in runs]
+    assert tensors[0].keys() == tensors[1].keys() and "model.h.1.attn.c_attn.weight" in tensors[0]
+    assert all(tensors[0][k].shape == tensors[1][k].shape for k in tensors[0])
+    moments = [mx.load(str(r / "checkpoints/step-0000004/optimizer.safetensors")) for r in runs]
+    key = "transformer.h.0.mlp.c_fc.weight.v"
+    assert moments[0][key].shape == moments[1][key].shape == (256, 64)  # (out, in): ours, not Conv1D's
+    mine = mlx_logits(ours(gpt2, runs[1]))  # (mlx-lm reads only the hub's bare GPT-2 names: RUN/model has them)
+    hf = AutoModelForCausalLM.from_pretrained(runs[1] / "model", dtype="float32").eval()
+    assert max_diff(torch_logits(hf), mine) <= TOL
+    assert max_diff(mlx_logits(mlx_lm.load(str(runs[0] / "model"))[0]), mlx_logits(ours(gpt2, runs[0]))) <= TOL
+    assert max_diff(mine, mlx_logits(ours(gpt2))) > 1e-2

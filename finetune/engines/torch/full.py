@@ -83,6 +83,9 @@ def attach(lm: nn.Module, recipe: Recipe, spec: str) -> Result[Full, str]:
     if recipe.lora.num_layers > len(blocks):
         return Failure(f"$.lora.num_layers: {recipe.lora.num_layers} exceeds the model's {len(blocks)} layers")
     lm.requires_grad_(False)
+    for m in lm.modules():  # the checkpoint's own dropout (GPT-2's 0.1) off: the MLX engine and mlx-lm have none
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
     names = []
     for i in full.trained_blocks(len(blocks), recipe.lora.num_layers):
         for n, p in blocks[i].named_parameters():
