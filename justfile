@@ -31,6 +31,7 @@ bench: install
     {{py}} benchmarks/train_vs_mlxlm.py --blas same --out benchmarks/results-same-blas.json
     {{py}} benchmarks/train_vs_mlxlm.py --blas out-of-the-box --out benchmarks/results-out-of-the-box.json
     {{py}} benchmarks/train_vs_mlxlm.py --models smollm --fine-tune-type dora --blas same --out benchmarks/results-dora.json
+    {{py}} benchmarks/train_vs_mlxlm.py --models smollm --fine-tune-type full --blas same --out benchmarks/results-full.json
     {{py}} benchmarks/memory.py
     {{py}} benchmarks/torch_engine.py --out benchmarks/results-torch-engine.json
     {{py}} benchmarks/torch_engine.py --models smollm,real --batches 4 --configs torch,peft-f32,torch-bf16-compile --out benchmarks/results-real-torch.json

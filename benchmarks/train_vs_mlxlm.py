@@ -1,4 +1,4 @@
-"""FineTune vs mlx-lm LoRA training on the same model, data and settings (`just bench`).
+"""FineTune vs mlx-lm LoRA (DoRA, full) training on the same model, data and settings (`just bench`).
 
 Both run as subprocesses, alternating, on random-initialised HF-layout models this script
 writes (a tiny Llama and a SmolLM-135M-shaped one) and the bundled SQL set with prompts
@@ -6,7 +6,10 @@ masked. Reported: supervised and processed tokens/s (steady state: the first rep
 which includes compilation, is dropped), peak memory, and the loss at the last step.
 
     python benchmarks/train_vs_mlxlm.py [--models tiny,smollm,real] [--iters 40] [--rounds 2]
-        [--blas same|bundled|out-of-the-box] [--fine-tune-type lora|dora] [--out benchmarks/results.json]
+        [--blas same|bundled|out-of-the-box] [--fine-tune-type lora|dora|full] [--out benchmarks/results.json]
+
+`--fine-tune-type full` trains every weight of every block in both (mlx-lm's `--fine-tune-type full
+--num-layers -1`, FineTune's `fine_tune_type = "full"`).
 
 `real` is SmolLM2-135M-Instruct's own weights (benchmarks/real_model.py fetches and converts them;
 skipped with a note where no package index is reachable).
@@ -205,7 +208,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--blas", choices=["same", "bundled", "out-of-the-box"], default="same")
     p.add_argument("--out", default="")
-    p.add_argument("--fine-tune-type", choices=["lora", "dora"], default="lora",
+    p.add_argument("--fine-tune-type", choices=["lora", "dora", "full"], default="lora",
                    help="mlx-lm's --fine-tune-type and FineTune's [lora] fine_tune_type, alike")
     a = p.parse_args()
     results = {}
@@ -238,7 +241,8 @@ def _median(runs: list[dict]) -> dict:
 
 
 def _print(name: str, s: dict, ratio: float, gap: float, a: argparse.Namespace) -> None:
-    print(f"\n{name} (batch {a.batch_size}, seq <= {a.max_seq_length}, {a.fine_tune_type} r8 all linear, {a.iters} steps, BLAS: {a.blas})")
+    what = "full, every block" if a.fine_tune_type == "full" else f"{a.fine_tune_type} r8 all linear"
+    print(f"\n{name} (batch {a.batch_size}, seq <= {a.max_seq_length}, {what}, {a.iters} steps, BLAS: {a.blas})")
     print(f"{'':10} {'sup tok/s':>10} {'proc tok/s':>11} {'it/s':>7} {'peak GB':>8} {'train loss':>10} {'val loss':>9}")
     for who in ("mlx-lm", "finetune"):
         r = s[who]
