@@ -59,10 +59,10 @@ def data(tmp_path_factory) -> Path:
     return d
 
 
-def _train(base: Path, data: Path, out: Path, *extra: str) -> Path:
+def _train(base: Path, data: Path, out: Path, *extra: str, dtype: str = "float32") -> Path:
     argv = ["train", "start", str(base), str(data), "--fine-tune-type", "full", "--iters", "4", "--batch-size", "4",
             "--learning-rate", "1e-3", "--save-every", "2", "--eval-every", "0", "--report-every", "1",
-            "--dtype", "float32", "--output", str(out), *extra]
+            "--dtype", dtype, "--output", str(out), *extra]
     assert main(argv) == 0
     return out
 
@@ -293,3 +293,17 @@ def test_gpt2_conv1d_weights_train_alike_on_both_engines_and_load_everywhere(tmp
     assert max_diff(torch_logits(hf), mine) <= TOL
     assert max_diff(mlx_logits(mlx_lm.load(str(runs[0] / "model"))[0]), mlx_logits(ours(gpt2, runs[0]))) <= TOL
     assert max_diff(mine, mlx_logits(ours(gpt2))) > 1e-2
+
+
+def test_a_bfloat16_base_trains_float32_blocks_on_the_torch_engine(tmp_path, base, data):
+    """The frozen parts stay bfloat16; the trained blocks and their Adam state are float32, so
+    learning-rate-sized steps are not rounded away."""
+    run = _train(base, data, tmp_path / "bf16", "--backend", "torch", "--lora-layers", "1", dtype="bfloat16")
+    tensors = mx.load(str(run / "adapters.safetensors"))
+    assert all(v.dtype == mx.float32 for v in tensors.values())
+    opt = mx.load(str(run / "checkpoints/step-0000004/optimizer.safetensors"))
+    assert opt["model.layers.1.mlp.up_proj.weight.v"].dtype == mx.float32
+    before = mx.load(str(base / "model.safetensors"))
+    moved = [float(mx.abs(tensors[k] - before[k]).max()) for k in tensors if k.endswith("proj.weight")]
+    assert min(moved) > 1e-4  # every trained matrix moved
+    assert all(np.isfinite(_losses(run)))

@@ -1,5 +1,7 @@
 """Full fine-tuning on the torch engine (mlx-lm's `full`): every parameter of the last N blocks of a
-transformers causal LM trains (no peft); a full run's trained weights load over a base.
+transformers causal LM trains (no peft); a full run's trained weights load over a base. A bfloat16
+base keeps its frozen parts in bfloat16 and trains its blocks in float32 (as LoRA factors are),
+computing under autocast.
 
 Our tensor names are the MLX engine's (HF module paths); only GPT-2's Conv1D weights are stored
 transposed here, so those alone are flipped on the way in and out.
@@ -88,6 +90,7 @@ def attach(lm: nn.Module, recipe: Recipe, spec: str) -> Result[Full, str]:
             m.p = 0.0
     names = []
     for i in full.trained_blocks(len(blocks), recipe.lora.num_layers):
+        blocks[i].float()  # a half-precision base trains float32 blocks (Adam's small steps survive), under autocast
         for n, p in blocks[i].named_parameters():
             p.requires_grad_(True)
             names.append(f"{prefix}.{i}.{n}")
