@@ -307,3 +307,14 @@ def test_a_bfloat16_base_trains_float32_blocks_on_the_torch_engine(tmp_path, bas
     moved = [float(mx.abs(tensors[k] - before[k]).max()) for k in tensors if k.endswith("proj.weight")]
     assert min(moved) > 1e-4  # every trained matrix moved
     assert all(np.isfinite(_losses(run)))
+
+
+def test_the_server_refuses_a_full_run_beside_the_base_and_leaves_the_base_untouched(mlx_run, base):
+    from finetune.shell.serve.engines import make
+
+    engine = make("mlx")
+    engine.load(str(base), None, "").unwrap()
+    before = mlx_logits(engine.net)
+    refused = engine.prepare(str(mlx_run))
+    assert "full fine-tune" in refused.failure() and f"ft serve {mlx_run}/model" in refused.failure()
+    assert max_diff(mlx_logits(engine.net), before) == 0.0

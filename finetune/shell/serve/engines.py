@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from returns.result import Result
+from returns.result import Failure, Result
 
 from finetune import engines
 from finetune.files import sources
@@ -47,6 +47,11 @@ class Engine:
 
     def prepare(self, directory: str) -> Result[Swap, str]:
         """The adapter's LoRA layers, checked against the base; the base is left bare."""
+        from finetune.files.adapters import is_full
+
+        if is_full(directory):  # its weights would replace the shared base's
+            return Failure(f"{directory}: a full fine-tune replaces the base's own weights, so it is not served beside "
+                           f"the base; serve its HuggingFace model instead: ft serve {directory}/model")
         try:
             return self.engine.attach(self.net, directory).map(lambda _: self.engine.adapter_layers(self.net))
         finally:
