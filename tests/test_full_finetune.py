@@ -59,8 +59,8 @@ def data(tmp_path_factory) -> Path:
     return d
 
 
-def _train(base: Path, data: Path, out: Path, *extra: str, dtype: str = "float32") -> Path:
-    argv = ["train", "start", str(base), str(data), "--fine-tune-type", "full", "--iters", "4", "--batch-size", "4",
+def _train(base: Path, data: Path, out: Path, *extra: str, dtype: str = "float32", iters: str = "4") -> Path:
+    argv = ["train", "start", str(base), str(data), "--fine-tune-type", "full", "--iters", iters, "--batch-size", "4",
             "--learning-rate", "1e-3", "--save-every", "2", "--eval-every", "0", "--report-every", "1",
             "--dtype", dtype, "--output", str(out), *extra]
     assert main(argv) == 0
@@ -318,3 +318,19 @@ def test_the_server_refuses_a_full_run_beside_the_base_and_leaves_the_base_untou
     refused = engine.prepare(str(mlx_run))
     assert "full fine-tune" in refused.failure() and f"ft serve {mlx_run}/model" in refused.failure()
     assert max_diff(mlx_logits(engine.net), before) == 0.0
+
+
+@pytest.mark.parametrize("row", ["qwen3", "gemma3_text", "phi3", "olmo2", "gpt_neox"])
+def test_other_architectures_save_a_model_transformers_loads_with_our_logits(tmp_path, tok, data, row):
+    """Registry rows with q/k norms, offset norms, fused projections, parallel blocks: the run's
+    weights over the base in FineTune, and RUN/model in transformers, agree."""
+    from test_architectures import build_row
+    from transformers import AutoModelForCausalLM
+
+    hf = build_row(row, tok[1])
+    base = write_model(hf, tmp_path / row, tok[0])
+    run = _train(base, data, tmp_path / "run", "--lora-layers", "1", "--max-seq-length", "32", iters="2")
+    mine = mlx_logits(ours(base, run))
+    saved = AutoModelForCausalLM.from_pretrained(run / "model", dtype="float32", attn_implementation="eager").eval()
+    assert max_diff(torch_logits(saved), mine) <= TOL
+    assert max_diff(mine, torch_logits(hf)) > 1e-3  # trained
