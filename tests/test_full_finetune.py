@@ -334,3 +334,28 @@ def test_other_architectures_save_a_model_transformers_loads_with_our_logits(tmp
     saved = AutoModelForCausalLM.from_pretrained(run / "model", dtype="float32", attn_implementation="eager").eval()
     assert max_diff(torch_logits(saved), mine) <= TOL
     assert max_diff(mine, torch_logits(hf)) > 1e-3  # trained
+
+
+def test_an_architecture_only_torch_trains_saves_its_model_too(tmp_path, data):
+    """OPT has no MLX row: the torch engine trains it in full under transformers' names, and RUN/model
+    is the base checkpoint with those tensors replaced (transformers' logits = the torch engine's)."""
+    from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
+
+    from finetune.engines.torch.load import load
+    from finetune.files.tiny import ensure_tiny
+
+    base = tmp_path / "opt"
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=2048, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                             word_embed_proj_dim=64, max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
+                   ).save_pretrained(base)
+    for f in ensure_tiny().iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, base / f.name)
+    run = _train(base, data, tmp_path / "run", "--backend", "torch", "--lora-layers", "1", iters="2")
+    assert all(k.startswith("model.decoder.layers.1.") for k in mx.load(str(run / "adapters.safetensors")))
+    mine, _ = load(str(base), str(run), torch.device("cpu")).unwrap()
+    saved = AutoModelForCausalLM.from_pretrained(run / "model", dtype="float32").eval()
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype="float32").eval()
+    assert max_diff(torch_logits(saved), torch_logits(mine.eval())) <= TOL
+    assert max_diff(torch_logits(saved), torch_logits(plain)) > 1e-3

@@ -166,15 +166,17 @@ def _float32(tensors: dict, plan: dict) -> dict:
     return dtypes.cast_floats(fusing.dequantize(dtypes.cast_floats(tensors, "float32"), plan), "float32")
 
 
-def _target(spec: str, revision: str, adapter: Path, output: Path, force: bool) -> Result[tuple[Path, dict], str]:
-    """The base's directory and config, after checking OUTPUT can be written."""
+def _target(spec: str, revision: str, adapter: Path, output: Path, force: bool,
+            any_architecture: bool = False) -> Result[tuple[Path, dict], str]:
+    """The base's directory and config, after checking OUTPUT can be written (`any_architecture`:
+    transformers' too, not only the registry's)."""
     from finetune.files.models import model_config
 
     if output.exists() and not output.is_dir():
         return Failure(f"{output}: exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not force:
         return Failure(f"{output}: already exists and is not empty; pass --force to replace it")
-    match model_config(spec, revision):
+    match model_config(spec, revision, any_architecture):
         case Success((directory, config)):
             pass
         case failure:

@@ -25,7 +25,7 @@ def write(model_spec: str, run: Path, output: Path, *, dtype: str | None = None,
     """`run`'s trained weights over `model_spec`'s checkpoint, written to `output` as a HF model."""
     from finetune.core.convert import hf_to_mlx, other_parts
 
-    match fuse._target(model_spec, revision, run, output, force):
+    match fuse._target(model_spec, revision, run, output, force, any_architecture=True):
         case Success((directory, config)):
             pass
         case failure:
@@ -45,14 +45,18 @@ def write(model_spec: str, run: Path, output: Path, *, dtype: str | None = None,
             pass
         case failure:
             return failure
-    match hf_to_mlx(kind, config, raw):
-        case Success(base):
-            pass
-        case Failure(message):
-            return Failure(f"{model_spec}: {message}")
-    prefix = architectures.REGISTRY[kind].blocks
     stored = core_adapters.to_file_keys(adapter.params, adapter.kind)
-    trained = core_adapters.from_file_keys(stored, architectures.family_of_blocks(prefix).family)
+    if kind not in architectures.REGISTRY:  # the torch engine's: trained and stored under transformers' names
+        base, trained = dict(raw), dict(stored)
+        prefix = next((p[0] for p in map(core_adapters.split_path, trained) if p), "")
+    else:
+        match hf_to_mlx(kind, config, raw):
+            case Success(base):
+                pass
+            case Failure(message):
+                return Failure(f"{model_spec}: {message}")
+        prefix = architectures.REGISTRY[kind].blocks
+        trained = core_adapters.from_file_keys(stored, architectures.family_of_blocks(prefix).family)
     shapes = {k: tuple(v.shape) for k, v in base.items()}
     checked = full.check_weights(trained, shapes, prefix, str(adapter.weights_path), dict(zip(trained, stored, strict=True)))
     if isinstance(checked, Failure):
@@ -64,7 +68,10 @@ def write(model_spec: str, run: Path, output: Path, *, dtype: str | None = None,
     written_before, written = dtypes.cast_floats(before, target), dtypes.cast_floats(after, target)
     check = fusing.measure(before.values(), after.values(), written_before.values(), written.values(), target, on="weights")
     merged = dtypes.cast_floats({**base, **trained}, target)
-    tensors = fusing.hf_tensors(kind, config, merged, tuple(raw)) | dtypes.cast_floats(other_parts(kind, raw), target)
+    if kind not in architectures.REGISTRY:
+        tensors = merged
+    else:
+        tensors = fusing.hf_tensors(kind, config, merged, tuple(raw)) | dtypes.cast_floats(other_parts(kind, raw), target)
     names = fuse._write(output, directory, tensors, fusing.fused_config(config, target), "pt", max_shard_bytes, force, log)
     return Success(fuse.Fused(output=str(output), dtype=target, layers=len(trained), files=names,
                               size=sum(v.nbytes for v in tensors.values()), check=check, engine="numpy", full=True))
