@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 import torch
 from cli_run import error_line, run_cli
-from lora_models import build_hf, make_tokenizer, max_diff, mlx_logits, ours, torch_logits, write_model
+from lora_models import (
+    build_hf,
+    make_tokenizer,
+    max_diff,
+    mlx_logits,
+    ours,
+    torch_logits,
+    write_model,
+)
 
 from finetune.cli import main
 
@@ -202,7 +210,6 @@ def _measured_peak(config: dict, recipe, seq: int, steps: int = 2) -> int:
     import gc
 
     import mlx.optimizers as optim
-    import msgspec
     from memory_runs import rows
     from mlx.utils import tree_flatten
 

@@ -148,16 +148,14 @@ class MlxEngine:
     def prepare(self, recipe: Recipe, facts: ModelFacts | None, splits: dict[str, list[Tokens]], tokenizer: Any,
                 options: PrepareOptions, log: Log) -> Result[Prepared, str]:
         """Plan the memory before any weight loads, load the model (quantized on load for QLoRA)
-        and attach fresh LoRA (or DoRA)."""
+        and attach fresh LoRA (or DoRA), or unfreeze the last blocks (full)."""
         import mlx.core as mx
 
-        from finetune.core import quantization
+        from finetune.core import full, quantization
         from finetune.engines.mlx import budget
         from finetune.engines.mlx import lora as lora_modules
         from finetune.engines.mlx.load import load_model
         from finetune.engines.mlx.quantized import describe as describe_quantization
-
-        from finetune.core import full
 
         if isinstance(refused := full.check_recipe(recipe), Failure):
             return refused

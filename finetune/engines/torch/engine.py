@@ -172,15 +172,14 @@ class TorchEngine:
     def prepare(self, recipe: Recipe, facts: ModelFacts | None, splits: dict[str, list[Tokens]], tokenizer: Any,
                 options: PrepareOptions, log: Log) -> Result[Prepared, str]:
         """Estimate (and with a memory limit plan) the memory, then load the model with
-        transformers and attach fresh peft LoRA."""
+        transformers and attach fresh peft LoRA (full: unfreeze the last blocks, no peft)."""
+        from finetune.core import full
         from finetune.engines.torch import budget, distributed, packing
         from finetune.engines.torch import device as devices
         from finetune.engines.torch import lora as tlora
         from finetune.engines.torch.load import load_base
         from finetune.files import sources
         from finetune.files.paths import cache_root
-
-        from finetune.core import full
 
         if isinstance(refused := full.check_recipe(recipe), Failure):
             return refused
