@@ -366,3 +366,13 @@ def test_an_architecture_only_torch_trains_saves_its_model_too(tmp_path, data):
     plain = AutoModelForCausalLM.from_pretrained(base, dtype="float32").eval()
     assert max_diff(torch_logits(saved), torch_logits(mine.eval())) <= TOL
     assert max_diff(torch_logits(saved), torch_logits(plain)) > 1e-3
+
+
+def test_ft_export_gguf_of_a_full_run_writes_its_model(tmp_path, capsys, mlx_run):
+    from gguf import GGUFReader
+
+    out = tmp_path / "full.gguf"
+    code, stdout, err = run_cli(capsys, "export", mlx_run, "--format", "gguf", "--output", out)
+    assert code == 0, err
+    names = {t.name for t in GGUFReader(str(out)).tensors}
+    assert "blk.1.attn_q.weight" in names and "token_embd.weight" in names

@@ -62,6 +62,9 @@ def export(
                             base_gguf=base_gguf, force=force, revision=revision)
     from finetune.shell.export import adapters
 
+    if adapters.is_full(source) and (Path(source) / "model").is_dir():  # a full fine-tune: its own HF model
+        return base_gguf_file(str(Path(source) / "model"), output, gguf_type=gguf_type, force=force, revision=revision,
+                              ollama=ollama)
     if isinstance(adapters.detect(source), Success):
         base = model or unwrap(adapters.load_any(source)).model
         return fused_gguf(base, Path(source), output, gguf_type=gguf_type, force=force, revision=revision,
