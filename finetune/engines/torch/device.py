@@ -43,7 +43,7 @@ def native_bf16(device: torch.device) -> bool:
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     """The base model's dtype; `auto` is bf16 where bf16 is native, else float32.
 
-    LoRA factors and optimizer state stay float32 whatever the base holds.
+    LoRA factors (a full fine-tune's trained blocks) and optimizer state stay float32 whatever the base holds.
     """
     if requested == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
@@ -88,7 +88,7 @@ def _cpu_name() -> str:
 def describe(device: torch.device, dtype: torch.dtype, why: str = "") -> str:
     """One line for stderr: engine, device, memory, threads, compute dtype (and why this engine)."""
     base = str(dtype).removeprefix("torch.")
-    compute = f"{base} base, float32 LoRA and optimizer" if dtype != torch.float32 else "float32 compute"
+    compute = f"{base} base, float32 trained parameters and optimizer" if dtype != torch.float32 else "float32 compute"
     if device.type == "cuda":
         where = f"cuda GPU ({torch.cuda.get_device_name(device)}, {memory_gb(device):.1f} GB)"
     elif device.type == "mps":
