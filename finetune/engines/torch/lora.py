@@ -19,6 +19,7 @@ from torch import nn
 from finetune.core import adapters as core_adapters
 from finetune.core import dtypes, lora
 from finetune.core.config import Recipe
+from finetune.engines.torch import kernels
 
 _BLOCK_LISTS = ("layers", "h", "blocks", "block", "layer")  # peft's own layer-list names
 
@@ -192,6 +193,7 @@ def attach(lm: nn.Module, recipe: Recipe, spec: str) -> Result[Lora, str]:
     if model.half_precision():  # `hidden` autocasts; peft's own cast to float32 would only add copies
         for path in model.paths:
             model.lm.get_submodule(path).cast_input_dtype_enabled = False
+    kernels.install(model.lm)  # LoRA's add inside its matmul; a bf16 model's CPU attention in float32
     return Success(model)
 
 

@@ -101,8 +101,7 @@ class Trainer:
             self._pending += loss.detach()
         grads = {k: p.grad for k, p in params.items()}
         tokens, stopping = distributed.sum_grads(self.world, list(grads.values()), tokens, stop)
-        for g in grads.values():
-            g.div_(max(tokens, 1.0))  # token-weighted mean
+        torch._foreach_div_(list(grads.values()), max(tokens, 1.0))  # token-weighted mean
         if self._clip > 0:
             clip_(grads, self._clip)
         self.optimizer.update(grads)
