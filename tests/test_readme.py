@@ -47,6 +47,7 @@ SKIP: dict[str, str] = {
     "go-bigger-the-pytorch-engine#1": "installs torch into the shared .venv (the suite's install has it: later blocks see it)",
     "go-bigger-more-than-one-machine#2": "several hosts (an ssh hostfile)",
     "go-bigger-more-than-one-machine#4": "several hosts (a second node at 10.0.0.1)",
+    "architectures#1": "needs the hub (google/gemma-3-4b-it, 8 GB); tests/test_gemma3_multimodal.py runs the same commands on a tiny Gemma 3",
 }
 
 TORCH_INSTALL = "pip install -e '.[torch]'"

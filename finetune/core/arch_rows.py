@@ -81,7 +81,7 @@ class Row(NamedTuple):
 
 
 class Decoder(Struct, frozen=True, kw_only=True):
-    """A config resolved against its row: what `finetune.models.decoder` builds."""
+    """A config resolved against its row: what `finetune.engines.mlx.decoder` builds."""
 
     model_type: str
     layout: tuple[str, ...]  # Layout's fields

@@ -7,7 +7,7 @@ the blocks live in HF's module tree and in mlx-lm's adapter files, and the MLX m
 implements it. Conversion, model facts, memory estimates, LoRA targeting, fuse and PEFT conversion
 read this table. The tensor tables are derived from the row's module names (`arch_rows.Layout`);
 adding an architecture means a row here (and `arch_rows.Row` traits) plus a parity test, and the
-one MLX decoder (`finetune.models.decoder`) runs it.
+one MLX decoder (`finetune.engines.mlx.decoder`) runs it.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Architecture(NamedTuple):
     """One family of model types that share a module file and a checkpoint layout."""
 
     family: str  # the naming family adapters are written in: "llama", "gpt2" or "gemma3"
-    module: str  # the MLX module file: `finetune.models.<module>` (Model, args_from_config)
+    module: str  # the MLX module file: `finetune.engines.mlx.<module>` (Model, args_from_config)
     read: Callable[[str, Mapping[str, Any]], Dims]  # config.json -> Dims (KeyError: missing field)
     top: tuple[Entry, ...]  # tensors outside the blocks
     layer: tuple[Entry, ...]  # tensors of one block, relative to `blocks.{i}.`

@@ -3,7 +3,7 @@
 The head and the cross-entropy run over chunks of supervised positions, so the `(N, vocab)`
 float32 logits and their gradient are never whole: a chunk holds about `CHUNK_ELEMENTS` logits
 (32 MB), e.g. 128 positions of a 49,152-token vocabulary, every position of a small one. Both
-engines' losses (`shell/training/loss.py`, `engines/torch/loss.py`) and the memory estimate use it.
+engines' losses (`engines/mlx/loss.py`, `engines/torch/loss.py`) and the memory estimate use it.
 """
 
 from __future__ import annotations
