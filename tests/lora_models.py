@@ -109,3 +109,11 @@ def max_diff(xs: list[np.ndarray], ys: list[np.ndarray]) -> float:
     return max(float(np.abs(x - y).max()) for x, y in zip(xs, ys, strict=True))
 
 
+def reverse_rows(n: int, offset: int = 0) -> list[dict]:
+    """`n` prompt/completion rows asking to reverse a few letters (a task a tiny model learns)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    out = []
+    for i in range(offset, offset + n):
+        text = "".join(letters[(7 * i + 5 * k) % 26] for k in range(3 + i % 3))
+        out.append({"prompt": f"Q: reverse {text}\nA: ", "completion": text[::-1]})
+    return out

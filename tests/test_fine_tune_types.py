@@ -19,6 +19,7 @@ from lora_models import (
     max_diff,
     mlx_logits,
     ours,
+    reverse_rows,
     torch_logits,
     write_model,
 )
@@ -26,15 +27,6 @@ from lora_models import (
 from finetune.cli import main
 
 TOL = 5e-5  # float32 round-off between two implementations (RoPE angles, bias order) on logits of size ~5
-
-
-def _rows(n: int, offset: int = 0) -> list[dict]:
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    out = []
-    for i in range(offset, offset + n):
-        text = "".join(letters[(7 * i + 5 * k) % 26] for k in range(3 + i % 3))
-        out.append({"prompt": f"Q: reverse {text}\nA: ", "completion": text[::-1]})
-    return out
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,7 +45,7 @@ def base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("data")
-    for name, rows in (("train", _rows(32)), ("valid", _rows(4, 32))):
+    for name, rows in (("train", reverse_rows(32)), ("valid", reverse_rows(4, 32))):
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d
 

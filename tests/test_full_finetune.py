@@ -21,6 +21,7 @@ from lora_models import (
     max_diff,
     mlx_logits,
     ours,
+    reverse_rows,
     torch_logits,
     write_model,
 )
@@ -29,15 +30,6 @@ from finetune.cli import main
 
 torch.set_num_threads(1)
 TOL = 1e-4  # float32 logits of two implementations
-
-
-def _rows(n: int, offset: int = 0) -> list[dict]:
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    out = []
-    for i in range(offset, offset + n):
-        text = "".join(letters[(7 * i + 5 * k) % 26] for k in range(3 + i % 3))
-        out.append({"prompt": f"Q: reverse {text}\nA: ", "completion": text[::-1]})
-    return out
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,13 +54,14 @@ def base(tmp_path_factory, tok) -> Path:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("data")
-    for name, rows in (("train", _rows(32)), ("valid", _rows(4, 32))):
+    for name, rows in (("train", reverse_rows(32)), ("valid", reverse_rows(4, 32))):
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d
 
 
-def _train(base: Path, data: Path, out: Path, *extra: str, dtype: str = "float32", iters: str = "4") -> Path:
-    argv = ["train", "start", str(base), str(data), "--fine-tune-type", "full", "--iters", iters, "--batch-size", "4",
+def _train(base: Path, data: Path, out: Path, *extra: str, dtype: str = "float32", iters: str = "4",
+           kind: str = "full") -> Path:
+    argv = ["train", "start", str(base), str(data), "--fine-tune-type", kind, "--iters", iters, "--batch-size", "4",
             "--learning-rate", "1e-3", "--save-every", "2", "--eval-every", "0", "--report-every", "1",
             "--dtype", dtype, "--output", str(out), *extra]
     assert main(argv) == 0
@@ -300,6 +293,15 @@ def test_gpt2_conv1d_weights_train_alike_on_both_engines_and_load_everywhere(tmp
     assert max_diff(torch_logits(hf), mine) <= TOL
     assert max_diff(mlx_logits(mlx_lm.load(str(runs[0] / "model"))[0]), mlx_logits(ours(gpt2, runs[0]))) <= TOL
     assert max_diff(mine, mlx_logits(ours(gpt2))) > 1e-2
+
+
+def test_gpt2_lora_trains_alike_on_both_engines(tmp_path, tok, data):
+    """GPT-2 checkpoints carry their own dropout (0.1): the torch engine switches it off for LoRA as
+    for full runs (the MLX engine and mlx-lm have none), so both engines train the same function."""
+    gpt2 = write_model(build_hf("gpt2", tok[1], seed=2), tmp_path / "gpt2", tok[0])
+    a, b = (_losses(_train(gpt2, data, tmp_path / backend, "--backend", backend, kind="lora"))
+            for backend in ("mlx", "torch"))
+    assert all(abs(x - y) < 1e-4 * y for x, y in zip(a, b, strict=True)), (a, b)
 
 
 def test_a_bfloat16_base_trains_float32_blocks_on_the_torch_engine(tmp_path, base, data):

@@ -34,7 +34,7 @@ app.command("finetune.cli.generate:generate", name="generate", help="Generate te
 app.command("finetune.cli.serve:serve", name="serve", help="Serve a model and its adapters over OpenAI's HTTP API (chat, completions, models).")
 models_app = App(name="models", help="Models on this machine: built-in tiny, converted cache, HF cache.")
 app.command(models_app)
-models_app.command("finetune.cli.models:list_models", name="list", help="List the built-in tiny model, converted-cache entries and supported models in the HF cache.")
+models_app.command("finetune.cli.models:list_models", name="list", help="List the built-in tiny model, converted caches, .gguf files used as MODEL and HF-cache models.")
 models_app.command("finetune.cli.models:info", name="info", help="Describe a model: architecture, sizes, dtype, chat template and a LoRA memory estimate.")
 app.command("finetune.cli.eval:eval_", name="eval", help="Score a model and its adapters on held-out rows: exact match, loss, perplexity, speed.")
 app.command("finetune.cli.fuse:fuse", name="fuse", help="Merge every LoRA pair into its base weight and write a complete HF model directory.")

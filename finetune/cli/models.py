@@ -27,8 +27,10 @@ def _count(n: int) -> str:
 
 
 def list_models(*, json: bool = False) -> int:
-    """List the built-in tiny model, converted-cache entries, .gguf files used as MODEL (their
-    conversions) and supported models in the HF cache.
+    """List the built-in tiny model, converted caches, .gguf files used as MODEL and HF-cache models.
+
+    A .gguf file is listed with its float32 conversion (size and folder); the HF cache shows the
+    supported models it holds.
 
     Parameters
     ----------

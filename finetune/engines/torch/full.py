@@ -19,7 +19,7 @@ from torch import nn
 from finetune.core import adapters as core_adapters
 from finetune.core import full
 from finetune.core.config import Recipe
-from finetune.engines.torch.lora import Lora, block_list
+from finetune.engines.torch.lora import Lora, block_list, checkpoint_dropout_off
 from finetune.files.adapters import Adapter
 
 
@@ -85,9 +85,7 @@ def attach(lm: nn.Module, recipe: Recipe, spec: str) -> Result[Full, str]:
     if recipe.lora.num_layers > len(blocks):
         return Failure(f"$.lora.num_layers: {recipe.lora.num_layers} exceeds the model's {len(blocks)} layers")
     lm.requires_grad_(False)
-    for m in lm.modules():  # the checkpoint's own dropout (GPT-2's 0.1) off: the MLX engine and mlx-lm have none
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
+    checkpoint_dropout_off(lm)
     names = []
     for i in full.trained_blocks(len(blocks), recipe.lora.num_layers):
         blocks[i].float()  # a half-precision base trains float32 blocks (Adam's small steps survive), under autocast

@@ -127,6 +127,14 @@ def _compiled(fn: Callable, device: torch.device) -> Callable:
     return call
 
 
+def checkpoint_dropout_off(lm: nn.Module) -> None:
+    """The checkpoint's own dropout (GPT-2's 0.1) off for training: the MLX engine and mlx-lm have
+    none, so both engines train the same function (LoRA's own `--dropout` is peft's, added later)."""
+    for m in lm.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
 def block_list(lm: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The transformer blocks: where the registry puts them (an image-text Gemma 3's text model, not its
     vision tower's), else the first ModuleList of blocks (`model.layers`, `transformer.h`, ...)."""
@@ -175,6 +183,7 @@ def attach(lm: nn.Module, recipe: Recipe, spec: str) -> Result[Lora, str]:
         return Failure(f"$.lora.keys: {', '.join(unknown)} not in this model's blocks; choose from all-linear, {', '.join(block)}")
     if recipe.lora.num_layers > len(blocks):
         return Failure(f"$.lora.num_layers: {recipe.lora.num_layers} exceeds the model's {len(blocks)} layers")
+    checkpoint_dropout_off(lm)
     layers = lora.select_layers(len(blocks), recipe.lora.num_layers)
     paths = lora.targets(prefix, layers, keys)
     shapes = {f"{prefix}.{i}.{k}": block[k] for i in layers for k in keys}
