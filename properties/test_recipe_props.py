@@ -7,7 +7,6 @@ import tomllib
 
 import msgspec
 import msgspec.inspect as mi
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from returns.result import Success
@@ -15,6 +14,7 @@ from returns.result import Success
 from finetune.core import recipe as core_recipe
 from finetune.core import tomlout
 from finetune.core.config import Recipe
+from finetune.shell import recipes as recipe_files
 
 INT64 = 2**63 - 1
 SETTINGS = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
@@ -105,8 +105,8 @@ def test_resolving_a_written_recipe_gives_it_back(recipe):
 @SETTINGS
 @given(recipes)
 def test_yaml_round_trip_is_identity(recipe):
-    text = yaml.safe_dump(core_recipe.to_builtins(recipe), sort_keys=False)
-    assert core_recipe.decode(yaml.safe_load(text)) == Success(recipe)
+    text = recipe_files.yaml_dump(core_recipe.to_builtins(recipe))
+    assert core_recipe.decode(recipe_files.yaml_load(text)) == Success(recipe)
 
 
 @SETTINGS

@@ -390,3 +390,12 @@ def test_to_builtins_gives_plain_lists():
     table = core_recipe.to_builtins(Recipe())
     assert table["lora"]["keys"] == ["all-linear"]
     assert type(table["lora"]["keys"]) is list
+
+
+def test_a_yaml_recipe_reads_back_as_written_after_mlx_lm_lora_is_imported(tmp_path):
+    """`import mlx_lm.lora` teaches `yaml.SafeLoader` to read `0E0` as a float; a recipe FineTune
+    wrote must still read back as the same strings in such a process (a script using both tools)."""
+    import mlx_lm.lora  # noqa: F401  (the import is the point: mlx-lm 0.32 changes yaml.SafeLoader)
+    recipe = recipes.load(None, {"template": "0E0", "model": "1e5", "data": "sql"}).unwrap()
+    path = recipes.save(recipe, tmp_path / "r.yaml")
+    assert recipes.load(path).unwrap() == recipe

@@ -36,7 +36,7 @@ def read_raw(path: str | Path) -> Result[dict[str, Any], str]:
     import yaml
 
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
@@ -67,10 +67,38 @@ def save(recipe: Recipe, path: str | Path) -> Path:
     gives the same Recipe."""
     raw = core_recipe.to_builtins(recipe)
     if Path(path).suffix in (".yaml", ".yml"):
-        import yaml
-
-        return write_text(path, yaml.safe_dump(raw, sort_keys=False))
+        return write_text(path, yaml_dump(raw))
     return write_text(path, tomlout.dumps(raw))
+
+
+def _yaml_classes():
+    """A safe loader and dumper with YAML's own resolvers, whatever else the process has imported.
+
+    `import mlx_lm.lora` adds a float resolver to `yaml.SafeLoader` itself (so `1e-5` reads as a
+    number): after it, `safe_load(safe_dump({"template": "0E0"}))` no longer gives the string
+    back. These classes take PyYAML's untouched resolver table instead.
+    """
+    import yaml
+    from yaml.resolver import Resolver
+
+    table = {first: list(pairs) for first, pairs in Resolver.yaml_implicit_resolvers.items()}
+    loader = type("RecipeLoader", (yaml.SafeLoader,), {"yaml_implicit_resolvers": table})
+    dumper = type("RecipeDumper", (yaml.SafeDumper,), {"yaml_implicit_resolvers": table})
+    return loader, dumper
+
+
+def yaml_load(text: str) -> Any:
+    """`yaml.safe_load` with YAML's own resolvers (see `_yaml_classes`)."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_classes()[0])  # noqa: S506 (a SafeLoader subclass)
+
+
+def yaml_dump(raw: Any) -> str:
+    """`yaml.safe_dump` (keys in order) that `yaml_load` reads back as it was."""
+    import yaml
+
+    return yaml.dump(raw, Dumper=_yaml_classes()[1], sort_keys=False)
 
 
 def bundled(name: str) -> Path:
