@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ def save(recipe: Recipe, path: str | Path) -> Path:
     return write_text(path, tomlout.dumps(raw))
 
 
+@functools.cache
 def _yaml_classes():
     """A safe loader and dumper with YAML's own resolvers, whatever else the process has imported.
 

@@ -19,15 +19,13 @@ from torch import nn
 from finetune.core import adapters as core_adapters
 from finetune.core import full
 from finetune.core.config import Recipe
-from finetune.engines.torch.lora import Lora, block_list, checkpoint_dropout_off
+from finetune.engines.torch.lora import Lora, block_list, checkpoint_dropout_off, is_conv1d
 from finetune.files.adapters import Adapter
 
 
 def _conv1d_weights(lm: nn.Module) -> set[str]:
     """Parameter names of GPT-2 Conv1D weights ((in, out) here, (out, in) in our layout)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return {f"{path}.weight" for path, m in lm.named_modules() if isinstance(m, Conv1D)}
+    return {f"{path}.weight" for path, m in lm.named_modules() if is_conv1d(m)}
 
 
 def _ours(t: torch.Tensor, flip: bool) -> torch.Tensor:

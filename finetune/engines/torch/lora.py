@@ -149,7 +149,7 @@ def block_list(lm: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return None
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, Conv1D)
@@ -161,7 +161,7 @@ def linear_shapes(block: nn.Module) -> dict[str, tuple[int, int]]:
     for name, m in block.named_modules():
         if isinstance(m, nn.Linear):
             out[name] = (m.in_features, m.out_features)
-        elif _is_conv1d(m):
+        elif is_conv1d(m):
             out[name] = tuple(m.weight.shape)  # Conv1D stores (in, out)
     return dict(sorted(out.items()))
 
@@ -190,7 +190,7 @@ def attach(lm: nn.Module, recipe: Recipe, spec: str) -> Result[Lora, str]:
     config = LoraConfig(
         r=recipe.lora.rank, lora_alpha=core_peft.alpha_for(recipe.lora.scale, recipe.lora.rank),
         lora_dropout=recipe.lora.dropout, target_modules=core_peft.scoped_targets(paths, every=False),  # exactly these
-        fan_in_fan_out=any(_is_conv1d(blocks[0].get_submodule(k)) for k in keys), bias="none",
+        fan_in_fan_out=any(is_conv1d(blocks[0].get_submodule(k)) for k in keys), bias="none",
         use_dora=recipe.lora.fine_tune_type == "dora",  # `m` starts at ‖W‖ per row: B starts at zero
     )
     with warnings.catch_warnings():
