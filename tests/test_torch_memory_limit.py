@@ -106,10 +106,13 @@ def test_limits_nothing_fits_are_refused_in_one_line(tmp_path, capsys, model_dir
     code, _, err = start(capsys, model_dir, data, tmp_path / "a", "--memory-limit", 0.01)
     assert code == 2
     assert "below the model's" in error_line(err) and "GB the process needs besides" in error_line(err)
-    facts = check.inspect(recipe(model_dir, data)).unwrap().report.facts
-    weights = memory.weight_bytes(facts, 0, 64, "float32") / memory.GB
+    r = recipe(model_dir, data)
+    weights = memory.weight_bytes(check.inspect(r).unwrap().report.facts, 0, 64, "float32") / memory.GB
+    one_row = msgspec.structs.replace(r, train=msgspec.structs.replace(r.train, grad_checkpoint=True))
+    smallest = estimate_gb(one_row, 8)  # one row per micro-step, checkpointed: the least a step needs
+    assert smallest - (weights + budget.FIXED_GB) > 0.02  # room either side of the limit for the process to move
     budget.reset_peak(CPU)
-    limit = budget.process_gb(CPU) + budget.FIXED_GB + weights * 1.01  # the weights fit, a step does not
+    limit = budget.process_gb(CPU) + (weights + budget.FIXED_GB + smallest) / 2  # the weights fit, a step does not
     code, _, err = start(capsys, model_dir, data, tmp_path / "b", "--memory-limit", limit)
     assert code == 2 and "needs at least" in error_line(err) and "the process needs besides" in error_line(err)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

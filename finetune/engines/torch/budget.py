@@ -10,6 +10,10 @@ there, and torch's allocated memory on CUDA.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
+import gc
 import resource
 import sys
 from pathlib import Path
@@ -78,10 +82,27 @@ def reset_peak(device: torch.device) -> None:
         _CLEAR.write_text("5")
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim` (hands freed heap back to the system), or None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    return None
+
+
 def process_gb(device: torch.device) -> float:
-    """What the limit already holds before the weights load: the resident set on the CPU, 0 on CUDA."""
+    """What the limit already holds before the weights load: the resident set on the CPU, 0 on CUDA.
+
+    Garbage is collected and glibc's freed heap handed back first, so that the figure is what the
+    process holds, not what it freed moments ago (which varied by tens of MB between runs).
+    """
     if device.type == "cuda":
         return 0.0
+    gc.collect()
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
     return _status_gb("VmRSS") or 0.0
 
 
