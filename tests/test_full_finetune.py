@@ -172,6 +172,26 @@ def test_ft_fuse_writes_the_runs_model_and_peft_export_is_refused(tmp_path, caps
     assert not (tmp_path / "peft").exists() and not (tmp_path / "a.gguf").exists()
 
 
+@pytest.mark.parametrize("fixture", ["mlx_run", "torch_run"])
+def test_ft_adapters_inspect_describes_a_full_run_and_checks_it_against_a_base(request, tmp_path, capsys, base, tok,
+                                                                               fixture):
+    run = request.getfixturevalue(fixture)
+    code, out, err = run_cli(capsys, "adapters", "inspect", run, "--model", base, "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert rows["format"].startswith("FineTune run directory, full fine-tune") and rows["fine-tune_type"].startswith("full")
+    assert rows["layers"].startswith("1 (1 layers); num_layers 1") and "self_attn.q_proj" in rows["trained"]
+    tensors = mx.load(str(run / "adapters.safetensors"))
+    assert rows["parameters"] == f"{sum(t.size for t in tensors.values()):,}"
+    assert rows["model_folder"] == f"{run / 'model'} (a HuggingFace model)" and rows[f"fits_{base}"] == "yes"
+    code, out, _ = run_cli(capsys, "adapters", "inspect", run / "checkpoints" / "step-0000002")
+    assert code == 0 and "step 2 of run" in out and "full (trained weights, not LoRA factors)" in out
+    other = write_model(build_hf("llama", tok[1], seed=5), tmp_path / "no-bias", tok[0])  # no q/k/v biases
+    code, out, err = run_cli(capsys, "adapters", "inspect", run, "--model", other)
+    assert code == 2 and f"does not fit {other}" in error_line(err) and ".bias" in error_line(err), err
+    assert "Traceback" not in err and "fits " in out
+
+
 @pytest.mark.parametrize(("extra", "field"), [
     (("--quantize-bits", "8"), "quantize_bits"),
     (("--lora-keys", "self_attn.q_proj"), "keys"),

@@ -25,7 +25,7 @@ def export(
     Parameters
     ----------
     directory
-        Adapter directory: mlx-lm or FineTune run, a FineTune checkpoint, or PEFT.
+        Adapter directory: mlx-lm or FineTune run (LoRA, DoRA or full), a FineTune checkpoint, or PEFT.
     format
         peft (for transformers + peft), mlx-lm (for mlx_lm and FineTune) or gguf-adapter (a llama.cpp LoRA GGUF file, as ft export writes it).
     output
@@ -96,7 +96,7 @@ def inspect(directory: Path, /, *, model: str | None = None, json: bool = False)
     Parameters
     ----------
     directory
-        Adapter directory: mlx-lm or FineTune run, a FineTune checkpoint, or PEFT.
+        Adapter directory: mlx-lm or FineTune run (LoRA, DoRA or full), a FineTune checkpoint, or PEFT.
     model
         A base model (dir, hub id or tiny) to check the tensor shapes against; exit 2 when they do not fit.
     json
@@ -104,9 +104,10 @@ def inspect(directory: Path, /, *, model: str | None = None, json: bool = False)
     """
     from finetune.core import adapters as core_adapters
     from finetune.core import dtypes as names
-    from finetune.shell.data import report
     from finetune.shell.export import adapters
 
+    if adapters.is_full(directory):
+        return _inspect_full(directory, model, json)
     adapter = unwrap(adapters.load_any(directory))
     paths = core_adapters.paths_of(adapter.params)
     layers, keys = core_adapters.layers_and_keys(paths)
@@ -130,6 +131,12 @@ def inspect(directory: Path, /, *, model: str | None = None, json: bool = False)
         fit = _fit(adapter, model)
         problem = fit.failure() if isinstance(fit, Failure) else None
         rows["fits " + model] = "no" if problem else "yes"
+    return _print(rows, json, directory, model, problem)
+
+
+def _print(rows: dict[str, Any], json: bool, directory: Path, model: str | None, problem: str | None) -> int:
+    from finetune.shell.data import report
+
     if json:
         import json as json_
 
@@ -142,6 +149,38 @@ def inspect(directory: Path, /, *, model: str | None = None, json: bool = False)
     if problem:
         raise UserError(f"{directory} does not fit {model}: {problem}")
     return 0
+
+
+def _inspect_full(directory: Path, model: str | None, json: bool) -> int:
+    """A full fine-tune's run (or checkpoint): its trained weights, blocks, size and HF model folder."""
+    from finetune.core import adapters as core_adapters
+    from finetune.core import dtypes as names
+    from finetune.shell.export import adapters, fuse_full
+
+    run = unwrap(adapters.load_any(directory, full=True))
+    layers, keys = core_adapters.layers_and_keys(core_adapters.paths_of(run.params))
+    dtypes = sorted({names.name(v) for v in run.params.values()})
+    folder = Path(directory) / fuse_full.FOLDER
+    rows: dict[str, Any] = {
+        "format": adapters.FORMATS[run.format] + ", full fine-tune" + (f" ({run.note})" if run.note else ""),
+        "directory": str(run.directory),
+        "weights": f"{run.weights_path} ({len(run.params)} tensors, {', '.join(dtypes)})",
+        "base model": run.model or "(not named)",
+        "fine-tune type": "full (trained weights, not LoRA factors)",
+        "trained": ", ".join(keys),
+        "layers": f"{core_adapters.ranges(layers)} ({len(layers)} layers)" + _num_layers(run),
+        "parameters": f"{sum(v.size for v in run.params.values()):,}",
+        "model folder": f"{folder} (a HuggingFace model)" if (folder / "config.json").is_file() else "(none: ft fuse BASE --adapter RUN writes one)",
+    }
+    problem = None
+    if model is not None:
+        from finetune.files import sources
+
+        fit = sources.model_dir(model).bind(lambda d: sources.read_config(d).bind(
+            lambda config: fuse_full.over_base(d, config, run, model)))
+        problem = fit.failure() if isinstance(fit, Failure) else None
+        rows["fits " + model] = "no" if problem else "yes"
+    return _print(rows, json, directory, model, problem)
 
 
 def _scale(adapter) -> str:

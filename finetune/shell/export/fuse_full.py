@@ -23,7 +23,7 @@ FOLDER = "model"  # RUN/model: the run's HuggingFace model
 def write(model_spec: str, run: Path, output: Path, *, dtype: str | None = None, max_shard_bytes: int = 2_000_000_000,
           force: bool = False, revision: str = "main", log: Log = lambda _: None) -> Result[fuse.Fused, str]:
     """`run`'s trained weights over `model_spec`'s checkpoint, written to `output` as a HF model."""
-    from finetune.core.convert import hf_to_mlx, other_parts
+    from finetune.core.convert import other_parts
 
     match fuse._target(model_spec, revision, run, output, force, any_architecture=True):
         case Success((directory, config)):
@@ -40,27 +40,11 @@ def write(model_spec: str, run: Path, output: Path, *, dtype: str | None = None,
             return Failure(f"{run}: not a full fine-tune (adapter_config.json's fine_tune_type is not 'full')")
         case failure:
             return failure
-    match fuse_base.read_checkpoint(directory):
-        case Success(raw):
+    match over_base(directory, config, adapter, model_spec):
+        case Success((raw, base, trained)):
             pass
         case failure:
             return failure
-    stored = core_adapters.to_file_keys(adapter.params, adapter.kind)
-    if kind not in architectures.REGISTRY:  # the torch engine's: trained and stored under transformers' names
-        base, trained = dict(raw), dict(stored)
-        prefix = next((p[0] for p in map(core_adapters.split_path, trained) if p), "")
-    else:
-        match hf_to_mlx(kind, config, raw):
-            case Success(base):
-                pass
-            case Failure(message):
-                return Failure(f"{model_spec}: {message}")
-        prefix = architectures.REGISTRY[kind].blocks
-        trained = core_adapters.from_file_keys(stored, architectures.family_of_blocks(prefix).family)
-    shapes = {k: tuple(v.shape) for k, v in base.items()}
-    checked = full.check_weights(trained, shapes, prefix, str(adapter.weights_path), dict(zip(trained, stored, strict=True)))
-    if isinstance(checked, Failure):
-        return checked
     target = dtype or fuse._default_dtype(directory, config)
     log(f"Writing {run}'s {len(trained)} trained weights over {model_spec} in {target} ...")
     before = dtypes.cast_floats({k: base[k] for k in trained}, "float32")
@@ -75,3 +59,31 @@ def write(model_spec: str, run: Path, output: Path, *, dtype: str | None = None,
     names = fuse._write(output, directory, tensors, fusing.fused_config(config, target), "pt", max_shard_bytes, force, log)
     return Success(fuse.Fused(output=str(output), dtype=target, layers=len(trained), files=names,
                               size=sum(v.nbytes for v in tensors.values()), check=check, engine="numpy", full=True))
+
+
+def over_base(directory: Path, config: dict, adapter, model_spec: str) -> Result[tuple[dict, dict, dict], str]:
+    """(the checkpoint as stored, the base in the trained weights' naming, the trained weights), the
+    trained ones checked against the base (names, shapes); else the first mismatch in one line."""
+    from finetune.core.convert import hf_to_mlx
+
+    match fuse_base.read_checkpoint(directory):
+        case Success(raw):
+            pass
+        case failure:
+            return failure
+    kind = config["model_type"]
+    stored = core_adapters.to_file_keys(adapter.params, adapter.kind)
+    if kind not in architectures.REGISTRY:  # the torch engine's: trained and stored under transformers' names
+        base, trained = dict(raw), dict(stored)
+        prefix = next((p[0] for p in map(core_adapters.split_path, trained) if p), "")
+    else:
+        match hf_to_mlx(kind, config, raw):
+            case Success(base):
+                pass
+            case Failure(message):
+                return Failure(f"{model_spec}: {message}")
+        prefix = architectures.REGISTRY[kind].blocks
+        trained = core_adapters.from_file_keys(stored, architectures.family_of_blocks(prefix).family)
+    shapes = {k: tuple(v.shape) for k, v in base.items()}
+    return full.check_weights(trained, shapes, prefix, str(adapter.weights_path),
+                              dict(zip(trained, stored, strict=True))).map(lambda _: (raw, base, trained))
