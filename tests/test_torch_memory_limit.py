@@ -1,6 +1,6 @@
 """`--memory-limit` on the torch engine: the plan made before the weights load (on the engine's own
 estimate plus what the process holds), plan.json, a measured peak under the limit, the same
-optimisation in micro-steps, refusals in one line, and the loop lowering the micro-batch at run time."""
+optimisation in micro-steps (LoRA and full fine-tuning), refusals in one line, and the loop lowering the micro-batch at run time."""
 
 from __future__ import annotations
 
@@ -55,11 +55,11 @@ def data(tmp_path_factory):
     return d
 
 
-def recipe(model_dir, data) -> Recipe:
+def recipe(model_dir, data, seq: int = 256) -> Recipe:
     return msgspec.convert({"model": {"path": str(model_dir), "dtype": "float32"}, "data": {"path": str(data)},
                             "lora": {"dropout": 0.0},
                             "train": {"batch_size": 8, "iters": 2, "learning_rate": 1e-3, "eval_every": 0,
-                                      "save_every": 0, "report_every": 1, "max_seq_length": 256}}, Recipe)
+                                      "save_every": 0, "report_every": 1, "max_seq_length": seq}}, Recipe)
 
 
 def estimate_gb(r: Recipe, splits: int) -> float:
@@ -68,13 +68,14 @@ def estimate_gb(r: Recipe, splits: int) -> float:
     rr, train = inspection.report.recipe, inspection.tokens["train"]
     work = memplan.workload(protocol.plan(train, rr), train, rr.train.max_seq_length)
     rows, width, chosen = memplan.micro_shape(work, splits)
-    est = memory.estimate(inspection.report.facts, rr, width, "float32", chosen, rows, copies=budget.COPIES)
+    est = memory.estimate(inspection.report.facts, rr, width, "float32", chosen, rows, copies=budget.COPIES,
+                          trained_dtype=budget.TRAINED, activation_bytes=budget.activation_bytes("float32"))
     return est.total_gb + budget.FIXED_GB
 
 
-def start(capsys, model_dir, data, out, *extra):
+def start(capsys, model_dir, data, out, *extra, seq: int = 256):
     return run_cli(capsys, "train", "start", model_dir, data, "--backend", "torch", "--batch-size", 8, "--iters", 2,
-                   "--learning-rate", 1e-3, "--eval-every", 0, "--max-seq-length", 256, "--dtype", "float32",
+                   "--learning-rate", 1e-3, "--eval-every", 0, "--max-seq-length", seq, "--dtype", "float32",
                    "--output", out, *extra)
 
 
@@ -102,18 +103,41 @@ def test_a_planned_run_stays_under_its_limit_with_the_same_result(tmp_path, caps
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
+def test_a_planned_full_fine_tune_stays_under_its_limit_with_the_same_result(tmp_path, capsys, model_dir, data):
+    """--fine-tune-type full: the plan counts the trained blocks' float32 weights, gradients and Adam state."""
+    r = recipe(model_dir, data)
+    r = msgspec.structs.replace(r, lora=msgspec.structs.replace(r.lora, fine_tune_type="full", dropout=0.0))
+    whole, half = estimate_gb(r, 1), estimate_gb(r, 2)
+    assert half < whole
+    budget.reset_peak(CPU)
+    limit = budget.process_gb(CPU) + (whole + half) / 2
+    full = ("--fine-tune-type", "full")
+    code, out, err = start(capsys, model_dir, data, tmp_path / "split", *full, "--memory-limit", limit)
+    assert code == 0, err
+    assert "memory plan: 2 micro-steps of ≤4 rows per batch of 8" in out + err and "trained weights (full fine-tune)" in out + err
+    plan = json.loads((tmp_path / "split" / "plan.json").read_text())
+    assert plan["splits"] == 2 and plan["estimate"]["fine_tune_type"] == "full"
+    assert 0 < plan["process_gb"] < plan["measured_peak_gb"] <= limit
+    code, _, err = start(capsys, model_dir, data, tmp_path / "whole", *full)
+    assert code == 0, err
+    a, b = (load_file(str(tmp_path / d / "adapters.safetensors")) for d in ("split", "whole"))
+    assert a.keys() == b.keys() and any(k.endswith("mlp.down_proj.weight") for k in a)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-4, err_msg=k)
+
+
 def test_limits_nothing_fits_are_refused_in_one_line(tmp_path, capsys, model_dir, data):
     code, _, err = start(capsys, model_dir, data, tmp_path / "a", "--memory-limit", 0.01)
     assert code == 2
     assert "below the model's" in error_line(err) and "GB the process needs besides" in error_line(err)
-    r = recipe(model_dir, data)
+    r = recipe(model_dir, data, seq=512)  # whole rows: a step needs well above the weights
     weights = memory.weight_bytes(check.inspect(r).unwrap().report.facts, 0, 64, "float32") / memory.GB
     one_row = msgspec.structs.replace(r, train=msgspec.structs.replace(r.train, grad_checkpoint=True))
     smallest = estimate_gb(one_row, 8)  # one row per micro-step, checkpointed: the least a step needs
     assert smallest - (weights + budget.FIXED_GB) > 0.02  # room either side of the limit for the process to move
     budget.reset_peak(CPU)
     limit = budget.process_gb(CPU) + (weights + budget.FIXED_GB + smallest) / 2  # the weights fit, a step does not
-    code, _, err = start(capsys, model_dir, data, tmp_path / "b", "--memory-limit", limit)
+    code, _, err = start(capsys, model_dir, data, tmp_path / "b", "--memory-limit", limit, seq=512)
     assert code == 2 and "needs at least" in error_line(err) and "the process needs besides" in error_line(err)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

@@ -133,13 +133,18 @@ def estimate(
     supervised: int = 0,
     batch_size: int = 0,
     copies: Mapping[str, float] = COPIES,
+    trained_dtype: str | None = None,
+    activation_bytes: float | None = None,
 ) -> MemoryEstimate:
     """Peak training memory for micro-batches of `batch_size` rows padded to `seq_len` tokens.
 
     `seq_len`: the longest padded batch the plan produces (default: max_seq_length, else the context);
     `supervised`: the most supervised positions in one micro-batch (default: every token);
     `batch_size`: the micro-batch (default: the recipe's batch_size); `copies`: the engine's
-    copy counts (default: MLX's; the torch engine's are `engines/torch/budget.COPIES`).
+    copy counts (default: MLX's; the torch engine's are `engines/torch/budget.COPIES`);
+    `trained_dtype`: what a full fine-tune's trained weights and their state are held in (default:
+    `dtype`, as MLX and mlx-lm train; the torch engine trains a half-precision base's blocks in float32);
+    `activation_bytes`: the element size the activation copies are counted in (default: `dtype`'s).
     """
     batch = batch_size or recipe.train.batch_size
     seq = seq_len or recipe.train.max_seq_length or facts.context_length  # 0: the model's context
@@ -147,14 +152,17 @@ def estimate(
     size = BYTES.get(dtype, 4)
     terms = activation_terms(facts, recipe, batch, seq, n)
     logits = copies["logits"] * terms.pop("logits") * 4  # the loss is always float32
-    activations = sum(copies[k] * v for k, v in terms.items()) * size + logits
-    activations += packed_bytes(facts, recipe, batch, seq, size)
+    act_size = activation_bytes or BYTES.get(dtype, 4)
+    activations = sum(copies[k] * v for k, v in terms.items()) * act_size + logits
+    activations += packed_bytes(facts, recipe, batch, seq, act_size)
     trainable = trainable_parameters(facts, recipe)
     weights = weight_bytes(facts, recipe.model.quantize_bits, group_size(recipe), dtype)
     accumulating = recipe.train.grad_accumulation > 1 or batch < recipe.train.batch_size  # micro-steps
     if recipe.lora.fine_tune_type == "full":  # the weights are counted already: + gradient, m, v, and
         # the update's new weights and moments before the old ones are freed (measured: about one copy more)
-        lora = trainable * size * (ADAPTER_COPIES + accumulating)  # in the weights' dtype
+        trained_size = BYTES.get(trained_dtype or dtype, 4)
+        weights += trainable * (trained_size - size)  # the trained blocks, cast up where they train in float32
+        lora = trainable * trained_size * (ADAPTER_COPIES + accumulating)
     else:
         lora = trainable * 4 * (ADAPTER_COPIES + accumulating)
     return MemoryEstimate(

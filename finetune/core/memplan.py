@@ -74,10 +74,13 @@ def plan(
     facts: ModelFacts, recipe: Recipe, batches: Sequence[Sequence[Row]], limit_gb: float, dtype: str = "float32",
     copies: Mapping[str, float] = memory.COPIES,
     reserved_gb: float = 0.0,
+    trained_dtype: str | None = None,
+    activation_bytes: float | None = None,
 ) -> Result[MemoryPlan, str]:
     """The largest micro-batch whose estimated peak fits `limit_gb` (see the module docstring);
     `copies`: the engine's activation copy counts (`memory.estimate`); `reserved_gb`: what the
-    limit holds before the weights load (the torch engine's process on the CPU), in every estimate."""
+    limit holds before the weights load (the torch engine's process on the CPU), in every estimate;
+    `trained_dtype`, `activation_bytes`: as `memory.estimate`'s."""
     size = max((len(b) for b in batches), default=recipe.train.batch_size)
     weights = memory.weight_bytes(facts, recipe.model.quantize_bits, memory.group_size(recipe), dtype) / memory.GB
     held = f" and the {reserved_gb:.3g} GB the process needs besides" if reserved_gb else ""
@@ -94,7 +97,7 @@ def plan(
                 continue  # the same largest share as one split fewer
             rows, width, chosen = micro_shape(batches, splits)
             previous = rows
-            est = memory.estimate(facts, r, width, dtype, chosen, rows, copies)
+            est = memory.estimate(facts, r, width, dtype, chosen, rows, copies, trained_dtype, activation_bytes)
             est = msgspec.structs.replace(est, total_gb=est.total_gb + reserved_gb)
             if est.total_gb <= limit_gb:
                 return Success(MemoryPlan(

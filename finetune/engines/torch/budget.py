@@ -30,23 +30,30 @@ from finetune.engines.protocol import plan as batch_plan
 from finetune.files.paths import write_text
 
 # Copies of each activation term (core.memory.activation_terms) the torch engine keeps at its peak
-# on the CPU: least squares over 12 measured runs (SmolLM-135M's width, 2 and 6 layers, 2-8 rows of
-# 128-512 tokens, checkpointing on and off; `benchmarks/torch_memory.py --grid fit --fit`, largest
-# error 18%), then 1.2x so that a plan errs above the peak: saved_mlp 19.1 (per layer: torch keeps
-# about 19 intermediate-sized tensors, glibc's unreturned frees included), inputs 22.5 (with
-# checkpointing), logits ~0 (one chunk), a fixed 0.085 GB for the first step's allocations. The
-# attention terms keep MLX's counts: the fit had no packed rows, where attention materialises scores.
+# on the CPU: least squares over 15 measured runs (SmolLM-135M's width, 2, 6 and 30 layers, 2-8 rows
+# of 128-512 tokens, checkpointing on and off; `benchmarks/torch_memory.py --grid fit --fit` and
+# `--grid quick`, refitted 2026-12-06 with `kernels.install`'s LoRA and attention, errors -20% to
+# +29%), then 1.2x so that a plan errs above the peak: saved_mlp 7.1 (per saved block), inputs 4.3
+# (per layer, with checkpointing), a fixed 0.03 GB for the first step's allocations. The other terms
+# are held at their physical counts (the logits chunk, its softmax and gradient; one block's
+# recomputation); the attention terms keep MLX's counts: the fit had no packed rows, where
+# attention materialises scores. The fit before the kernels (19.1 and 22.5) overestimated these
+# runs 2-3x. A half-precision step's activations count 3 bytes an element, not 2
+# (`activation_bytes`): under autocast a bfloat16 base's step kept 71% of a float32 one's (norms,
+# LoRA paths and the loss stay float32); with checkpointing, where the saved inputs are bfloat16,
+# this overestimates (measured +110% at 30 layers, 8 x 256 tokens).
 SAFETY = 1.2
 COPIES = {
-    "saved_mlp": 19.1 * SAFETY,
+    "saved_mlp": 7.1 * SAFETY,
     "saved_scores": 0.12,
-    "inputs": 22.5 * SAFETY,
+    "inputs": 4.3 * SAFETY,
     "block_mlp": 1.0,
     "block_scores": 3.5,
     "logits": 3.0,  # the chunk's logits, its softmax and its gradient (float32)
     "adapter_inner": 0.5,
 }
-FIXED_GB = 0.085 * SAFETY
+FIXED_GB = 0.03 * SAFETY
+TRAINED = "float32"  # LoRA factors, and a full fine-tune's blocks of a half-precision base (full.attach)
 _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
@@ -106,6 +113,11 @@ def process_gb(device: torch.device) -> float:
     return _status_gb("VmRSS") or 0.0
 
 
+def activation_bytes(dtype: torch.dtype | str) -> float:
+    """Bytes an activation element counts in the estimate (see COPIES): 4 in float32, 3 in half precision."""
+    return 4.0 if dtype in (torch.float32, "float32") else 3.0
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
 
@@ -114,7 +126,8 @@ def estimate(facts: ModelFacts, recipe: Recipe, train: list[Tokens], dtype: torc
     """The peak of the run's largest batch in one step (no split), the first step's fixed share included."""
     batches = memplan.workload(batch_plan(train, recipe), train, recipe.train.max_seq_length)
     rows, width, chosen = memplan.micro_shape(batches, 1)
-    est = memory.estimate(facts, recipe, width, dtype_name(dtype), chosen, rows, copies=COPIES)
+    est = memory.estimate(facts, recipe, width, dtype_name(dtype), chosen, rows, copies=COPIES, trained_dtype=TRAINED,
+                          activation_bytes=activation_bytes(dtype))
     return msgspec.structs.replace(est, activations_gb=est.activations_gb + FIXED_GB, total_gb=est.total_gb + FIXED_GB)
 
 
@@ -122,7 +135,8 @@ def plan(recipe: Recipe, facts: ModelFacts, train: list[Tokens], limit_gb: float
          base_gb: float) -> Result[memplan.MemoryPlan, str]:
     """Micro-steps and checkpointing that fit `limit_gb`, `base_gb` of which the process holds already."""
     batches = memplan.workload(batch_plan(train, recipe), train, recipe.train.max_seq_length)
-    return memplan.plan(facts, recipe, batches, limit_gb, dtype_name(dtype), copies=COPIES, reserved_gb=base_gb + FIXED_GB)
+    return memplan.plan(facts, recipe, batches, limit_gb, dtype_name(dtype), copies=COPIES, reserved_gb=base_gb + FIXED_GB,
+                        trained_dtype=TRAINED, activation_bytes=activation_bytes(dtype))
 
 
 def record(run_dir: Path, p: memplan.MemoryPlan, base_gb: float, measured_gb: float | None = None) -> None:
