@@ -112,7 +112,8 @@ def _inspect(recipe, backend: str | None):
     shown = msgspec.structs.replace(inspection.report.recipe, model=msgspec.structs.replace(
         inspection.report.recipe.model, dtype=recipe.model.dtype))  # the recipe as written, not as estimated
     note = (f"Memory estimate for the torch engine: base weights and activations in {dtype}, LoRA and AdamW "
-            "in float32, with the activation copies fitted to MLX-CPU peaks; torch's measured peaks run higher.")
+            "in float32, with the activation copies fitted to MLX-CPU peaks; `ft train start` prints the torch "
+            "engine's own estimate, fitted to its peaks.")
     return msgspec.structs.replace(inspection, report=msgspec.structs.replace(inspection.report, recipe=shown)), note
 
 
