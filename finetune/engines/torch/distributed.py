@@ -74,6 +74,7 @@ def setup(device_type: str = "cpu") -> World:
     # files removed (atomic writes clean up on an exception), instead of a silent death.
     with contextlib.suppress(ValueError):  # not the main thread: leave SIGTERM alone
         signal.signal(signal.SIGTERM, lambda signum, frame: _terminated(world))
+        atexit.register(_exiting)  # registered last, so it runs first at exit
     if world.rank > 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
     return world
@@ -86,6 +87,14 @@ def _terminated(world: World) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
     raise Terminated(f"rank {world.rank}: stopped by torchrun (another rank failed or the job was stopped; "
                      "torchrun's summary names the rank)")
+
+
+def _exiting() -> None:
+    """At exit the rank has said what it had to: a SIGTERM now (torchrun ending the job while this
+    rank leaves the group or runs torch's own exit hooks) is ignored rather than raised inside an
+    exit hook, which would print a traceback; the process ends with its own code."""
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _leave() -> None:
