@@ -104,39 +104,37 @@ def inspect(directory: Path, /, *, model: str | None = None, json: bool = False)
     """
     from finetune.core import adapters as core_adapters
     from finetune.core import dtypes as names
+    from finetune.shell.data import report
     from finetune.shell.export import adapters
 
-    if adapters.is_full(directory):
-        return _inspect_full(directory, model, json)
-    adapter = unwrap(adapters.load_any(directory))
-    paths = core_adapters.paths_of(adapter.params)
-    layers, keys = core_adapters.layers_and_keys(paths)
-    count = sum(v.size for v in adapter.params.values())
+    full = adapters.is_full(directory)  # a full fine-tune: trained block weights, not LoRA factors
+    adapter = unwrap(adapters.load_any(directory, full=full))
+    layers, keys = core_adapters.layers_and_keys(core_adapters.paths_of(adapter.params))
     dtypes = sorted({names.name(v) for v in adapter.params.values()})
-    fmt = adapters.FORMATS[adapter.format] + (f" ({adapter.note})" if adapter.note else "")
     rows: dict[str, Any] = {
-        "format": fmt,
+        "format": adapters.FORMATS[adapter.format] + (", full fine-tune" if full else "")
+        + (f" ({adapter.note})" if adapter.note else ""),
         "directory": str(adapter.directory),
         "weights": f"{adapter.weights_path} ({len(adapter.params)} tensors, {', '.join(dtypes)})",
         "base model": adapter.model or "(not named)",
-        "rank": adapter.rank,
-        "scale": _scale(adapter),
-        "dropout": adapter.dropout,
-        "targets": ", ".join(keys),
-        "layers": f"{core_adapters.ranges(layers)} ({len(layers)} layers)" + _num_layers(adapter),
-        "parameters": f"{count:,}",
     }
+    if full:
+        rows |= {"fine-tune type": "full (trained weights, not LoRA factors)", "trained": ", ".join(keys)}
+    else:
+        rows |= {"rank": adapter.rank, "scale": _scale(adapter), "dropout": adapter.dropout, "targets": ", ".join(keys)}
+    rows["layers"] = f"{core_adapters.ranges(layers)} ({len(layers)} layers)" + _num_layers(adapter)
+    rows["parameters"] = f"{sum(v.size for v in adapter.params.values()):,}"
+    if full:
+        from finetune.shell.export import fuse_full
+
+        folder = Path(directory) / fuse_full.FOLDER
+        rows["model folder"] = (f"{folder} (a HuggingFace model)" if (folder / "config.json").is_file()
+                                else "(none: ft fuse BASE --adapter RUN writes one)")
     problem = None
     if model is not None:
-        fit = _fit(adapter, model)
+        fit = _fit_full(adapter, model) if full else _fit(adapter, model)
         problem = fit.failure() if isinstance(fit, Failure) else None
         rows["fits " + model] = "no" if problem else "yes"
-    return _print(rows, json, directory, model, problem)
-
-
-def _print(rows: dict[str, Any], json: bool, directory: Path, model: str | None, problem: str | None) -> int:
-    from finetune.shell.data import report
-
     if json:
         import json as json_
 
@@ -149,38 +147,6 @@ def _print(rows: dict[str, Any], json: bool, directory: Path, model: str | None,
     if problem:
         raise UserError(f"{directory} does not fit {model}: {problem}")
     return 0
-
-
-def _inspect_full(directory: Path, model: str | None, json: bool) -> int:
-    """A full fine-tune's run (or checkpoint): its trained weights, blocks, size and HF model folder."""
-    from finetune.core import adapters as core_adapters
-    from finetune.core import dtypes as names
-    from finetune.shell.export import adapters, fuse_full
-
-    run = unwrap(adapters.load_any(directory, full=True))
-    layers, keys = core_adapters.layers_and_keys(core_adapters.paths_of(run.params))
-    dtypes = sorted({names.name(v) for v in run.params.values()})
-    folder = Path(directory) / fuse_full.FOLDER
-    rows: dict[str, Any] = {
-        "format": adapters.FORMATS[run.format] + ", full fine-tune" + (f" ({run.note})" if run.note else ""),
-        "directory": str(run.directory),
-        "weights": f"{run.weights_path} ({len(run.params)} tensors, {', '.join(dtypes)})",
-        "base model": run.model or "(not named)",
-        "fine-tune type": "full (trained weights, not LoRA factors)",
-        "trained": ", ".join(keys),
-        "layers": f"{core_adapters.ranges(layers)} ({len(layers)} layers)" + _num_layers(run),
-        "parameters": f"{sum(v.size for v in run.params.values()):,}",
-        "model folder": f"{folder} (a HuggingFace model)" if (folder / "config.json").is_file() else "(none: ft fuse BASE --adapter RUN writes one)",
-    }
-    problem = None
-    if model is not None:
-        from finetune.files import sources
-
-        fit = sources.model_dir(model).bind(lambda d: sources.read_config(d).bind(
-            lambda config: fuse_full.over_base(d, config, run, model)))
-        problem = fit.failure() if isinstance(fit, Failure) else None
-        rows["fits " + model] = "no" if problem else "yes"
-    return _print(rows, json, directory, model, problem)
 
 
 def _scale(adapter) -> str:
@@ -208,6 +174,15 @@ def _fit(adapter, model: str) -> Result[None, str]:
     from finetune.shell.export import adapters
 
     return _config(model).bind(lambda config: adapters.fit(adapter, config)).map(lambda _: None)
+
+
+def _fit_full(run, model: str) -> Result[None, str]:
+    """Whether a full run's every trained tensor names a weight of `model` with its shape (the check ft fuse runs)."""
+    from finetune.files import sources
+    from finetune.shell.export import fuse_full
+
+    return sources.model_dir(model).bind(lambda d: sources.read_config(d).bind(
+        lambda config: fuse_full.over_base(d, config, run, model))).map(lambda _: None)
 
 
 def _total_layers(model: str | None, named: str) -> int | None:
