@@ -152,7 +152,7 @@ def estimate(
     size = BYTES.get(dtype, 4)
     terms = activation_terms(facts, recipe, batch, seq, n)
     logits = copies["logits"] * terms.pop("logits") * 4  # the loss is always float32
-    act_size = activation_bytes or BYTES.get(dtype, 4)
+    act_size = activation_bytes or size
     activations = sum(copies[k] * v for k, v in terms.items()) * act_size + logits
     activations += packed_bytes(facts, recipe, batch, seq, act_size)
     trainable = trainable_parameters(facts, recipe)
